@@ -1,0 +1,48 @@
+# Every target runs inside .venv, which `make setup` creates from the two pyproject files.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+
+.PHONY: setup proto proto-check lint test run bench client-dist clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml client/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ./client -e '.[dev]'
+	touch $(STAMP)
+
+## proto: regenerate the committed stubs in client/ferrule/v1 from protos/.
+proto: $(STAMP)
+	$(PY) scripts/gen_protos.py --out client
+
+## proto-check: fail when the committed stubs differ from what the protos generate.
+proto-check: $(STAMP)
+	$(PY) scripts/gen_protos.py --check client
+
+lint: $(STAMP) proto-check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+	$(PY) scripts/buf_breaking.py
+
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+run: $(STAMP)
+	FERRULE_MIGRATE_ON_START=$${FERRULE_MIGRATE_ON_START:-1} $(PY) -m server
+
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+
+client-dist: $(STAMP)
+	rm -rf dist/client
+	$(PY) -m build --outdir dist/client client
+
+clean:
+	rm -rf $(VENV) dist build .mypy_cache .ruff_cache .pytest_cache
