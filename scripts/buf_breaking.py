@@ -19,7 +19,9 @@ def git(*args: str) -> str:
 def main() -> int:
     branch = git("rev-parse", "--abbrev-ref", "HEAD")
     ref = "HEAD~1" if branch in {"main", "HEAD"} else "main"
-    probe = subprocess.run(["git", "rev-parse", "--verify", "-q", f"{ref}^{{commit}}"], capture_output=True)
+    probe = subprocess.run(
+        ["git", "rev-parse", "--verify", "-q", f"{ref}^{{commit}}"], capture_output=True
+    )
     if probe.returncode != 0:
         print(f"buf breaking: no baseline commit {ref!r}; nothing to compare")
         return 0

@@ -22,7 +22,9 @@ PACKAGE_DIR = Path("ferrule") / "v1"
 
 
 def generate(out_dir: Path) -> None:
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto")
+    )
     if not protos:
         sys.exit("no .proto files under protos/ferrule/v1")
     wkt = Path(grpc_tools.__file__).parent / "_proto"

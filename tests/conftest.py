@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -115,6 +115,6 @@ async def redis_url() -> str:
 
 
 @pytest.fixture
-def redis_namespace() -> Iterator[str]:
+def redis_namespace() -> str:
     """A key prefix no other test uses, so tests never flush each other's keys."""
-    yield f"ferrule-test-{uuid.uuid4().hex[:12]}"
+    return f"ferrule-test-{uuid.uuid4().hex[:12]}"

@@ -1,3 +1,3 @@
-"""Ferrule client distribution: generated stubs (``ferrule.v1``) and the client (``ferrule.client``)."""
+"""Ferrule client: generated stubs (``ferrule.v1``) and the typed client (``ferrule.client``)."""
 
 __version__ = "0.1.0"
