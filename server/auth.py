@@ -1,0 +1,107 @@
+"""Authentication: who is calling, from the `authorization: Bearer <token>` metadata.
+
+Tokens are JWTs verified with PyJWT (HS256 with FERRULE_JWT_SECRET, RS256/ES256 with a
+configured public key), or the static FERRULE_ADMIN_TOKEN for bootstrap and operations.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+ALL_ORGANIZATIONS = "*"
+SCOPES = frozenset({"read", "write", "admin"})
+
+
+class AuthenticationError(Exception):
+    """The credentials are missing or invalid (UNAUTHENTICATED)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    subject: str
+    #: One organization id, or "*" for every organization.
+    organization: str
+    scopes: frozenset[str]
+
+    @property
+    def all_organizations(self) -> bool:
+        return self.organization == ALL_ORGANIZATIONS
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.scopes
+
+
+ADMIN_PRINCIPAL = Principal(subject="admin-token", organization=ALL_ORGANIZATIONS, scopes=SCOPES)
+
+
+class Authenticator:
+    def __init__(
+        self,
+        *,
+        jwt_secret: str | None,
+        jwt_public_key: str | None,
+        algorithms: list[str],
+        admin_token: str | None,
+        audience: str | None = None,
+        issuer: str | None = None,
+    ) -> None:
+        self._secret = jwt_secret
+        self._public_key = jwt_public_key
+        # HMAC algorithms only with the secret, asymmetric ones only with the public key:
+        # never let a public key be used as an HMAC secret (algorithm confusion).
+        self._hmac_algorithms = [a for a in algorithms if a.startswith("HS")] if jwt_secret else []
+        self._asym_algorithms = (
+            [a for a in algorithms if not a.startswith("HS")] if jwt_public_key else []
+        )
+        self._admin_token = admin_token.encode() if admin_token else None
+        self._audience = audience
+        self._issuer = issuer
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise AuthenticationError("missing authorization metadata (Bearer token)")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError("authorization metadata must be 'Bearer <token>'")
+        if self._admin_token is not None and hmac.compare_digest(token.encode(), self._admin_token):
+            return ADMIN_PRINCIPAL
+        return self._from_jwt(token)
+
+    def _from_jwt(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise AuthenticationError("malformed token") from exc
+        algorithm = header.get("alg")
+        if algorithm in self._hmac_algorithms and self._secret is not None:
+            key: str = self._secret
+        elif algorithm in self._asym_algorithms and self._public_key is not None:
+            key = self._public_key
+        else:
+            raise AuthenticationError(f"token algorithm {algorithm!r} is not accepted")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": ["exp", "sub", "org", "scope"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise AuthenticationError("token expired") from exc
+        except jwt.PyJWTError as exc:
+            raise AuthenticationError(f"invalid token: {exc}") from exc
+        subject, organization, scope = claims["sub"], claims["org"], claims["scope"]
+        if not all(isinstance(v, str) and v for v in (subject, organization, scope)):
+            raise AuthenticationError("claims sub, org and scope must be non-empty strings")
+        scopes = frozenset(scope.split())
+        if not scopes <= SCOPES:
+            raise AuthenticationError(f"unknown scopes: {sorted(scopes - SCOPES)}")
+        return Principal(subject=subject, organization=organization, scopes=scopes)

@@ -1,0 +1,52 @@
+"""What one RPC knows about itself, available to every layer below the interceptors.
+
+A ContextVar (not a parameter threaded through every call) because grpc.aio runs the
+interceptors and the handler in the same task, and the values are per-RPC by nature.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from server.auth import Principal
+
+
+@dataclass
+class CallContext:
+    method: str
+    principal: Principal | None = None
+    #: Absolute time.monotonic() at which the caller gives up, if it set a deadline.
+    deadline: float | None = None
+    #: Organization id the RPC ended up scoped to (for logs, spans, the request log).
+    organization_id: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def remaining_ms(self, default_ms: int) -> int:
+        """Milliseconds left before the deadline (at least 1), or the default without one."""
+        if self.deadline is None:
+            return default_ms
+        return max(1, int((self.deadline - time.monotonic()) * 1000))
+
+
+_current: ContextVar[CallContext | None] = ContextVar("ferrule_call", default=None)
+
+
+def current_call() -> CallContext:
+    call = _current.get()
+    if call is None:
+        raise RuntimeError("no RPC in progress (interceptors not installed?)")
+    return call
+
+
+def maybe_current_call() -> CallContext | None:
+    return _current.get()
+
+
+def set_current_call(call: CallContext) -> object:
+    return _current.set(call)
+
+
+def reset_current_call(token: object) -> None:
+    _current.reset(token)  # type: ignore[arg-type]

@@ -1,0 +1,94 @@
+"""A server interceptor expressed as an async context manager around the handler.
+
+grpc.aio interceptors only see the method name before the handler runs; to act on the
+request's context, its outcome and its exceptions we wrap the handler's behaviour, for
+all four RPC shapes, so that a streaming response is covered for its whole length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+ScopeFactory = Callable[[Context], AbstractAsyncContextManager[None]]
+Handler = grpc.RpcMethodHandler[Any, Any]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+
+
+def wrap_handler(handler: Handler, scope: ScopeFactory) -> Handler:
+    """Return a copy of `handler` whose behaviour runs inside `scope(context)`."""
+    if handler.unary_unary is not None:
+        inner_uu: Any = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Context) -> Any:
+            async with scope(context):
+                return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        inner_us: Any = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            async with scope(context):
+                async for response in inner_us(request, context):
+                    yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_unary is not None:
+        inner_su: Any = handler.stream_unary
+
+        async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
+            async with scope(context):
+                return await inner_su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    inner_ss: Any = handler.stream_stream
+    assert inner_ss is not None
+
+    async def stream_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        async with scope(context):
+            async for response in inner_ss(requests, context):
+                yield response
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_stream,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class ScopedInterceptor(grpc.aio.ServerInterceptor):
+    """Subclasses implement `scope`; `applies` lets them skip some methods cheaply."""
+
+    def applies(self, method: str) -> bool:
+        return True
+
+    def scope(self, method: str, context: Context) -> AbstractAsyncContextManager[None]:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not self.applies(method):
+            return handler
+        return wrap_handler(handler, lambda context: self.scope(method, context))

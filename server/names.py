@@ -1,0 +1,85 @@
+"""Resource names (AIP-122): parsed and validated in one place.
+
+A name is checked before anything else, and the organization it names is authorized
+before any lookup (server/tenancy.py), so a malformed or foreign name never reaches SQL.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+from db.errors import FieldViolation, ValidationError
+
+_SEGMENT = r"([^/]+)"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A name template such as `organizations/{organization}/users/{user}`."""
+
+    template: str
+    resource_type: str
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        return _compiled(self.template)
+
+    def format(self, *ids: uuid.UUID | str) -> str:
+        parts = iter(str(i) for i in ids)
+        return re.sub(r"\{[a-z_]+\}", lambda _: next(parts), self.template)
+
+    def parse(self, name: str, field: str = "name") -> tuple[uuid.UUID, ...]:
+        """Every id in the name as a UUID, or INVALID_ARGUMENT naming the field."""
+        if not name:
+            raise _invalid(field, f"required; expected {self.template}")
+        match = self.regex.fullmatch(name)
+        if match is None:
+            raise _invalid(field, f"{name[:200]!r} does not match {self.template}")
+        ids = []
+        for value in match.groups():
+            try:
+                ids.append(uuid.UUID(value))
+            except ValueError:
+                raise _invalid(field, f"{value[:100]!r} in {field} is not a UUID") from None
+        return tuple(ids)
+
+
+_cache: dict[str, re.Pattern[str]] = {}
+
+
+def _compiled(template: str) -> re.Pattern[str]:
+    regex = _cache.get(template)
+    if regex is None:
+        regex = re.compile(re.sub(r"\{[a-z_]+\}", _SEGMENT, template))
+        _cache[template] = regex
+    return regex
+
+
+def _invalid(field: str, description: str) -> ValidationError:
+    return ValidationError(violations=[FieldViolation(field, description)])
+
+
+ORGANIZATION = Pattern("organizations/{organization}", "ferrule.v1.Organization")
+USER = Pattern("organizations/{organization}/users/{user}", "ferrule.v1.User")
+USER_SESSION = Pattern(
+    "organizations/{organization}/users/{user}/sessions/{session}", "ferrule.v1.UserSession"
+)
+ANALYSIS = Pattern("organizations/{organization}/analyses/{analysis}", "ferrule.v1.Analysis")
+BATCH = Pattern("organizations/{organization}/batches/{batch}", "ferrule.v1.AnalysisBatch")
+MODEL_PERFORMANCE = Pattern(
+    "organizations/{organization}/modelPerformances/{record}", "ferrule.v1.ModelPerformance"
+)
+PREDICTION = Pattern(
+    "organizations/{organization}/predictions/{prediction}", "ferrule.v1.Prediction"
+)
+REQUEST_LOG = Pattern("organizations/{organization}/requestLogs/{entry}", "ferrule.v1.RequestLog")
+
+
+def parse_resource_id(value: str, field: str) -> uuid.UUID:
+    """A client-chosen id (the `x_id` of a Create): must be a UUID."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise _invalid(field, f"{value[:100]!r} is not a UUID") from None

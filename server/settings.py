@@ -1,0 +1,133 @@
+"""The one settings object: every knob of the server process, read from the environment.
+
+pydantic-settings does the parsing so that a bad value fails at start with the variable's
+name and the reason, instead of surfacing later as a confusing runtime error.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from db.engine import DatabaseConfig
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./ferrule.db"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- network ---------------------------------------------------------------
+    ferrule_listen: str = Field("127.0.0.1:50051", description="host:port the server binds")
+    ferrule_workers: int = Field(1, ge=1, le=64, description="server processes on one port")
+    ferrule_grace_seconds: float = Field(10.0, ge=0, description="SIGTERM drain period")
+    ferrule_max_concurrent_rpcs: int = Field(512, ge=1)
+    ferrule_max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    ferrule_tls_cert_file: Path | None = None
+    ferrule_tls_key_file: Path | None = None
+    ferrule_tls_client_ca_file: Path | None = Field(
+        None, description="when set, clients must present a certificate signed by this CA"
+    )
+
+    # --- database --------------------------------------------------------------
+    database_url: str = DEFAULT_DATABASE_URL
+    database_replica_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    database_pool_size: int = Field(10, ge=1)
+    database_max_overflow: int = Field(10, ge=0)
+    database_pool_timeout: float = Field(5.0, gt=0)
+    database_pool_recycle: float = Field(1800.0, gt=0)
+    database_pool_pre_ping: bool = True
+    database_statement_cache_size: int = Field(
+        100, ge=0, description="0 disables prepared statements (PgBouncer transaction mode)"
+    )
+    database_app_role: str | None = Field(
+        None, description="PostgreSQL role each transaction switches to (subject to RLS)"
+    )
+    ferrule_migrate_on_start: bool = False
+    ferrule_default_statement_timeout_ms: int = Field(
+        30_000, ge=1, description="statement_timeout when the RPC has no deadline"
+    )
+
+    # --- cache -----------------------------------------------------------------
+    redis_url: str | None = None
+    ferrule_cache_ttl_seconds: float = Field(300.0, gt=0)
+    ferrule_cache_stats_ttl_seconds: float = Field(30.0, gt=0)
+    ferrule_cache_timeout_ms: int = Field(50, ge=1)
+    ferrule_cache_local_max_entries: int = Field(10_000, ge=1)
+
+    # --- security --------------------------------------------------------------
+    ferrule_jwt_secret: SecretStr | None = None
+    ferrule_jwt_public_key_file: Path | None = None
+    ferrule_jwt_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["HS256", "RS256", "ES256"]
+    )
+    ferrule_jwt_audience: str | None = None
+    ferrule_jwt_issuer: str | None = None
+    ferrule_admin_token: SecretStr | None = None
+    ferrule_page_token_secret: SecretStr | None = Field(
+        None, description="HMAC key for page tokens; defaults to one derived from the JWT secret"
+    )
+
+    # --- observability ---------------------------------------------------------
+    ferrule_slow_query_ms: float = Field(200.0, ge=0)
+    ferrule_trace_sql_params: bool = False
+    ferrule_explain_slow_queries: bool = False
+    ferrule_metrics_port: int | None = Field(None, ge=0, le=65535)
+    ferrule_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    ferrule_request_log: bool = True
+    ferrule_health_probe_seconds: float = Field(2.0, gt=0)
+
+    @field_validator("database_replica_urls", "ferrule_jwt_algorithms", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("ferrule_listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError(
+                "must start with postgresql+asyncpg:// or sqlite+aiosqlite:// "
+                f"(got {value.split('://', 1)[0]!r})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> Settings:
+        if (self.ferrule_tls_cert_file is None) != (self.ferrule_tls_key_file is None):
+            raise ValueError("FERRULE_TLS_CERT_FILE and FERRULE_TLS_KEY_FILE go together")
+        if self.ferrule_tls_client_ca_file is not None and self.ferrule_tls_cert_file is None:
+            raise ValueError("mutual TLS (FERRULE_TLS_CLIENT_CA_FILE) needs server TLS too")
+        return self
+
+    @cached_property
+    def database(self) -> DatabaseConfig:
+        return DatabaseConfig(
+            url=self.database_url,
+            replica_urls=tuple(self.database_replica_urls),
+            pool_size=self.database_pool_size,
+            max_overflow=self.database_max_overflow,
+            pool_timeout=self.database_pool_timeout,
+            pool_recycle=self.database_pool_recycle,
+            pool_pre_ping=self.database_pool_pre_ping,
+            statement_cache_size=self.database_statement_cache_size,
+            app_role=self.database_app_role,
+        )
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.ferrule_tls_cert_file is not None
