@@ -22,6 +22,10 @@ class CallContext:
     #: Organization id the RPC ended up scoped to (for logs, spans, the request log).
     organization_id: str | None = None
     started: float = field(default_factory=time.monotonic)
+    #: Serialized size of the request message (unary requests; 0 for client streams).
+    request_bytes: int = 0
+    #: Hex trace id of the RPC's span when tracing is on (for logs and the request log).
+    trace_id: str | None = None
 
     def remaining_ms(self, default_ms: int) -> int:
         """Milliseconds left before the deadline (at least 1), or the default without one."""

@@ -19,7 +19,7 @@ class AuthInterceptor(ScopedInterceptor):
         return not is_public(method)
 
     @asynccontextmanager
-    async def scope(self, method: str, context: Context) -> AsyncIterator[None]:
+    async def scope(self, method: str, context: Context, request: object) -> AsyncIterator[None]:
         authorization = None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":

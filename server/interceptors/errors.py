@@ -14,7 +14,7 @@ from server.interceptors.scoped import Context, ScopedInterceptor
 
 class ErrorMappingInterceptor(ScopedInterceptor):
     @asynccontextmanager
-    async def scope(self, method: str, context: Context) -> AsyncIterator[None]:
+    async def scope(self, method: str, context: Context, request: object) -> AsyncIterator[None]:
         try:
             yield
         except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):

@@ -14,18 +14,21 @@ from typing import Any
 import grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
-ScopeFactory = Callable[[Context], AbstractAsyncContextManager[None]]
+ScopeFactory = Callable[[Context, Any], AbstractAsyncContextManager[None]]
 Handler = grpc.RpcMethodHandler[Any, Any]
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
 
 
 def wrap_handler(handler: Handler, scope: ScopeFactory) -> Handler:
-    """Return a copy of `handler` whose behaviour runs inside `scope(context)`."""
+    """Return a copy of `handler` whose behaviour runs inside `scope(context, request)`.
+
+    `request` is the request message for unary-request RPCs and None for streaming ones.
+    """
     if handler.unary_unary is not None:
         inner_uu: Any = handler.unary_unary
 
         async def unary_unary(request: Any, context: Context) -> Any:
-            async with scope(context):
+            async with scope(context, request):
                 return await inner_uu(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -37,7 +40,7 @@ def wrap_handler(handler: Handler, scope: ScopeFactory) -> Handler:
         inner_us: Any = handler.unary_stream
 
         async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with scope(context):
+            async with scope(context, request):
                 async for response in inner_us(request, context):
                     yield response
 
@@ -50,7 +53,7 @@ def wrap_handler(handler: Handler, scope: ScopeFactory) -> Handler:
         inner_su: Any = handler.stream_unary
 
         async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
-            async with scope(context):
+            async with scope(context, None):
                 return await inner_su(requests, context)
 
         return grpc.stream_unary_rpc_method_handler(
@@ -62,7 +65,7 @@ def wrap_handler(handler: Handler, scope: ScopeFactory) -> Handler:
     assert inner_ss is not None
 
     async def stream_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-        async with scope(context):
+        async with scope(context, None):
             async for response in inner_ss(requests, context):
                 yield response
 
@@ -79,7 +82,9 @@ class ScopedInterceptor(grpc.aio.ServerInterceptor):
     def applies(self, method: str) -> bool:
         return True
 
-    def scope(self, method: str, context: Context) -> AbstractAsyncContextManager[None]:
+    def scope(
+        self, method: str, context: Context, request: Any
+    ) -> AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
     async def intercept_service(
@@ -91,4 +96,4 @@ class ScopedInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not self.applies(method):
             return handler
-        return wrap_handler(handler, lambda context: self.scope(method, context))
+        return wrap_handler(handler, lambda context, request: self.scope(method, context, request))

@@ -1,0 +1,114 @@
+"""`python -m server` / `ferrule-server`: run Ferrule until SIGTERM or SIGINT.
+
+With FERRULE_WORKERS=N the parent migrates (or checks) the schema, then forks N workers
+before any gRPC object exists (gRPC's multiprocessing example: gRPC's threads and
+fork do not mix), each binding the same port with SO_REUSEPORT. The parent forwards
+SIGTERM/SIGINT to the workers and exits with the first non-zero worker status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+
+from pydantic import ValidationError
+
+from db.migrate import current_revision, head_revision, upgrade_to_head
+from server.app import FerruleApp
+from server.logs import configure_logging
+from server.settings import Settings
+
+log = logging.getLogger("ferrule.main")
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        sys.stderr.write("ferrule: invalid configuration\n" + "\n".join(lines) + "\n")
+        raise SystemExit(2) from None
+
+
+async def prepare_schema(settings: Settings) -> None:
+    """Migrate when told to; otherwise refuse to serve an outdated schema."""
+    if settings.ferrule_migrate_on_start:
+        await upgrade_to_head(settings.database_url)
+        return
+    current, head = await current_revision(settings.database_url), head_revision()
+    if current != head:
+        sys.stderr.write(
+            f"ferrule: database schema is at {current or 'nothing'}, the code needs {head}; "
+            "run `alembic upgrade head` or set FERRULE_MIGRATE_ON_START=1\n"
+        )
+        raise SystemExit(3)
+
+
+async def serve(settings: Settings) -> None:
+    app = FerruleApp(settings)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"ferrule: serving on {settings.ferrule_listen} (pid {os.getpid()})", flush=True)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", settings.ferrule_grace_seconds)
+    await app.stop()
+
+
+def run_workers(settings: Settings) -> int:
+    children: list[int] = []
+    for _ in range(settings.ferrule_workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                asyncio.run(serve(settings))
+                os._exit(0)
+            except BaseException:
+                log.exception("worker failed")
+                os._exit(1)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.ferrule_log_level)
+    if settings.ferrule_page_token_secret is None and not (
+        settings.ferrule_jwt_secret or settings.ferrule_admin_token
+    ):
+        # One random secret for this process tree, chosen before the fork so that every
+        # worker accepts the page tokens of the others.
+        os.environ["FERRULE_PAGE_TOKEN_SECRET"] = secrets.token_hex(32)
+        settings = load_settings()
+    asyncio.run(prepare_schema(settings))
+    if settings.ferrule_workers == 1:
+        asyncio.run(serve(settings))
+        return
+    raise SystemExit(run_workers(settings))
+
+
+if __name__ == "__main__":
+    main()

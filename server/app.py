@@ -1,0 +1,165 @@
+"""Assembles one server process: database, interceptors, services, health, reflection.
+
+`FerruleApp` is what both `python -m server` and the test fixtures start, so the tests
+exercise exactly the stack that production runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from db.engine import Database
+from server.auth import Authenticator
+from server.health import HealthProbe
+from server.interceptors.auth import AuthInterceptor
+from server.interceptors.call_context import CallContextInterceptor
+from server.interceptors.errors import ErrorMappingInterceptor
+from server.page_tokens import PageTokenCodec
+from server.request_log import RequestLogInterceptor, RequestLogWriter
+from server.settings import Settings
+
+log = logging.getLogger("ferrule.app")
+
+
+@dataclass
+class Dependencies:
+    """What the servicers are built from."""
+
+    settings: Settings
+    database: Database
+    page_tokens: PageTokenCodec
+    request_log: RequestLogWriter
+    health: HealthProbe
+
+
+def page_token_secret(settings: Settings) -> bytes:
+    """Explicit secret if configured, else one derived from the other server secrets."""
+    if settings.ferrule_page_token_secret is not None:
+        return settings.ferrule_page_token_secret.get_secret_value().encode()
+    material = "|".join(
+        s.get_secret_value()
+        for s in (settings.ferrule_jwt_secret, settings.ferrule_admin_token)
+        if s is not None
+    )
+    if not material:
+        raise ValueError(
+            "set FERRULE_PAGE_TOKEN_SECRET (or FERRULE_JWT_SECRET / FERRULE_ADMIN_TOKEN)"
+        )
+    return hashlib.sha256(b"ferrule-page-token|" + material.encode()).digest()
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    public_key = None
+    if settings.ferrule_jwt_public_key_file is not None:
+        public_key = Path(settings.ferrule_jwt_public_key_file).read_text()
+    return Authenticator(
+        jwt_secret=(
+            settings.ferrule_jwt_secret.get_secret_value() if settings.ferrule_jwt_secret else None
+        ),
+        jwt_public_key=public_key,
+        algorithms=settings.ferrule_jwt_algorithms,
+        admin_token=(
+            settings.ferrule_admin_token.get_secret_value()
+            if settings.ferrule_admin_token
+            else None
+        ),
+        audience=settings.ferrule_jwt_audience,
+        issuer=settings.ferrule_jwt_issuer,
+    )
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.ferrule_tls_cert_file is None or settings.ferrule_tls_key_file is None:
+        return None
+    key = Path(settings.ferrule_tls_key_file).read_bytes()
+    cert = Path(settings.ferrule_tls_cert_file).read_bytes()
+    client_ca = (
+        Path(settings.ferrule_tls_client_ca_file).read_bytes()
+        if settings.ferrule_tls_client_ca_file
+        else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class FerruleApp:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database = Database(settings.database)
+        self.request_log = RequestLogWriter(self._write_request_log)
+        self.health = HealthProbe(self.database, settings.ferrule_health_probe_seconds)
+        self.deps = Dependencies(
+            settings=settings,
+            database=self.database,
+            page_tokens=PageTokenCodec(page_token_secret(settings)),
+            request_log=self.request_log,
+            health=self.health,
+        )
+        self.server: grpc.aio.Server | None = None
+        self.port: int = 0
+
+    async def _write_request_log(self, entries: list[object]) -> None:
+        from db.repositories.request_log import insert_request_log
+
+        await insert_request_log(self.database, entries)
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        chain: list[grpc.aio.ServerInterceptor] = [CallContextInterceptor()]
+        if self.settings.ferrule_request_log:
+            chain.append(RequestLogInterceptor(self.request_log))
+        chain += [ErrorMappingInterceptor(), AuthInterceptor(build_authenticator(self.settings))]
+        return chain
+
+    async def start(self) -> int:
+        from server.services import register_services
+
+        settings = self.settings
+        options = [
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", settings.ferrule_max_message_bytes),
+            ("grpc.max_send_message_length", settings.ferrule_max_message_bytes),
+        ]
+        server = grpc.aio.server(
+            interceptors=self._interceptors(),
+            options=options,
+            maximum_concurrent_rpcs=settings.ferrule_max_concurrent_rpcs,
+        )
+        service_names = register_services(server, self.deps)
+        from grpc_health.v1 import health_pb2_grpc
+
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        reflection.enable_server_reflection(
+            [*service_names, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
+        )
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = server.add_insecure_port(settings.ferrule_listen)
+        else:
+            self.port = server.add_secure_port(settings.ferrule_listen, credentials)
+        if self.port == 0:
+            raise OSError(f"could not bind {settings.ferrule_listen}")
+        await self.health.start()
+        self.request_log.start()
+        await server.start()
+        self.server = server
+        log.info("listening on %s (port %d)", settings.ferrule_listen, self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight RPCs finish within `grace`, then release resources."""
+        grace = self.settings.ferrule_grace_seconds if grace is None else grace
+        await self.health.stop()
+        if self.server is not None:
+            await self.server.stop(grace)
+            self.server = None
+        await self.request_log.stop()
+        await self.database.dispose()

@@ -1,0 +1,69 @@
+"""Standard health checking: SERVING only while the database answers.
+
+A background probe pings the database and flips the grpc.health.v1 status of the server
+("") and of every Ferrule service, so load balancers stop routing to a replica whose
+database is gone and resume by themselves when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from grpc_health.v1 import health, health_pb2
+
+from db.engine import Database
+
+log = logging.getLogger("ferrule.health")
+
+FERRULE_SERVICES = (
+    "ferrule.v1.UserService",
+    "ferrule.v1.AnalysisService",
+    "ferrule.v1.PredictionService",
+    "ferrule.v1.HealthService",
+)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthProbe:
+    def __init__(self, database: Database, interval: float, timeout: float = 2.0) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self._database = database
+        self._interval = interval
+        self._timeout = timeout
+        self._task: asyncio.Task[None] | None = None
+        self.serving: bool | None = None
+
+    async def check_once(self) -> bool:
+        try:
+            await asyncio.wait_for(self._database.ping(), self._timeout)
+            ok = True
+        except Exception as exc:  # any failure to answer means not serving
+            log.warning("database health probe failed: %s", type(exc).__name__)
+            ok = False
+        if ok != self.serving:
+            self.serving = ok
+            status = SERVING if ok else NOT_SERVING
+            for service in ("", *FERRULE_SERVICES):
+                await self.servicer.set(service, status)
+            log.info("health: %s", "SERVING" if ok else "NOT_SERVING")
+        return ok
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.check_once()
+
+    async def start(self) -> None:
+        await self.check_once()
+        self._task = asyncio.create_task(self._run(), name="health-probe")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.servicer.enter_graceful_shutdown()

@@ -1,0 +1,149 @@
+"""The request log (the seeds' `api_requests`): every RPC recorded off the critical path.
+
+The interceptor only appends to a bounded in-memory queue; a background task writes
+what accumulated in one multi-row INSERT per batch. When the database falls behind, the
+queue fills and new entries are dropped (and counted) rather than slowing RPCs down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+
+from server.call_context import current_call
+from server.interceptors.scoped import Context, ScopedInterceptor
+
+log = logging.getLogger("ferrule.request_log")
+
+
+@dataclass(frozen=True)
+class RequestLogEntry:
+    method: str
+    caller: str | None
+    organization_id: str | None
+    peer: str
+    user_agent: str | None
+    status_code: str
+    latency_ms: float
+    request_bytes: int
+    trace_id: str | None
+    create_time: datetime
+
+
+WriteBatch = Callable[[list[RequestLogEntry]], Awaitable[None]]
+
+
+class RequestLogWriter:
+    def __init__(
+        self,
+        write_batch: WriteBatch,
+        *,
+        max_queue: int = 50_000,
+        max_batch: int = 1_000,
+        flush_interval: float = 0.5,
+    ) -> None:
+        self._write_batch = write_batch
+        self._queue: asyncio.Queue[RequestLogEntry] = asyncio.Queue(maxsize=max_queue)
+        self._max_batch = max_batch
+        self._flush_interval = flush_interval
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+        self.written = 0
+        self.failed_batches = 0
+
+    def record(self, entry: RequestLogEntry) -> None:
+        try:
+            self._queue.put_nowait(entry)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="request-log-writer")
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            await asyncio.sleep(self._flush_interval)  # let a batch accumulate
+            await self._write([first, *self._drain()])
+
+    def _drain(self) -> list[RequestLogEntry]:
+        batch: list[RequestLogEntry] = []
+        while len(batch) < self._max_batch - 1:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return batch
+
+    async def _write(self, batch: list[RequestLogEntry]) -> None:
+        try:
+            await self._write_batch(batch)
+            self.written += len(batch)
+        except Exception:
+            # The request log is diagnostics: losing a batch must not take the server down.
+            self.failed_batches += 1
+            log.warning("request log batch of %d entries not written", len(batch), exc_info=True)
+
+    async def stop(self) -> None:
+        """Stop the background task and write whatever is still queued."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while not self._queue.empty():
+            await self._write([self._queue.get_nowait(), *self._drain()])
+
+
+class RequestLogInterceptor(ScopedInterceptor):
+    def __init__(self, writer: RequestLogWriter) -> None:
+        self._writer = writer
+
+    @asynccontextmanager
+    async def scope(self, method: str, context: Context, request: object) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self._record(method, context, code, time.perf_counter() - started)
+
+    def _record(self, method: str, context: Context, code: grpc.StatusCode, elapsed: float) -> None:
+        call = current_call()
+        user_agent = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "user-agent":
+                user_agent = value if isinstance(value, str) else value.decode()
+        with contextlib.suppress(Exception):
+            code = context.code() or code
+        self._writer.record(
+            RequestLogEntry(
+                method=method,
+                caller=call.principal.subject if call.principal else None,
+                organization_id=call.organization_id,
+                peer=context.peer(),
+                user_agent=user_agent,
+                status_code=code.name,
+                latency_ms=elapsed * 1000,
+                request_bytes=call.request_bytes,
+                trace_id=call.trace_id,
+                create_time=datetime.now(UTC),
+            )
+        )
