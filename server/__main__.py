@@ -9,6 +9,7 @@ SIGTERM/SIGINT to the workers and exits with the first non-zero worker status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -79,10 +80,8 @@ def run_workers(settings: Settings) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
