@@ -1,0 +1,81 @@
+"""Protobuf <-> Python value conversions shared by every servicer."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf.json_format import MessageToDict, ParseDict
+
+from db.errors import FieldViolation, ValidationError
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime | None) -> None:
+    if value is not None:
+        target.FromDatetime(value)
+
+
+def to_datetime(value: timestamp_pb2.Timestamp) -> datetime:
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def optional_datetime(message: Any, field: str) -> datetime | None:
+    """The Timestamp `field` of `message` as an aware datetime, or None when unset."""
+    return to_datetime(getattr(message, field)) if message.HasField(field) else None
+
+
+def set_duration_ms(target: duration_pb2.Duration, milliseconds: float | None) -> None:
+    if milliseconds is not None:
+        target.FromTimedelta(timedelta(milliseconds=milliseconds))
+
+
+def duration_ms(value: duration_pb2.Duration) -> float:
+    return value.ToNanoseconds() / 1e6
+
+
+def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    return MessageToDict(value)
+
+
+def dict_to_struct(target: struct_pb2.Struct, value: dict[str, Any] | None) -> None:
+    if value:
+        ParseDict(value, target)
+
+
+def enum_from_proto(
+    proto_enum: Any, value: int, domain: type[E], field: str, *, required: bool = True
+) -> E | None:
+    """Map a proto enum number to the domain StrEnum by name (prefix stripped).
+
+    Unknown numbers and the *_UNSPECIFIED zero value are INVALID_ARGUMENT when the field
+    is required, and None otherwise.
+    """
+    if value == 0:
+        if required:
+            raise ValidationError([FieldViolation(field, "required")])
+        return None
+    try:
+        name: str = proto_enum.Name(value)
+    except ValueError:
+        raise ValidationError([FieldViolation(field, f"unknown value {value}")]) from None
+    prefix = _enum_prefix(proto_enum)
+    try:
+        return domain(name.removeprefix(prefix))
+    except ValueError:
+        raise ValidationError([FieldViolation(field, f"unsupported value {name}")]) from None
+
+
+def enum_to_proto(proto_enum: Any, value: enum.StrEnum | None) -> int:
+    if value is None:
+        return 0
+    return int(proto_enum.Value(_enum_prefix(proto_enum) + value.value))
+
+
+def _enum_prefix(proto_enum: Any) -> str:
+    """`RISK_LEVEL_` for enum RiskLevel: buf's ENUM_VALUE_PREFIX convention."""
+    zero: str = proto_enum.Name(0)
+    return zero.removesuffix("UNSPECIFIED")

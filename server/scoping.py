@@ -1,0 +1,64 @@
+"""The one place an RPC becomes a tenant-scoped database transaction.
+
+Servicers call `authorize(pattern, name)` first: it parses the name, checks the caller's
+organization against it (permission before existence), records the tenant on the call,
+and returns the ids. `transaction(deps, tenant)` then opens a transaction whose
+statement_timeout is the RPC's remaining deadline, so a slow query dies with its RPC.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.tenancy import Tenant
+from server.authorization import check_organization
+from server.call_context import current_call
+from server.names import Pattern
+
+if TYPE_CHECKING:
+    from server.app import Dependencies
+
+
+def authorize(pattern: Pattern, name: str, field: str = "name") -> tuple[uuid.UUID, ...]:
+    """Parse `name` against `pattern` and authorize its organization (the first id)."""
+    ids = pattern.parse(name, field)
+    authorize_organization(ids[0])
+    return ids
+
+
+def authorize_organization(organization_id: uuid.UUID) -> Tenant:
+    call = current_call()
+    assert call.principal is not None, "authorize() runs after authentication"
+    check_organization(call.principal, str(organization_id))
+    call.organization_id = str(organization_id)
+    return Tenant.of(organization_id)
+
+
+def caller_tenant() -> Tenant:
+    """For RPCs without a parent (e.g. ListOrganizations): what the token grants."""
+    principal = current_call().principal
+    assert principal is not None
+    if principal.all_organizations:
+        return Tenant.all()
+    return Tenant.of(uuid.UUID(principal.organization))
+
+
+def caller_subject() -> str | None:
+    principal = current_call().principal
+    return principal.subject if principal else None
+
+
+@asynccontextmanager
+async def transaction(
+    deps: Dependencies, tenant: Tenant, *, read_only: bool = False
+) -> AsyncIterator[AsyncSession]:
+    timeout_ms = current_call().remaining_ms(deps.settings.ferrule_default_statement_timeout_ms)
+    async with deps.database.transaction(
+        tenant, timeout_ms=timeout_ms, read_only=read_only
+    ) as session:
+        yield session
