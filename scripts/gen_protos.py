@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +20,16 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 PACKAGE_DIR = Path("ferrule") / "v1"
+
+
+def plugin(name: str) -> str:
+    """Find a protoc plugin installed beside this interpreter (the venv), even when
+    the venv's bin directory is not on PATH (e.g. `.venv/bin/python scripts/...`)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        sys.exit(f"{name} not found: install mypy-protobuf into this environment")
+    return found
 
 
 def generate(out_dir: Path) -> None:
@@ -32,6 +43,8 @@ def generate(out_dir: Path) -> None:
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{wkt}",
+        f"--plugin=protoc-gen-mypy={plugin('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={plugin('protoc-gen-mypy_grpc')}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
