@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 
 def git(*args: str) -> str:
@@ -29,7 +30,12 @@ def main() -> int:
     if has_protos.returncode != 0:
         print(f"buf breaking: {ref} has no protos/; nothing to compare")
         return 0
-    buf = shutil.which("buf") or sys.exit("buf not found (installed by buf-bin in .venv)")
+    # Prefer the buf installed beside this interpreter (buf-bin in .venv), which is
+    # found even when the venv is not activated.
+    beside = Path(sys.executable).parent / "buf"
+    buf = str(beside) if beside.is_file() else shutil.which("buf")
+    if buf is None:
+        sys.exit("buf not found (installed by buf-bin in .venv)")
     cmd = [buf, "breaking", "protos", "--against", f".git#ref={ref},subdir=protos"]
     print("+", " ".join(cmd))
     return subprocess.run(cmd).returncode
