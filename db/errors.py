@@ -96,3 +96,10 @@ class StatementTimeoutError(DomainError):
     """The statement ran past the RPC's remaining deadline and was cancelled."""
 
     reason = "STATEMENT_TIMEOUT"
+
+
+class ConcurrentModificationError(DomainError):
+    """A concurrent transaction won a race (serialization failure, deadlock, or the same
+    request_id committed by a parallel call); retrying the whole call is safe (ABORTED)."""
+
+    reason = "CONCURRENT_MODIFICATION"

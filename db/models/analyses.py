@@ -89,7 +89,7 @@ class TextAnalysis(
         check_between("quality_score", 0, 1),
         CheckConstraint("processing_ms >= 0", name="processing_ms_non_negative"),
         Index(
-            "uq_text_analyses_organization_id_analysis_type_content_hash_live",
+            "uq_text_analyses_live_content_hash",
             "organization_id",
             "analysis_type",
             "content_hash",
@@ -160,7 +160,7 @@ class ModelPerformanceRecord(IdMixin, TenantMixin, Base):
             "id",
         ),
         Index(
-            "ix_model_performance_records_organization_id_model_name_window_start",
+            "ix_model_performance_records_model_window",
             "organization_id",
             "model_name",
             "window_start",

@@ -22,8 +22,8 @@ class RequestLogEntry(IdMixin, Base):
     caller: Mapped[str | None] = mapped_column(String(255))
     peer: Mapped[str | None] = mapped_column(String(255))
     user_agent: Mapped[str | None] = mapped_column(String(512))
-    #: The gRPC status code (0 = OK).
-    status_code: Mapped[int] = mapped_column(Integer)
+    #: The gRPC status code's canonical name ("OK", "NOT_FOUND", ...), readable in SQL.
+    status_code: Mapped[str] = mapped_column(String(32))
     latency_ms: Mapped[float] = mapped_column()
     request_bytes: Mapped[int | None] = mapped_column(Integer)
     trace_id: Mapped[str | None] = mapped_column(String(32))

@@ -1,0 +1,181 @@
+"""Engines and the :class:`Database` handle the server holds for its lifetime.
+
+One async engine for the primary and one per read replica. PostgreSQL goes through
+asyncpg (prepared statements can be switched off for PgBouncer in transaction mode);
+SQLite through aiosqlite with foreign keys on, WAL and a busy timeout on every connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+
+from db.session import open_transaction
+from db.tenancy import Tenant
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    url: str
+    replica_urls: tuple[str, ...] = ()
+    pool_size: int = 10
+    max_overflow: int = 10
+    #: Seconds to wait for a free pooled connection before DatabaseUnavailableError.
+    pool_timeout: float = 5.0
+    #: Seconds after which a pooled connection is replaced.
+    pool_recycle: float = 1800.0
+    pool_pre_ping: bool = True
+    #: asyncpg prepared-statement cache; 0 for PgBouncer in transaction mode.
+    statement_cache_size: int = 100
+    #: PostgreSQL role each transaction switches to (``ferrule_app``: no BYPASSRLS, not owner).
+    app_role: str | None = None
+    #: statement_timeout for transactions that do not pass one (None: no limit).
+    default_statement_timeout_ms: int | None = None
+    sqlite_busy_timeout_ms: int = 5000
+    echo: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PingResult:
+    latency_seconds: float
+    server_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    size: int
+    checked_out: int
+    overflow: int
+
+
+def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
+    def on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        finally:
+            cursor.close()
+
+    return on_connect
+
+
+def create_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
+    """An async engine for ``url`` with the pool and driver settings of ``config``."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        in_memory = parsed.database in (None, "", ":memory:")
+        engine = create_async_engine(
+            url,
+            echo=config.echo,
+            # One shared connection keeps an in-memory database alive across sessions.
+            poolclass=StaticPool if in_memory else None,
+            **({} if in_memory else {"pool_size": config.pool_size, "pool_timeout": 30}),
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas(config.sqlite_busy_timeout_ms))
+        return engine
+    connect_args: dict[str, Any] = {}
+    if config.statement_cache_size == 0:
+        # PgBouncer (transaction mode) may hand each statement to another backend: no
+        # named prepared statements may outlive a statement, nor share names across clients.
+        connect_args = {
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": lambda: f"__ferrule_{uuid.uuid4().hex}__",
+        }
+    else:
+        connect_args = {"prepared_statement_cache_size": config.statement_cache_size}
+    return create_async_engine(
+        url,
+        echo=config.echo,
+        pool_size=config.pool_size,
+        max_overflow=config.max_overflow,
+        pool_timeout=config.pool_timeout,
+        pool_recycle=config.pool_recycle,
+        pool_pre_ping=config.pool_pre_ping,
+        connect_args=connect_args,
+    )
+
+
+class Database:
+    """The data layer's entry point: engines, pools and tenant-scoped transactions."""
+
+    def __init__(self, config: DatabaseConfig) -> None:
+        self.config = config
+        self.engine = create_engine(config.url, config)
+        self.replica_engines = tuple(create_engine(url, config) for url in config.replica_urls)
+        self._replicas = itertools.cycle(self.replica_engines) if self.replica_engines else None
+        self._sessions = async_sessionmaker(expire_on_commit=False, class_=AsyncSession)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Database:
+        return cls(DatabaseConfig(url=url, **options))
+
+    @property
+    def dialect_name(self) -> str:
+        """``"postgresql"`` or ``"sqlite"``."""
+        return self.engine.dialect.name
+
+    @asynccontextmanager
+    async def transaction(
+        self, tenant: Tenant, *, timeout_ms: int | None = None, read_only: bool = False
+    ) -> AsyncIterator[AsyncSession]:
+        """A session in one transaction acting for ``tenant``; commits on success.
+
+        On PostgreSQL a single statement at the start sets the tenant for row-level
+        security, the statement timeout (the RPC's remaining deadline), the application
+        role and read-only mode, all transaction-local (safe behind PgBouncer).
+        ``read_only`` transactions go to a replica when one is configured. Driver errors
+        leave as :mod:`db.errors` types; cancellation rolls back and propagates.
+        """
+        engine = self.engine
+        if read_only and self._replicas is not None:
+            engine = next(self._replicas)
+        if timeout_ms is None:
+            timeout_ms = self.config.default_statement_timeout_ms
+        async with open_transaction(
+            self._sessions(bind=engine),
+            tenant,
+            timeout_ms=timeout_ms,
+            read_only=read_only,
+            app_role=self.config.app_role,
+        ) as session:
+            yield session
+
+    async def ping(self) -> PingResult:
+        """Round-trip latency and server version; raises a db error when unreachable."""
+        postgres = self.dialect_name == "postgresql"
+        query = "SELECT version()" if postgres else "SELECT sqlite_version()"
+        started = time.perf_counter()
+        async with open_transaction(
+            self._sessions(bind=self.engine), Tenant(None), timeout_ms=None, read_only=True
+        ) as session:
+            version = (await session.execute(text(query))).scalar_one()
+        return PingResult(time.perf_counter() - started, str(version))
+
+    def pool_status(self) -> PoolStatus:
+        pool: Any = self.engine.pool
+        size = pool.size() if hasattr(pool, "size") else 1
+        checked_out = pool.checkedout() if hasattr(pool, "checkedout") else 0
+        overflow = max(pool.overflow(), 0) if hasattr(pool, "overflow") else 0
+        return PoolStatus(size=size, checked_out=checked_out, overflow=overflow)
+
+    async def dispose(self) -> None:
+        for engine in (self.engine, *self.replica_engines):
+            await engine.dispose()

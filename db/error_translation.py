@@ -1,0 +1,183 @@
+"""Driver and SQLAlchemy errors -> the typed domain errors of :mod:`db.errors`, in one place.
+
+Both drivers are covered: asyncpg reports SQLSTATEs and constraint names; sqlite3 reports
+extended error names and a message naming the table, column or constraint. Nothing of
+the SQL text or parameter values is carried into the domain error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+
+from sqlalchemy import exc as sa_exc
+
+from db.errors import (
+    AlreadyExistsError,
+    ConcurrentModificationError,
+    DatabaseUnavailableError,
+    DomainError,
+    FailedPreconditionError,
+    FieldViolation,
+    StatementTimeoutError,
+    ValidationError,
+)
+
+#: Table -> resource type named in NotFound / AlreadyExists errors.
+RESOURCE_TYPES: dict[str, str] = {
+    "organizations": "Organization",
+    "users": "User",
+    "user_profiles": "User",
+    "user_sessions": "UserSession",
+    "analysis_batches": "AnalysisBatch",
+    "text_analyses": "TextAnalysis",
+    "model_performance_records": "ModelPerformanceRecord",
+    "predictions": "Prediction",
+    "ingest_batches": "IngestBatch",
+    "idempotency_keys": "IdempotencyKey",
+    "request_log": "RequestLogEntry",
+}
+
+#: CHECK constraints whose suffix is not simply the column they guard.
+_CHECK_FIELDS: dict[str, str] = {
+    "password_required": "password",
+    "email_lower_case": "email",
+    "expires_after_creation": "expire_time",
+    "window_ordered": "window_end",
+    "counts_consistent": "error_count",
+    "costs_non_negative": "mean_latency_ms",
+    "processing_ms_non_negative": "processing_ms",
+}
+
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "53400"})
+_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def _sqlstate(orig: BaseException) -> str | None:
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
+def _pg_detail(orig: BaseException, attribute: str) -> str | None:
+    # SQLAlchemy's asyncpg adapter chains the asyncpg exception, which carries the details.
+    value = getattr(orig.__cause__, attribute, None) or getattr(orig, attribute, None)
+    return value if isinstance(value, str) else None
+
+
+def _table_of(constraint: str | None, table: str | None) -> str | None:
+    if table:
+        return table
+    if not constraint:
+        return None
+    # Naming convention: <prefix>_<table>_...; the longest matching table wins.
+    body = constraint.split("_", 1)[1] if "_" in constraint else constraint
+    matches = [t for t in RESOURCE_TYPES if body.startswith(t + "_") or body == t]
+    return max(matches, key=len) if matches else None
+
+
+def _check_field(constraint: str | None, table: str | None) -> str:
+    if not constraint:
+        return "unknown"
+    suffix = constraint
+    if table and constraint.startswith(f"ck_{table}_"):
+        suffix = constraint[len(f"ck_{table}_") :]
+    return _CHECK_FIELDS.get(suffix, suffix)
+
+
+def _integrity(
+    kind: str, constraint: str | None, table: str | None, column: str | None
+) -> DomainError:
+    table = _table_of(constraint, table)
+    resource = RESOURCE_TYPES.get(table or "", "Resource")
+    if kind == "unique":
+        return AlreadyExistsError(resource, constraint or "unique key")
+    if kind == "check":
+        field = _check_field(constraint, table)
+        return ValidationError([FieldViolation(field, "value is out of the allowed range")])
+    if kind == "not_null":
+        return ValidationError([FieldViolation(column or "unknown", "a value is required")])
+    if kind == "foreign_key":
+        return FailedPreconditionError(f"a resource referenced by this {resource} does not exist")
+    return FailedPreconditionError(f"{resource} violates a constraint")
+
+
+_PG_INTEGRITY = {"23505": "unique", "23514": "check", "23502": "not_null", "23503": "foreign_key"}
+
+
+def _from_postgres(orig: BaseException) -> DomainError | None:
+    state = _sqlstate(orig)
+    if state is None:
+        return None
+    if state in _PG_INTEGRITY:
+        return _integrity(
+            _PG_INTEGRITY[state],
+            _pg_detail(orig, "constraint_name"),
+            _pg_detail(orig, "table_name"),
+            _pg_detail(orig, "column_name"),
+        )
+    if state == "57014":
+        return StatementTimeoutError("the statement ran past its deadline and was cancelled")
+    if state.startswith("08") or state in _UNAVAILABLE_SQLSTATES:
+        return DatabaseUnavailableError("the database connection failed")
+    if state in _CONFLICT_SQLSTATES:
+        return ConcurrentModificationError("a concurrent transaction conflicted; retry")
+    return None
+
+
+_SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (?:index '(?P<index>\w+)'|(?P<cols>.+))")
+_SQLITE_CHECK = re.compile(r"CHECK constraint failed: (?P<name>\w+)")
+_SQLITE_NOT_NULL = re.compile(r"NOT NULL constraint failed: (?P<table>\w+)\.(?P<column>\w+)")
+
+
+def _from_sqlite(orig: sqlite3.Error) -> DomainError | None:
+    name = getattr(orig, "sqlite_errorname", "") or ""
+    message = str(orig)
+    if name in {"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"}:
+        match = _SQLITE_UNIQUE.search(message)
+        index = match.group("index") if match else None
+        cols = match.group("cols") if match else None
+        table = cols.split(".", 1)[0] if cols else None
+        return _integrity("unique", index, table, None)
+    if name == "SQLITE_CONSTRAINT_CHECK":
+        match = _SQLITE_CHECK.search(message)
+        return _integrity("check", match.group("name") if match else None, None, None)
+    if name == "SQLITE_CONSTRAINT_NOTNULL":
+        match = _SQLITE_NOT_NULL.search(message)
+        table = match.group("table") if match else None
+        return _integrity("not_null", None, table, match.group("column") if match else None)
+    if name == "SQLITE_CONSTRAINT_FOREIGNKEY":
+        return _integrity("foreign_key", None, None, None)
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return DatabaseUnavailableError("the database is busy; retry")
+    if name == "SQLITE_INTERRUPT":
+        return StatementTimeoutError("the statement ran past its deadline and was cancelled")
+    return None
+
+
+def translate_error(exc: BaseException) -> DomainError | None:
+    """The domain error ``exc`` stands for, or None when it is not a known database failure.
+
+    ``asyncio.CancelledError`` is never translated: cancellation must propagate.
+    """
+    if isinstance(exc, DomainError):
+        return exc
+    if isinstance(exc, asyncio.CancelledError):
+        return None
+    if isinstance(exc, sa_exc.TimeoutError):
+        return DatabaseUnavailableError("no database connection became free in time")
+    if isinstance(exc, sa_exc.DBAPIError):
+        orig = exc.orig
+        mapped: DomainError | None = None
+        if isinstance(orig, sqlite3.Error):
+            mapped = _from_sqlite(orig)
+        elif orig is not None:
+            mapped = _from_postgres(orig)
+        if mapped is None and exc.connection_invalidated:
+            mapped = DatabaseUnavailableError("the database connection was lost")
+        return mapped
+    if isinstance(exc, sa_exc.DisconnectionError | ConnectionError | OSError):
+        return DatabaseUnavailableError("the database could not be reached")
+    if isinstance(exc, TimeoutError):
+        return DatabaseUnavailableError("the database did not answer in time")
+    return None

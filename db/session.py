@@ -1,0 +1,80 @@
+"""The transaction helper: one session, one transaction, tenant settings, error translation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.error_translation import translate_error
+from db.tenancy import Tenant
+
+# One round trip sets everything, transaction-local (is_local = true), so nothing leaks
+# to the next user of the pooled (or PgBouncer-shared) connection. The role must come
+# last: after it the session may no longer be allowed to change the other settings.
+_SETTINGS = (
+    "SELECT set_config('ferrule.organization_id', :organization_id, true),"
+    " set_config('ferrule.all_organizations', :all_organizations, true),"
+    " set_config('statement_timeout', :statement_timeout, true),"
+    " set_config('transaction_read_only', :read_only, true)"
+)
+_SET_TENANT = text(_SETTINGS)
+_SET_TENANT_AND_ROLE = text(_SETTINGS + ", set_config('role', :role, true)")
+
+
+async def _apply_postgres_settings(
+    session: AsyncSession,
+    tenant: Tenant,
+    timeout_ms: int | None,
+    read_only: bool,
+    app_role: str | None,
+) -> None:
+    params = {
+        # An empty string, read through nullif(...)::uuid, matches no row.
+        "organization_id": str(tenant.organization_id) if tenant.organization_id else "",
+        "all_organizations": "on" if tenant.all_organizations else "off",
+        "statement_timeout": str(max(int(timeout_ms), 1)) if timeout_ms else "0",
+        "read_only": "on" if read_only else "off",
+    }
+    if app_role:
+        await session.execute(_SET_TENANT_AND_ROLE, {**params, "role": app_role})
+    else:
+        await session.execute(_SET_TENANT, params)
+
+
+@asynccontextmanager
+async def open_transaction(
+    session: AsyncSession,
+    tenant: Tenant,
+    *,
+    timeout_ms: int | None,
+    read_only: bool,
+    app_role: str | None = None,
+) -> AsyncIterator[AsyncSession]:
+    """Run the body in one transaction on ``session``; commit on success, else roll back.
+
+    Rollback and close are shielded so a second cancellation cannot strand a connection
+    checked out of the pool; the original exception (translated when it is a database
+    error, untouched when it is a cancellation) is re-raised.
+    """
+    try:
+        try:
+            if session.get_bind().dialect.name == "postgresql":
+                await _apply_postgres_settings(session, tenant, timeout_ms, read_only, app_role)
+            yield session
+            await session.commit()
+        except BaseException as exc:
+            # A failed rollback (connection already gone) must not mask the original error.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(session.rollback())
+            if isinstance(exc, Exception):
+                mapped = translate_error(exc)
+                if mapped is not None and mapped is not exc:
+                    raise mapped from exc
+            raise
+    finally:
+        await asyncio.shield(session.close())
