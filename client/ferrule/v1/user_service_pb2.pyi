@@ -1197,19 +1197,19 @@ class CreateUserSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PARENT_FIELD_NUMBER: _builtins.int
-    SESSION_FIELD_NUMBER: _builtins.int
-    SESSION_ID_FIELD_NUMBER: _builtins.int
+    USER_SESSION_FIELD_NUMBER: _builtins.int
+    USER_SESSION_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """Required. The user: "organizations/{organization}/users/{user}"."""
-    session_id: _builtins.str
+    user_session_id: _builtins.str
     """Optional. UUID to use as the session id. Empty: server-generated."""
     request_id: _builtins.str
     """Optional. Idempotency key (UUID). A retry returns the same session, token
     included.
     """
     @_builtins.property
-    def session(self) -> Global___UserSession:
+    def user_session(self) -> Global___UserSession:
         """Optional. Session settings (expire_time or ttl, user_agent, ip_address).
         Unset means a 24-hour session.
         """
@@ -1218,13 +1218,13 @@ class CreateUserSessionRequest(_message.Message):
         self,
         *,
         parent: _builtins.str = ...,
-        session: Global___UserSession | None = ...,
-        session_id: _builtins.str = ...,
+        user_session: Global___UserSession | None = ...,
+        user_session_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user_session", b"user_session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent", "request_id", b"request_id", "session", b"session", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent", "request_id", b"request_id", "user_session", b"user_session", "user_session_id", b"user_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1302,7 +1302,7 @@ class ListUserSessionsResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SESSIONS_FIELD_NUMBER: _builtins.int
+    USER_SESSIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
@@ -1310,19 +1310,19 @@ class ListUserSessionsResponse(_message.Message):
     total_size: _builtins.int
     """Total number of sessions matching the query across all pages."""
     @_builtins.property
-    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserSession]:
+    def user_sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserSession]:
         """The page of sessions (tokens always empty)."""
 
     def __init__(
         self,
         *,
-        sessions: _abc.Iterable[Global___UserSession] | None = ...,
+        user_sessions: _abc.Iterable[Global___UserSession] | None = ...,
         next_page_token: _builtins.str = ...,
         total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sessions", b"sessions", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "total_size", b"total_size", "user_sessions", b"user_sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
