@@ -27,7 +27,13 @@ from ferrule.client.errors import from_rpc_error
 from ferrule.client.outgoing import OutgoingPolicy
 from ferrule.client.tracing import RpcSpan
 
-__all__ = ["AsyncClientInterceptor"]
+__all__ = [
+    "StreamStreamInterceptor",
+    "StreamUnaryInterceptor",
+    "UnaryStreamInterceptor",
+    "UnaryUnaryInterceptor",
+    "client_interceptors",
+]
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
@@ -62,19 +68,15 @@ async def _translated(call: AsyncIterable[_Resp], span: RpcSpan) -> AsyncIterato
         raise typed from err
 
 
-class AsyncClientInterceptor(
-    aio.UnaryUnaryClientInterceptor,
-    aio.UnaryStreamClientInterceptor,
-    aio.StreamUnaryClientInterceptor,
-    aio.StreamStreamClientInterceptor,
-):
-    """Applies an :class:`OutgoingPolicy` to every call and translates its errors."""
+class _Interceptor:
+    """Shared by the four interceptors below (grpc.aio files an interceptor object under
+    the first call type it implements only, so each call type needs its own object)."""
 
     def __init__(self, policy: OutgoingPolicy) -> None:
         self._policy = policy
 
     def _prepare(self, details: aio.ClientCallDetails) -> tuple[aio.ClientCallDetails, RpcSpan]:
-        span = RpcSpan(details.method)
+        span = self._policy.start_span(details.method)
         metadata = aio.Metadata.from_tuple(self._policy.metadata(details.metadata, span))
         new = aio.ClientCallDetails(
             method=details.method,
@@ -85,6 +87,8 @@ class AsyncClientInterceptor(
         )
         return new, span
 
+
+class UnaryUnaryInterceptor(_Interceptor, aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self,
         continuation: Callable[
@@ -107,6 +111,8 @@ class AsyncClientInterceptor(
         span.finish(grpc.StatusCode.OK)
         return call  # finished: awaiting it again returns the cached response
 
+
+class UnaryStreamInterceptor(_Interceptor, aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
         self,
         continuation: Callable[
@@ -120,6 +126,8 @@ class AsyncClientInterceptor(
         _finish_when_done(call, span)
         return _translated(call, span)
 
+
+class StreamUnaryInterceptor(_Interceptor, aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(
         self,
         continuation: Callable[
@@ -134,6 +142,8 @@ class AsyncClientInterceptor(
         _finish_when_done(call, span)
         return call
 
+
+class StreamStreamInterceptor(_Interceptor, aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
         self,
         continuation: Callable[
@@ -147,3 +157,13 @@ class AsyncClientInterceptor(
         call = await continuation(details, request_iterator)
         _finish_when_done(call, span)
         return _translated(call, span)
+
+
+def client_interceptors(policy: OutgoingPolicy) -> list[aio.ClientInterceptor]:
+    """One interceptor per call type, all applying ``policy``."""
+    return [
+        UnaryUnaryInterceptor(policy),
+        UnaryStreamInterceptor(policy),
+        StreamUnaryInterceptor(policy),
+        StreamStreamInterceptor(policy),
+    ]

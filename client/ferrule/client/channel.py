@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from grpc import aio
 
-from ferrule.client.aio_interceptors import AsyncClientInterceptor
+from ferrule.client.aio_interceptors import client_interceptors
 from ferrule.client.config import ClientConfig, channel_credentials, channel_options
 from ferrule.client.interceptors import ClientInterceptor
 from ferrule.client.outgoing import OutgoingPolicy
@@ -28,7 +28,7 @@ def create_aio_channel(config: ClientConfig) -> aio.Channel:
     """An asyncio channel with the same behaviour as :func:`create_channel`."""
     options = channel_options(config)
     credentials = channel_credentials(config)
-    interceptors = [AsyncClientInterceptor(OutgoingPolicy.from_config(config))]
+    interceptors = client_interceptors(OutgoingPolicy.from_config(config))
     if credentials is None:
         return aio.insecure_channel(config.target, options=options, interceptors=interceptors)
     return aio.secure_channel(

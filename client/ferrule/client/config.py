@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from opentelemetry.trace import TracerProvider
 
 from ferrule import __version__
 
@@ -74,6 +75,8 @@ class ClientConfig:
     retried_services: tuple[str, ...] = RETRIED_SERVICES
     options: tuple[tuple[str, Any], ...] = field(default=())
     """Extra gRPC channel arguments, appended after (and so overriding) ours."""
+    tracer_provider: TracerProvider | None = None
+    """Where client spans go; None uses the global provider (a no-op until one is set)."""
 
     def __post_init__(self) -> None:
         if not self.target:

@@ -78,7 +78,7 @@ class ClientInterceptor(
         self._policy = policy
 
     def _prepare(self, details: grpc.ClientCallDetails) -> tuple[_CallDetails, RpcSpan]:
-        span = RpcSpan(details.method)
+        span = self._policy.start_span(details.method)
         new = _CallDetails(
             method=details.method,
             timeout=self._policy.timeout(details.timeout),

@@ -11,13 +11,16 @@ import threading
 
 import grpc
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from ferrule import __version__
 
-__all__ = ["RpcSpan", "split_method"]
+__all__ = ["RpcSpan", "client_tracer", "split_method"]
 
-_tracer = trace.get_tracer("ferrule.client", __version__)
+
+def client_tracer(provider: TracerProvider | None = None) -> Tracer:
+    """The client's tracer from ``provider``, or from the global provider (None)."""
+    return trace.get_tracer("ferrule.client", __version__, tracer_provider=provider)
 
 
 def split_method(method: str | bytes) -> tuple[str, str, str]:
@@ -36,9 +39,9 @@ class RpcSpan:
 
     __slots__ = ("_done", "_lock", "span")
 
-    def __init__(self, method: str | bytes) -> None:
+    def __init__(self, method: str | bytes, tracer: Tracer) -> None:
         name, service, rpc = split_method(method)
-        self.span: Span = _tracer.start_span(
+        self.span: Span = tracer.start_span(
             name,
             kind=SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc},
