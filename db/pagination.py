@@ -1,0 +1,179 @@
+"""Keyset pagination (AIP-158 without OFFSET) over any ORM select.
+
+A page is "the rows after the last one the caller saw" in a total order: the caller's
+sort keys followed by ``id`` as the tiebreaker. Rows inserted or deleted between pages
+neither shift nor repeat what is returned. The data layer only produces and consumes
+the cursor as a list of plain JSON values; the server signs and encodes it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import ColumnElement, Select, and_, func, literal, or_, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
+
+from db.errors import FieldViolation, ValidationError
+
+T = TypeVar("T")
+JSONValue = str | int | float | bool | None
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SortKey:
+    """One ordering column. Sort columns must be NOT NULL for the keyset to be exact."""
+
+    attribute: InstrumentedAttribute[Any]
+    descending: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.attribute.key
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    #: Cursor of the last item when more rows follow; None on the last page.
+    next_cursor: list[JSONValue] | None
+    #: Rows matching the filter across all pages, when asked for.
+    total_size: int | None = None
+
+
+def _invalid(field: str, description: str) -> ValidationError:
+    return ValidationError([FieldViolation(field, description)])
+
+
+def parse_order_by(
+    order_by: str | None,
+    allowed: Mapping[str, InstrumentedAttribute[Any]],
+    *,
+    default: Sequence[SortKey],
+    tiebreaker: InstrumentedAttribute[Any],
+) -> list[SortKey]:
+    """AIP-132 ``order_by`` ("create_time desc, email") -> sort keys ending with ``tiebreaker``.
+
+    Unknown fields and malformed clauses are a ValidationError on ``order_by``. The
+    tiebreaker follows the direction of the last key so a single index can serve the scan.
+    """
+    keys: list[SortKey] = []
+    if order_by and order_by.strip():
+        for clause in order_by.split(","):
+            parts = clause.split()
+            if not parts or len(parts) > 2 or (len(parts) == 2 and parts[1] not in {"asc", "desc"}):
+                raise _invalid("order_by", f"cannot parse {clause.strip()!r}")
+            if parts[0] not in allowed:
+                choices = ", ".join(sorted(allowed))
+                raise _invalid("order_by", f"unknown field {parts[0]!r}; use one of {choices}")
+            if any(k.name == allowed[parts[0]].key for k in keys):
+                raise _invalid("order_by", f"{parts[0]!r} appears twice")
+            descending = len(parts) == 2 and parts[1] == "desc"
+            keys.append(SortKey(allowed[parts[0]], descending=descending))
+    else:
+        keys = list(default)
+    if keys[-1].name != tiebreaker.key:
+        keys.append(SortKey(tiebreaker, descending=keys[-1].descending))
+    return keys
+
+
+def encode_value(value: Any) -> JSONValue:
+    """A sort value as a JSON-able value (datetimes ISO 8601, UUIDs and enums as strings)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Enum):
+        return str(value.value)
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise TypeError(f"cannot use a {type(value).__name__} as a sort key")
+
+
+def _decode_value(key: SortKey, value: JSONValue) -> Any:
+    try:
+        python_type = key.attribute.type.python_type
+    except NotImplementedError:
+        return value
+    try:
+        if python_type is datetime and isinstance(value, str):
+            return datetime.fromisoformat(value)
+        if python_type is uuid.UUID and isinstance(value, str):
+            return uuid.UUID(value)
+        if python_type is float and isinstance(value, int | float):
+            return float(value)
+        if python_type is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if python_type is str and isinstance(value, str):
+            return value
+    except ValueError:
+        pass
+    raise _invalid("page_token", "the page token does not belong to this query")
+
+
+def _after(keys: Sequence[SortKey], values: Sequence[Any]) -> ColumnElement[bool]:
+    """WHERE clause selecting the rows strictly after ``values`` in the order of ``keys``."""
+    # Bind through each column's type so e.g. datetimes are normalised as stored.
+    values = [literal(v, k.attribute.type) for k, v in zip(keys, values, strict=True)]
+    if all(k.descending == keys[0].descending for k in keys):
+        # A row-value comparison lets the composite index serve the range scan directly.
+        row = tuple_(*(k.attribute for k in keys))
+        bound = tuple_(*values)
+        return row < bound if keys[0].descending else row > bound
+    clauses = []
+    for i, key in enumerate(keys):
+        equal = [keys[j].attribute == values[j] for j in range(i)]
+        beyond = key.attribute < values[i] if key.descending else key.attribute > values[i]
+        clauses.append(and_(*equal, beyond))
+    return or_(*clauses)
+
+
+def clamp_page_size(page_size: int) -> int:
+    """AIP-158: 0 means the default, above the maximum is lowered, negative is invalid."""
+    if page_size < 0:
+        raise _invalid("page_size", "must not be negative")
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+async def paginate(
+    session: AsyncSession,
+    stmt: Select[T],
+    keys: Sequence[SortKey],
+    *,
+    page_size: int,
+    cursor: Sequence[JSONValue] | None = None,
+    include_total: bool = False,
+) -> Page[T]:
+    """One page of ``stmt`` (a select of one ORM entity) in the order of ``keys``.
+
+    Fetches ``page_size + 1`` rows to learn whether another page follows, in one
+    statement; the total is a second (COUNT) statement, only when asked for.
+    """
+    size = clamp_page_size(page_size)
+    total: int | None = None
+    if include_total:
+        counted = select(func.count()).select_from(stmt.order_by(None).subquery())
+        total = (await session.execute(counted)).scalar_one()
+    page_stmt = stmt
+    if cursor is not None:
+        if len(cursor) != len(keys):
+            raise _invalid("page_token", "the page token does not belong to this query")
+        values = [_decode_value(k, v) for k, v in zip(keys, cursor, strict=True)]
+        page_stmt = page_stmt.where(_after(keys, values))
+    order = [k.attribute.desc() if k.descending else k.attribute.asc() for k in keys]
+    page_stmt = page_stmt.order_by(None).order_by(*order).limit(size + 1)
+    rows = list((await session.execute(page_stmt)).unique().scalars().all())
+    next_cursor: list[JSONValue] | None = None
+    if len(rows) > size:
+        rows = rows[:size]
+        last = rows[-1]
+        next_cursor = [encode_value(getattr(last, k.name)) for k in keys]
+    return Page(items=rows, next_cursor=next_cursor, total_size=total)
