@@ -24,6 +24,8 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from ferrule.v1 import user_service_pb2, user_service_pb2_grpc
+
 Context = aio.ServicerContext[Any, Any]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -145,6 +147,49 @@ class FakeOperations(operations_pb2_grpc.OperationsServicer):  # type: ignore[mi
         return response
 
 
+class FakeUsers(user_service_pb2_grpc.UserServiceServicer):
+    """``GetUser`` keyed by the user id (``flaky-*`` fails twice, ``missing-*`` is
+    NOT_FOUND) and ``ListUsers`` over five users, two a page unless asked otherwise."""
+
+    USERS = 5
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    async def GetUser(
+        self, request: user_service_pb2.GetUserRequest, context: Context
+    ) -> user_service_pb2.User:
+        key = request.name.rpartition("/")[2]
+        self.recorder.attempts[key] += 1
+        self.recorder.metadata[key] = dict(context.invocation_metadata() or ())
+        self.recorder.time_remaining[key] = context.time_remaining()
+        if key.startswith("flaky-") and self.recorder.attempts[key] <= 2:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        if key.startswith("missing-"):
+            info = error_details_pb2.ResourceInfo(
+                resource_type="ferrule.v1.User", resource_name=request.name
+            )
+            await context.abort_with_status(
+                rich_status(grpc.StatusCode.NOT_FOUND, "no user", error_info("NOT_FOUND"), info)
+            )
+        return user_service_pb2.User(name=request.name, email=f"{key}@example.com")
+
+    async def ListUsers(
+        self, request: user_service_pb2.ListUsersRequest, context: Context
+    ) -> user_service_pb2.ListUsersResponse:
+        start = int(request.page_token or "0")
+        end = min(start + (request.page_size or 2), self.USERS)
+        names = [f"{request.parent}/users/{i}" for i in range(start, end)]
+        users = [user_service_pb2.User(name=name) for name in names]
+        response = user_service_pb2.ListUsersResponse(users=users, total_size=self.USERS)
+        if end < self.USERS:
+            response.next_page_token = str(end)
+        return response
+
+
 def register_fakes(server: aio.Server, recorder: Recorder, operations: FakeOperations) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(FakeHealth(recorder), server)
     operations_pb2_grpc.add_OperationsServicer_to_server(operations, server)
+    # The other UserService methods keep the generated UNIMPLEMENTED bodies at runtime.
+    users = FakeUsers(recorder)  # type: ignore[abstract]
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(users, server)

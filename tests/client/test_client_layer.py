@@ -23,10 +23,17 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ferrule.client import errors
+from ferrule.client import AsyncFerruleClient, FerruleClient, errors
 from ferrule.client.channel import create_aio_channel, create_channel
 from ferrule.client.config import ClientConfig
 from ferrule.client.pagination import aiterate_items, aiterate_pages, iterate_items, iterate_pages
+from ferrule.v1 import (
+    analysis_service_pb2_grpc,
+    health_service_pb2_grpc,
+    prediction_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
 from tests.client.fakes import SERVING, FakeOperations, Recorder, register_fakes
 from tests.client.servers import ServerThread
 
@@ -293,3 +300,75 @@ def test_config_rejects_inconsistent_settings():
         ClientConfig(target="x:1", root_certificates=b"pem")
     with pytest.raises(ValueError, match="mutual TLS"):
         ClientConfig(target="x:1", tls=True, certificate_chain=b"pem")
+
+
+# The Ferrule clients themselves, over the generated ferrule.v1 stubs.
+
+ORG = "organizations/0192f0a0-0000-7000-8000-000000000001"
+
+
+def user_request(user_id: str) -> user_service_pb2.GetUserRequest:
+    return user_service_pb2.GetUserRequest(name=f"{ORG}/users/{user_id}")
+
+
+def test_sync_client_retries_and_sends_token_and_deadline(server, recorder):
+    config = config_for(server, token="t0k", default_timeout=5)
+    with FerruleClient(config=config) as client:
+        user = client.users.GetUser(user_request("flaky-s"))
+        assert user.email == "flaky-s@example.com"
+        with pytest.raises(errors.NotFound) as raised:
+            client.users.GetUser(user_request("missing-s"))
+    assert recorder.attempts["flaky-s"] == 3
+    assert recorder.attempts["missing-s"] == 1
+    assert raised.value.resource_name == f"{ORG}/users/missing-s"
+    assert recorder.metadata["flaky-s"]["authorization"] == "Bearer t0k"
+    remaining = recorder.time_remaining["flaky-s"]
+    assert remaining is not None
+    assert remaining <= 5 + WIRE_ROUNDING
+
+
+async def test_aio_client_retries_and_sends_token_and_deadline(server, recorder):
+    config = config_for(server, default_timeout=5)
+    async with AsyncFerruleClient(token="t0k", config=config) as client:
+        user = await client.users.GetUser(user_request("flaky-a"))
+        assert user.email == "flaky-a@example.com"
+        with pytest.raises(errors.NotFound) as raised:
+            await client.users.GetUser(user_request("missing-a"))
+    assert recorder.attempts["flaky-a"] == 3
+    assert recorder.attempts["missing-a"] == 1
+    assert raised.value.resource_name == f"{ORG}/users/missing-a"
+    assert recorder.metadata["flaky-a"]["authorization"] == "Bearer t0k"
+    remaining = recorder.time_remaining["flaky-a"]
+    assert remaining is not None
+    assert remaining <= 5 + WIRE_ROUNDING
+
+
+def test_sync_client_pages_through_users(server):
+    request = user_service_pb2.ListUsersRequest(parent=ORG, page_size=2)
+    with FerruleClient(server.target) as client:
+        pages = list(iterate_pages(client.users.ListUsers, request))
+        users = list(iterate_items(client.users.ListUsers, request, "users"))
+    assert [len(page.users) for page in pages] == [2, 2, 1]
+    assert [u.name for u in users] == [f"{ORG}/users/{i}" for i in range(5)]
+
+
+async def test_aio_client_pages_through_users(server):
+    request = user_service_pb2.ListUsersRequest(parent=ORG, page_size=2)
+    async with AsyncFerruleClient(server.target) as client:
+        pages = [p async for p in aiterate_pages(client.users.ListUsers, request)]
+        users = [u async for u in aiterate_items(client.users.ListUsers, request, "users")]
+    assert [len(page.users) for page in pages] == [2, 2, 1]
+    assert [u.name for u in users] == [f"{ORG}/users/{i}" for i in range(5)]
+
+
+def test_clients_expose_a_stub_per_service(server):
+    with FerruleClient(server.target) as client:
+        assert isinstance(client.users, user_service_pb2_grpc.UserServiceStub)
+        assert isinstance(client.analyses, analysis_service_pb2_grpc.AnalysisServiceStub)
+        assert isinstance(client.predictions, prediction_service_pb2_grpc.PredictionServiceStub)
+        assert isinstance(client.health, health_service_pb2_grpc.HealthServiceStub)
+
+
+def test_client_needs_a_target():
+    with pytest.raises(ValueError, match="target"):
+        FerruleClient()

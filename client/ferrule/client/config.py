@@ -7,6 +7,7 @@ retried automatically; every other status reaches the caller as a typed exceptio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "ClientConfig",
     "channel_credentials",
     "channel_options",
+    "resolve_config",
     "service_config",
 ]
 
@@ -96,6 +98,21 @@ class ClientConfig:
         )
         if not self.tls and any(x is not None for x in uses_tls_material):
             raise ValueError("certificates and server_name_override need tls=True")
+
+
+def resolve_config(
+    target: str | None, token: str | None, config: ClientConfig | None
+) -> ClientConfig:
+    """``config`` with ``target``/``token`` applied over it (or a plain config of them)."""
+    if config is None:
+        if target is None:
+            raise ValueError("give a target or a config")
+        return ClientConfig(target=target, token=token)
+    if target is not None:
+        config = dataclasses.replace(config, target=target)
+    if token is not None:
+        config = dataclasses.replace(config, token=token)
+    return config
 
 
 def _duration(seconds: float) -> str:
