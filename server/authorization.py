@@ -34,7 +34,6 @@ ADMIN_METHODS = frozenset(
         "/ferrule.v1.UserService/UndeleteOrganization",
         "/ferrule.v1.PredictionService/PurgePredictions",
         "/ferrule.v1.PredictionService/ListRequestLogs",
-        "/ferrule.v1.HealthService/GetHealthReport",
         "/ferrule.v1.HealthService/GetSlowQueryReport",
         "/ferrule.v1.HealthService/ResetSlowQueryReport",
     }
