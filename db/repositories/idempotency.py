@@ -1,0 +1,46 @@
+"""AIP-155 idempotency keys: the stored first response of a create, by request id."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.models.idempotency import IdempotencyKey
+from db.repositories.base import domain_errors, scope_to_tenant
+from db.tenancy import Tenant
+
+
+class IdempotencyRepository:
+    RESOURCE_TYPE: ClassVar[str] = "ferrule.v1.IdempotencyKey"
+
+    def __init__(self, session: AsyncSession, tenant: Tenant) -> None:
+        self.session = session
+        self.tenant = tenant
+
+    async def get(self, method: str, request_id: str) -> bytes | None:
+        stmt = scope_to_tenant(
+            select(IdempotencyKey.response).where(
+                IdempotencyKey.method == method, IdempotencyKey.request_id == request_id
+            ),
+            IdempotencyKey.organization_id,  # type: ignore[arg-type]
+            self.tenant,
+        )
+        return (await self.session.execute(stmt)).scalar_one_or_none()
+
+    async def put(
+        self, method: str, request_id: str, response: bytes, resource_name: str | None = None
+    ) -> None:
+        """Store the first response; AlreadyExistsError if a concurrent call stored one first."""
+        self.session.add(
+            IdempotencyKey(
+                organization_id=self.tenant.require_organization(),
+                method=method,
+                request_id=request_id,
+                resource_name=resource_name,
+                response=response,
+            )
+        )
+        async with domain_errors(self.RESOURCE_TYPE, request_id):
+            await self.session.flush()
