@@ -24,7 +24,7 @@ class IdempotencyRepository:
             select(IdempotencyKey.response).where(
                 IdempotencyKey.method == method, IdempotencyKey.request_id == request_id
             ),
-            IdempotencyKey.organization_id,  # type: ignore[arg-type]
+            IdempotencyKey.organization_id,
             self.tenant,
         )
         return (await self.session.execute(stmt)).scalar_one_or_none()
