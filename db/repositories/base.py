@@ -30,7 +30,7 @@ from db.models.base import Base, utcnow
 from db.tenancy import Tenant
 
 M = TypeVar("M", bound=Base)
-S = TypeVar("S", Select[Any], Update, Delete)
+S = TypeVar("S", bound=Select[*tuple[Any, ...]] | Update | Delete)
 
 
 def scope_to_tenant(stmt: S, organization_column: InstrumentedAttribute[Any], tenant: Tenant) -> S:
@@ -41,8 +41,8 @@ def scope_to_tenant(stmt: S, organization_column: InstrumentedAttribute[Any], te
     if tenant.all_organizations:
         return stmt
     if tenant.organization_id is None:
-        return stmt.where(false())
-    return stmt.where(organization_column == tenant.organization_id)
+        return cast(S, stmt.where(false()))
+    return cast(S, stmt.where(organization_column == tenant.organization_id))
 
 
 @asynccontextmanager
@@ -91,7 +91,7 @@ class Repository(Generic[M]):
         """Hide soft-deleted rows unless ``show_deleted`` (models without delete_time: no-op)."""
         if show_deleted or not hasattr(self.model, "delete_time"):
             return stmt
-        return stmt.where(self.model.delete_time.is_(None))
+        return cast(S, stmt.where(self.model.delete_time.is_(None)))
 
     def select(self, *, show_deleted: bool = False) -> Select[M]:
         """``SELECT model`` scoped to the tenant, live rows only unless ``show_deleted``."""
@@ -178,6 +178,7 @@ class Repository(Generic[M]):
         *,
         expected_version: int | None = None,
         delete_by: str | None = None,
+        options: Sequence[ExecutableOption] = (),
     ) -> M:
         """Mark deleted (AIP-164). Deleting a deleted or absent row is NotFoundError."""
         now = utcnow()
@@ -185,7 +186,7 @@ class Repository(Generic[M]):
         await self._versioned_update(
             resource_id, values, expected_version=expected_version, deleted=False
         )
-        return await self.get(resource_id, populate_existing=True)
+        return await self.get(resource_id, options=options, populate_existing=True)
 
     async def undelete(
         self,
@@ -193,6 +194,7 @@ class Repository(Generic[M]):
         *,
         expected_version: int | None = None,
         update_by: str | None = None,
+        options: Sequence[ExecutableOption] = (),
     ) -> M:
         """Restore a soft-deleted row; AlreadyExistsError when it is live or a unique key
         it held was taken meanwhile."""
@@ -206,7 +208,7 @@ class Repository(Generic[M]):
             deleted=True,
             conflict_message="a live resource now holds one of its unique keys",
         )
-        return await self.get(resource_id, populate_existing=True)
+        return await self.get(resource_id, options=options, populate_existing=True)
 
     async def purge(self, resource_id: uuid.UUID) -> None:
         """Delete the row for good (cascades to its dependants)."""
