@@ -8,9 +8,11 @@ import and work while SQLAlchemy, asyncpg and the server's packages are absent.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 import venv
 from pathlib import Path
 
@@ -78,3 +80,34 @@ def test_wheel_installs_and_works_without_server_dependencies(tmp_path: Path) ->
     # -I: no PYTHONPATH, no user site, no current directory on sys.path.
     out = run(python, "-I", "-c", CHECK, cwd=tmp_path)
     assert "client-only environment OK" in out
+
+
+def _floor(requirement_prefix: str) -> tuple[int, ...]:
+    project = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"]:
+        name, _, spec = requirement.partition(">=")
+        if name == requirement_prefix:
+            return tuple(int(part) for part in spec.split(",")[0].split("."))
+    raise AssertionError(f"{requirement_prefix} has no >= floor in client/pyproject.toml")
+
+
+def test_dependency_floors_cover_the_generated_stubs() -> None:
+    """The stubs refuse older grpcio/protobuf at import time, so the floors must match."""
+    stubs = REPO / "client" / "ferrule" / "v1"
+    grpc_versions = set()
+    for path in stubs.glob("*_pb2_grpc.py"):
+        found = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", path.read_text())
+        assert found is not None, path
+        grpc_versions.add(tuple(int(p) for p in found.group(1).split(".")))
+    protobuf_versions = set()
+    for path in stubs.glob("*_pb2.py"):
+        found = re.search(
+            r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),", path.read_text()
+        )
+        assert found is not None, path
+        protobuf_versions.add(tuple(int(p) for p in found.groups()))
+    assert grpc_versions
+    assert protobuf_versions
+    assert _floor("grpcio") >= max(grpc_versions)
+    assert _floor("grpcio-status") >= max(grpc_versions)
+    assert _floor("protobuf") >= max(protobuf_versions)
