@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import ClassVar
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.models.idempotency import IdempotencyKey
@@ -44,3 +45,23 @@ class IdempotencyRepository:
         )
         async with domain_errors(self.RESOURCE_TYPE, request_id):
             await self.session.flush()
+
+    async def purge_older_than(self, cutoff: datetime, *, limit: int = 1000) -> int:
+        """Forget up to ``limit`` request ids recorded before ``cutoff``; returns how many.
+
+        Retries arrive within minutes; keys only need to outlive the clients' retry window.
+        """
+        key = tuple_(
+            IdempotencyKey.organization_id, IdempotencyKey.method, IdempotencyKey.request_id
+        )
+        victims = scope_to_tenant(
+            select(*key.clauses).where(IdempotencyKey.create_time < cutoff).limit(limit),
+            IdempotencyKey.organization_id,
+            self.tenant,
+        )
+        result = await self.session.execute(
+            delete(IdempotencyKey)
+            .where(key.in_(victims))
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
