@@ -24,7 +24,12 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from ferrule.v1 import user_service_pb2, user_service_pb2_grpc
+from ferrule.v1 import (
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
 
 Context = aio.ServicerContext[Any, Any]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -187,9 +192,37 @@ class FakeUsers(user_service_pb2_grpc.UserServiceServicer):
         return response
 
 
+class FakePredictions(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """``StreamPredictions`` acknowledging each batch; batch id ``bad`` fails the stream
+    with INVALID_ARGUMENT."""
+
+    async def StreamPredictions(
+        self,
+        request_iterator: AsyncIterator[prediction_service_pb2.StreamPredictionsRequest],
+        context: Context,
+    ) -> AsyncIterator[prediction_service_pb2.StreamPredictionsResponse]:
+        async for batch in request_iterator:
+            if batch.batch_id == "bad":
+                bad = error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field="batch_id", description="bad batch"
+                        )
+                    ]
+                )
+                await context.abort_with_status(
+                    rich_status(grpc.StatusCode.INVALID_ARGUMENT, "bad batch", bad)
+                )
+            yield prediction_service_pb2.StreamPredictionsResponse(
+                batch_id=batch.batch_id, accepted=len(batch.predictions)
+            )
+
+
 def register_fakes(server: aio.Server, recorder: Recorder, operations: FakeOperations) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(FakeHealth(recorder), server)
     operations_pb2_grpc.add_OperationsServicer_to_server(operations, server)
     # The other UserService methods keep the generated UNIMPLEMENTED bodies at runtime.
     users = FakeUsers(recorder)  # type: ignore[abstract]
     user_service_pb2_grpc.add_UserServiceServicer_to_server(users, server)
+    predictions = FakePredictions()  # type: ignore[abstract]
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(predictions, server)

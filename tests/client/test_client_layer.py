@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -30,6 +30,7 @@ from ferrule.client.pagination import aiterate_items, aiterate_pages, iterate_it
 from ferrule.v1 import (
     analysis_service_pb2_grpc,
     health_service_pb2_grpc,
+    prediction_service_pb2,
     prediction_service_pb2_grpc,
     user_service_pb2,
     user_service_pb2_grpc,
@@ -372,3 +373,59 @@ def test_clients_expose_a_stub_per_service(server):
 def test_client_needs_a_target():
     with pytest.raises(ValueError, match="target"):
         FerruleClient()
+
+
+def batch(batch_id: str, rows: int = 1) -> prediction_service_pb2.StreamPredictionsRequest:
+    return prediction_service_pb2.StreamPredictionsRequest(
+        parent=ORG,
+        batch_id=batch_id,
+        predictions=[prediction_service_pb2.Prediction() for _ in range(rows)],
+    )
+
+
+async def test_aio_bidi_stream_write_read_through_the_interceptors(server):
+    async with AsyncFerruleClient(server.target) as client:
+        call = client.predictions.StreamPredictions()
+        await call.write(batch("b1", rows=3))
+        first = await call.read()
+        await call.write(batch("b2", rows=2))
+        second = await call.read()
+        await call.done_writing()
+        end = await call.read()
+        assert await call.code() is grpc.StatusCode.OK
+    assert isinstance(first, prediction_service_pb2.StreamPredictionsResponse)
+    assert isinstance(second, prediction_service_pb2.StreamPredictionsResponse)
+    assert (first.batch_id, first.accepted) == ("b1", 3)
+    assert (second.batch_id, second.accepted) == ("b2", 2)
+    assert end is grpc.aio.EOF
+
+
+async def test_aio_bidi_stream_error_is_typed(server):
+    async def batches() -> AsyncIterator[prediction_service_pb2.StreamPredictionsRequest]:
+        yield batch("b1")
+        yield batch("bad")
+
+    acks: list[str] = []
+
+    async def drain(client: AsyncFerruleClient) -> None:
+        async for ack in client.predictions.StreamPredictions(batches()):
+            acks.append(ack.batch_id)
+
+    async with AsyncFerruleClient(server.target) as client:
+        with pytest.raises(errors.InvalidArgument) as raised:
+            await drain(client)
+    assert acks == ["b1"]
+    assert raised.value.field_violations == [("batch_id", "bad batch")]
+
+
+def test_sync_bidi_stream_error_is_typed(server):
+    acks: list[str] = []
+
+    def drain(client: FerruleClient) -> None:
+        for ack in client.predictions.StreamPredictions(iter([batch("b1"), batch("bad")])):
+            acks.append(ack.batch_id)
+
+    with FerruleClient(server.target) as client, pytest.raises(errors.InvalidArgument) as raised:
+        drain(client)
+    assert acks == ["b1"]
+    assert raised.value.field_violations == [("batch_id", "bad batch")]
