@@ -1,0 +1,60 @@
+"""The operations :class:`Cache` needs from a store; Redis and the in-process LRU give them.
+
+Every method raises :class:`~db.cache.errors.CacheBackendError` on failure and nothing
+else (apart from cancellation); the front turns failures into loader calls.
+
+A *lease* is a short-lived token on an entry taken before loading it: a fill only lands
+if the lease is still the one taken, and an invalidation deletes the lease with the
+entry. So a load that read the database before a write cannot store its stale value
+after that write's invalidation (the classic read-through race), and across processes
+the lease doubles as the lock that lets one process load a cold key while others wait.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class CacheBackend(Protocol):
+    @property
+    def name(self) -> str:
+        """``redis`` or ``local``, for health reports."""
+        ...
+
+    @property
+    def degraded(self) -> bool:
+        """True while the backend is being skipped (circuit breaker not closed)."""
+        ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def delete(self, *keys: str) -> None: ...
+
+    async def acquire_lease(self, lease_key: str, token: str, ttl_ms: int) -> bool:
+        """Take the lease if nobody holds it (SET NX PX)."""
+        ...
+
+    async def fill(self, key: str, lease_key: str, token: str, value: bytes, ttl_ms: int) -> bool:
+        """Store ``value`` and drop the lease, atomically, only if ``token`` still holds it."""
+        ...
+
+    async def release_lease(self, lease_key: str, token: str) -> None:
+        """Drop the lease if ``token`` still holds it (a failed or abandoned load)."""
+        ...
+
+    async def read_counter(self, key: str, initial: int) -> int:
+        """The counter's value, creating it at ``initial`` if it does not exist."""
+        ...
+
+    async def bump_counter(self, key: str, initial: int) -> int:
+        """Increment the counter (created at ``initial`` first if missing); the new value."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def ttl_to_ms(ttl: float) -> int:
+    """Seconds to whole milliseconds, at least 1 (PX 0 is an error in Redis)."""
+    return max(1, int(ttl * 1000))

@@ -1,0 +1,44 @@
+"""Cache counters and the snapshot handed to health reports and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """A point-in-time copy of the counters of one :class:`Cache` (one process).
+
+    ``hits``/``misses`` count reads the backend answered; ``bypassed`` counts reads that
+    went straight to the loader because the backend was unavailable (breaker open,
+    pending invalidations, unknown generation); ``errors`` counts failed backend calls;
+    ``loads`` counts loader calls; ``degraded`` is true while the breaker is not closed
+    or invalidations are waiting to be replayed.
+    """
+
+    backend: str
+    hits: int
+    misses: int
+    bypassed: int
+    errors: int
+    loads: int
+    degraded: bool
+    pending_invalidations: int
+    lost_invalidations: int
+
+    @property
+    def hit_rate(self) -> float:
+        looked_up = self.hits + self.misses + self.bypassed
+        return self.hits / looked_up if looked_up else 0.0
+
+
+@dataclass(slots=True)
+class Counters:
+    """Mutable counters; only the event loop thread touches them, so no lock."""
+
+    hits: int = 0
+    misses: int = 0
+    bypassed: int = 0
+    errors: int = 0
+    loads: int = 0
+    lost_invalidations: int = 0
