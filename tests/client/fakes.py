@@ -54,6 +54,7 @@ class Recorder:
     attempts: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     metadata: dict[str, dict[str, str | bytes]] = field(default_factory=dict)
     time_remaining: dict[str, float | None] = field(default_factory=dict)
+    client_common_names: dict[str, list[bytes]] = field(default_factory=dict)
 
 
 class FakeHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -68,6 +69,8 @@ class FakeHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         attempt = self.recorder.attempts[key]
         self.recorder.metadata[key] = dict(context.invocation_metadata() or ())
         self.recorder.time_remaining[key] = context.time_remaining()
+        common_names = context.auth_context().get("x509_common_name", [])
+        self.recorder.client_common_names[key] = list(common_names)
         match behaviour:
             case "ok":
                 pass

@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import grpc
 from grpc import aio
 
 _T = TypeVar("_T")
@@ -22,8 +23,9 @@ Register = Callable[[aio.Server], None]
 class ServerThread:
     """Starts ``grpc.aio.server()`` with the servicers ``register`` adds, on a free port."""
 
-    def __init__(self, register: Register) -> None:
+    def __init__(self, register: Register, credentials: grpc.ServerCredentials | None = None):
         self._register = register
+        self._credentials = credentials
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: aio.Server | None = None
@@ -40,7 +42,10 @@ class ServerThread:
     async def _start(self) -> int:
         server = aio.server()
         self._register(server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        if self._credentials is None:
+            port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = server.add_secure_port("127.0.0.1:0", self._credentials)
         await server.start()
         self._server = server
         return port
