@@ -7,6 +7,7 @@ and the asyncio channel.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -25,7 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from ferrule.client import AsyncFerruleClient, FerruleClient, errors
 from ferrule.client.channel import create_aio_channel, create_channel
-from ferrule.client.config import ClientConfig
+from ferrule.client.config import ClientConfig, channel_options, service_config
 from ferrule.client.pagination import aiterate_items, aiterate_pages, iterate_items, iterate_pages
 from ferrule.v1 import (
     analysis_service_pb2_grpc,
@@ -429,3 +430,25 @@ def test_sync_bidi_stream_error_is_typed(server):
         drain(client)
     assert acks == ["b1"]
     assert raised.value.field_violations == [("batch_id", "bad batch")]
+
+
+def test_service_config_retries_only_unavailable_on_every_ferrule_service():
+    config = ClientConfig(target="x:1", max_attempts=5, initial_backoff=0.25, max_backoff=3)
+    (method_config,) = service_config(config)["methodConfig"]
+    services = {name["service"] for name in method_config["name"]}
+    assert services >= {
+        "ferrule.v1.UserService",
+        "ferrule.v1.AnalysisService",
+        "ferrule.v1.PredictionService",
+        "ferrule.v1.HealthService",
+    }
+    assert method_config["retryPolicy"] == {
+        "maxAttempts": 5,
+        "initialBackoff": "0.25s",
+        "maxBackoff": "3s",
+        "backoffMultiplier": 2.0,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    options = dict(channel_options(config))
+    assert options["grpc.enable_retries"] == 1
+    assert json.loads(options["grpc.service_config"]) == service_config(config)
