@@ -14,6 +14,7 @@ import sqlite3
 from sqlalchemy import exc as sa_exc
 
 from db.errors import (
+    AccessDeniedError,
     AlreadyExistsError,
     ConcurrentModificationError,
     DatabaseUnavailableError,
@@ -120,6 +121,8 @@ def _from_postgres(orig: BaseException) -> DomainError | None:
         return StatementTimeoutError("the statement ran past its deadline and was cancelled")
     if state.startswith("08") or state in _UNAVAILABLE_SQLSTATES:
         return DatabaseUnavailableError("the database connection failed")
+    if state == "42501":
+        return AccessDeniedError("the row is outside the caller's organization")
     if state in _CONFLICT_SQLSTATES:
         return ConcurrentModificationError("a concurrent transaction conflicted; retry")
     return None

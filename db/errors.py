@@ -103,3 +103,10 @@ class ConcurrentModificationError(DomainError):
     request_id committed by a parallel call); retrying the whole call is safe (ABORTED)."""
 
     reason = "CONCURRENT_MODIFICATION"
+
+
+class AccessDeniedError(DomainError):
+    """The database refused the row (row-level security or privileges): the repository's own
+    tenant scoping should have prevented this, so it means a bug or a forged tenant."""
+
+    reason = "ACCESS_DENIED"

@@ -1,0 +1,162 @@
+"""The transaction helper: commit/rollback, tenant settings, timeouts, cancellation, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import text
+
+from db.engine import Database, DatabaseConfig
+from db.errors import (
+    AlreadyExistsError,
+    DatabaseUnavailableError,
+    StatementTimeoutError,
+    ValidationError,
+)
+from db.models import Organization, User
+from db.repositories.organizations import OrganizationsRepository
+from db.tenancy import Tenant
+
+
+async def test_commits_on_success_and_rolls_back_on_error(database: Database) -> None:
+    async with database.transaction(Tenant.all()) as session:
+        kept = await OrganizationsRepository(session, Tenant.all()).create("kept")
+
+    class Boom(Exception):
+        pass
+
+    created: list[Organization] = []
+
+    async def create_then_fail() -> None:
+        async with database.transaction(Tenant.all()) as session:
+            created.append(await OrganizationsRepository(session, Tenant.all()).create("dropped"))
+            raise Boom
+
+    with pytest.raises(Boom):
+        await create_then_fail()
+    dropped = created[0]
+    async with database.transaction(Tenant.all()) as session:
+        repo = OrganizationsRepository(session, Tenant.all())
+        assert (await repo.get(kept.id)).display_name == "kept"
+        with pytest.raises(Exception, match="not found"):
+            await repo.get(dropped.id)
+
+
+async def test_unique_violation_maps_to_already_exists(database: Database) -> None:
+    async with database.transaction(Tenant.all()) as session:
+        org = await OrganizationsRepository(session, Tenant.all()).create("org")
+    with pytest.raises(AlreadyExistsError) as caught:
+        async with database.transaction(Tenant.all()) as session:
+            session.add(Organization(id=org.id, display_name="again"))
+    assert caught.value.resource_type == "Organization"
+
+
+async def test_check_and_not_null_violations_map_to_validation(
+    database: Database, org_a: Organization
+) -> None:
+    tenant = Tenant.of(org_a.id)
+    with pytest.raises(ValidationError) as caught:
+        async with database.transaction(tenant) as session:
+            session.add(
+                User(organization_id=org_a.id, email="a@x.io", username="a", password_hash=None)
+            )
+    assert caught.value.violations[0].field == "password"
+    with pytest.raises(ValidationError) as caught:
+        async with database.transaction(tenant) as session:
+            await session.execute(
+                text("UPDATE organizations SET display_name = NULL WHERE id = :id"),
+                {"id": org_a.id.hex if database.dialect_name == "sqlite" else org_a.id},
+            )
+    assert caught.value.violations[0].field == "display_name"
+
+
+async def test_ping_and_pool_status(database: Database) -> None:
+    result = await database.ping()
+    assert result.latency_seconds >= 0
+    assert result.server_version
+    status = database.pool_status()
+    assert status.checked_out == 0
+    assert status.size >= 0
+
+
+async def test_unreachable_database_is_unavailable() -> None:
+    db = Database(DatabaseConfig(url="postgresql+asyncpg://postgres@127.0.0.1:1/none"))
+    try:
+        with pytest.raises(DatabaseUnavailableError):
+            async with db.transaction(Tenant.all()) as session:
+                await session.execute(text("SELECT 1"))
+    finally:
+        await db.dispose()
+
+
+@pytest.fixture
+async def pg_database(pg_database_url: str) -> AsyncIterator[Database]:
+    db = Database(DatabaseConfig(url=pg_database_url, pool_size=2))
+    yield db
+    await db.dispose()
+
+
+async def test_transaction_settings_are_local_and_one_round_trip(pg_database: Database) -> None:
+    tenant = Tenant.of(uuid.uuid4())
+    async with pg_database.transaction(tenant, timeout_ms=1234, read_only=True) as session:
+        row = (
+            await session.execute(
+                text(
+                    "SELECT current_setting('ferrule.organization_id'),"
+                    " current_setting('ferrule.all_organizations'),"
+                    " current_setting('statement_timeout'),"
+                    " current_setting('transaction_read_only')"
+                )
+            )
+        ).one()
+    assert tuple(row) == (str(tenant.organization_id), "off", "1234ms", "on")
+    async with pg_database.transaction(Tenant.all()) as session:
+        row = (
+            await session.execute(
+                text(
+                    "SELECT current_setting('ferrule.organization_id', true),"
+                    " current_setting('ferrule.all_organizations', true),"
+                    " current_setting('statement_timeout')"
+                )
+            )
+        ).one()
+    assert tuple(row) == ("", "on", "0")
+
+
+async def test_statement_timeout_maps_to_statement_timeout_error(pg_database: Database) -> None:
+    with pytest.raises(StatementTimeoutError):
+        async with pg_database.transaction(Tenant.all(), timeout_ms=50) as session:
+            await session.execute(text("SELECT pg_sleep(5)"))
+    assert pg_database.pool_status().checked_out == 0
+    async with pg_database.transaction(Tenant.all()) as session:  # the pool is still healthy
+        assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+async def test_cancelled_query_returns_its_connection_clean(pg_database: Database) -> None:
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        async with pg_database.transaction(Tenant.all()) as session:
+            started.set()
+            await session.execute(text("SELECT pg_sleep(30)"))
+
+    task = asyncio.create_task(slow())
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.sleep(0.2)  # let the sleep reach the server
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert pg_database.pool_status().checked_out == 0
+    async with pg_database.transaction(Tenant.all()) as session:
+        active = (
+            await session.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE query LIKE 'SELECT pg_sleep(30)%' AND state = 'active'"
+                )
+            )
+        ).scalar_one()
+        assert active == 0  # the server-side query was cancelled too
