@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 ScopeFactory = Callable[[Context, Any], AbstractAsyncContextManager[None]]
-Handler = grpc.RpcMethodHandler[Any, Any]
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+# The stubs make RpcMethodHandler generic; at runtime it is not subscriptable.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 
 def wrap_handler(handler: Handler, scope: ScopeFactory) -> Handler:

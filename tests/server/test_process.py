@@ -1,0 +1,151 @@
+"""The server process: `make run`, configuration errors, schema checks, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from db.migrate import upgrade_to_head
+from ferrule.client import AsyncFerruleClient, ClientConfig, FerruleError
+from ferrule.v1 import user_service_pb2 as pb
+from tests.server.conftest import ADMIN_TOKEN
+from tests.server.process_helpers import (
+    REPO,
+    free_port,
+    server_env,
+    start_server_process,
+    wait_serving,
+)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+
+
+def test_make_run_on_a_fresh_checkout_serves_health(tmp_path: Path) -> None:
+    """`make run` in a copy of the tracked files (no database yet) answers SERVING."""
+    checkout = tmp_path / "checkout"
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        source = REPO / name.decode()
+        if source.is_file():
+            target = checkout / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FERRULE_", "DATABASE_"))}
+    env["FERRULE_LISTEN"] = f"127.0.0.1:{port}"
+    # Reuse this checkout's environment: installing it is what `make setup` tests already.
+    proc = subprocess.Popen(
+        ["make", "run", f"VENV={REPO / '.venv'}"],
+        cwd=checkout,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=120)
+        assert (checkout / "ferrule.db").exists(), "the embedded default is a SQLite file"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_bad_configuration_fails_fast_with_the_variable_name() -> None:
+    env = server_env("postgres://nope", free_port(), FERRULE_WORKERS="zero")
+    proc = subprocess.run(
+        [sys.executable, "-m", "server"], env=env, cwd=REPO, capture_output=True, timeout=60
+    )
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert "DATABASE_URL" in err
+    assert "FERRULE_WORKERS" in err
+    assert "Traceback" not in err
+
+
+async def test_refuses_an_outdated_schema_unless_told_to_migrate(pg_database_url: str) -> None:
+    env = server_env(pg_database_url, free_port(), FERRULE_MIGRATE_ON_START="0")
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "server"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3
+    assert b"alembic upgrade head" in proc.stderr
+
+
+async def test_sigterm_during_a_burst_keeps_every_acknowledged_write(
+    pg_database_url: str,
+) -> None:
+    await upgrade_to_head(pg_database_url)
+    port = free_port()
+    proc = start_server_process(server_env(pg_database_url, port, FERRULE_GRACE_SECONDS="5"))
+    try:
+        await asyncio.to_thread(wait_serving, f"127.0.0.1:{port}")
+        config = ClientConfig(target=f"127.0.0.1:{port}", token=ADMIN_TOKEN, max_attempts=1)
+        async with AsyncFerruleClient(config=config) as client:
+            acknowledged: list[str] = []
+
+            async def create(i: int) -> None:
+                try:
+                    org = await client.users.CreateOrganization(
+                        pb.CreateOrganizationRequest(
+                            organization=pb.Organization(display_name=f"burst {i}")
+                        )
+                    )
+                    acknowledged.append(org.name)
+                except FerruleError:
+                    pass  # refused once shutdown began: allowed, but never half-written
+
+            tasks = [asyncio.create_task(create(i)) for i in range(300)]
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            await asyncio.gather(*tasks)
+        code = await asyncio.to_thread(proc.wait, 30)
+        assert code == 0
+        assert time.monotonic() - started < 5 + 10  # grace period plus process teardown
+    finally:
+        _stop(proc)
+    assert acknowledged, "some calls must have succeeded before SIGTERM"
+    conn = await asyncpg.connect(pg_database_url.replace("+asyncpg", ""))
+    try:
+        stored = {
+            f"organizations/{row['id']}" for row in await conn.fetch("SELECT id FROM organizations")
+        }
+    finally:
+        await conn.close()
+    assert set(acknowledged) <= stored
+
+
+@pytest.mark.parametrize("workers", [2])
+async def test_workers_share_one_port(pg_database_url: str, workers: int) -> None:
+    port = free_port()
+    proc = start_server_process(server_env(pg_database_url, port, FERRULE_WORKERS=str(workers)))
+    try:
+        await asyncio.to_thread(wait_serving, f"127.0.0.1:{port}")
+        import psutil
+
+        children = psutil.Process(proc.pid).children()
+        assert len(children) == workers
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        _stop(proc)
