@@ -108,6 +108,10 @@ def map_exception(exc: BaseException) -> MappedError:
             return _status(
                 s.UNAVAILABLE, "the database is unavailable; retry", exc.reason, retry_info(1.0)
             )
+        case db_errors.AccessDeniedError():
+            # Row-level security caught what tenant scoping should have: never say more.
+            log.error("row-level security refused a statement", exc_info=exc)
+            return _status(s.PERMISSION_DENIED, "permission denied", exc.reason)
         case db_errors.DomainError():
             return _status(s.FAILED_PRECONDITION, exc.message, exc.reason)
         case AuthenticationError():
