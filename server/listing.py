@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from db.pagination import clamp_page_size
 from server.call_context import current_call
-from server.page_tokens import PageTokenCodec, normalize_page_size
+from server.page_tokens import PageTokenCodec
 
 if TYPE_CHECKING:
     from server.app import Dependencies
@@ -43,7 +44,7 @@ def page_request(deps: Dependencies, request: ListRequest, *query: object) -> Pa
     call = current_call()
     organization = call.organization_id or (call.principal.organization if call.principal else "")
     fingerprint = PageTokenCodec.fingerprint(*query)
-    size = normalize_page_size(request.page_size)
+    size = clamp_page_size(request.page_size)
     cursor = None
     if request.page_token:
         cursor = deps.page_tokens.decode(

@@ -68,16 +68,3 @@ class PageTokenCodec:
 
 def _invalid(description: str) -> ValidationError:
     return ValidationError(violations=[FieldViolation(_FIELD, description)])
-
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
-
-
-def normalize_page_size(page_size: int) -> int:
-    """0 means the default (50); above 1000 is lowered to 1000; negative is refused."""
-    if page_size < 0:
-        raise ValidationError(violations=[FieldViolation("page_size", "must not be negative")])
-    if page_size == 0:
-        return DEFAULT_PAGE_SIZE
-    return min(page_size, MAX_PAGE_SIZE)

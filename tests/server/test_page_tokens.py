@@ -8,7 +8,8 @@ import json
 import pytest
 
 from db.errors import ValidationError
-from server.page_tokens import MAX_PAGE_SIZE, PageTokenCodec, normalize_page_size
+from db.pagination import MAX_PAGE_SIZE, clamp_page_size
+from server.page_tokens import PageTokenCodec
 
 CODEC = PageTokenCodec(b"k" * 32)
 BOUND = {"organization": "org-a", "method": "/ferrule.v1.UserService/ListUsers", "query": "q1"}
@@ -56,10 +57,10 @@ def test_another_key_cannot_mint_tokens() -> None:
 
 @pytest.mark.parametrize(("given", "used"), [(0, 50), (1, 1), (1000, 1000), (5000, MAX_PAGE_SIZE)])
 def test_page_size_rules(given: int, used: int) -> None:
-    assert normalize_page_size(given) == used
+    assert clamp_page_size(given) == used
 
 
 def test_negative_page_size_is_invalid() -> None:
     with pytest.raises(ValidationError) as info:
-        normalize_page_size(-1)
+        clamp_page_size(-1)
     assert info.value.violations[0].field == "page_size"
