@@ -1,0 +1,272 @@
+"""Prediction rows: proto -> validated insert values, and ORM/values -> proto.
+
+Shared by every write path (CreatePrediction, BatchCreatePredictions and the
+StreamPredictions ingest), so a row is accepted or refused by the same rules whichever
+way it arrives. Validation never raises for a bad row: it returns the violations, so
+the unary paths can fail the call and the stream can reject just that row.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from google.protobuf import struct_pb2
+from sqlalchemy import String
+
+from db.errors import FieldViolation
+from db.models import Prediction, RiskLevel
+from db.repositories.predictions import PredictionValues
+from ferrule.v1 import prediction_service_pb2 as pb
+from ferrule.v1.common_pb2 import FieldViolation as FieldViolationProto
+from server.convert import enum_to_proto, set_timestamp
+
+SUBJECT_ID_MAX = 128
+MODEL_VERSION_MAX = 50
+#: The contract allows 200; the column's length is the real bound until it is widened.
+MODEL_NAME_MAX = min(200, cast(String, Prediction.__table__.c.model_name.type).length or 200)
+FEATURES_MAX_BYTES = 64 * 1024
+LOW_BELOW = 0.3
+MEDIUM_BELOW = 0.7
+
+# Stable reasons (common.proto FieldViolation.reason).
+REQUIRED = "REQUIRED"
+OUT_OF_RANGE = "OUT_OF_RANGE"
+INVALID_FORMAT = "INVALID_FORMAT"
+TOO_LONG = "TOO_LONG"
+
+_RISK_BY_NUMBER: dict[int, RiskLevel] = {
+    pb.RISK_LEVEL_LOW: RiskLevel.LOW,
+    pb.RISK_LEVEL_MEDIUM: RiskLevel.MEDIUM,
+    pb.RISK_LEVEL_HIGH: RiskLevel.HIGH,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RowViolation:
+    """One problem with one row; ``field`` is relative to the Prediction message."""
+
+    field: str
+    description: str
+    reason: str
+
+    def to_proto(self) -> FieldViolationProto:
+        return FieldViolationProto(
+            field=self.field, description=self.description, reason=self.reason
+        )
+
+    def prefixed(self, prefix: str) -> FieldViolation:
+        """As a BadRequest violation under ``prefix`` (e.g. ``requests[3].prediction``)."""
+        return FieldViolation(f"{prefix}.{self.field}" if prefix else self.field, self.description)
+
+
+def derive_risk_level(probability: float) -> RiskLevel:
+    """The contract's bands: < 0.3 LOW, < 0.7 MEDIUM, otherwise HIGH."""
+    if probability < LOW_BELOW:
+        return RiskLevel.LOW
+    if probability < MEDIUM_BELOW:
+        return RiskLevel.MEDIUM
+    return RiskLevel.HIGH
+
+
+def _check_text(
+    value: str, field: str, maximum: int, *, required: bool, violations: list[RowViolation]
+) -> None:
+    if not value:
+        if required:
+            violations.append(RowViolation(field, "required", REQUIRED))
+        return
+    if len(value) > maximum:
+        violations.append(RowViolation(field, f"at most {maximum} characters", TOO_LONG))
+
+
+def _value_to_python(value: struct_pb2.Value, path: str, violations: list[RowViolation]) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            violations.append(RowViolation(path, "must be a finite number", INVALID_FORMAT))
+            return None
+        # Integral numbers read back as JSON integers, as json_format does.
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return _struct_to_python(value.struct_value, path, violations)
+    if kind == "list_value":
+        return [
+            _value_to_python(item, f"{path}[{i}]", violations)
+            for i, item in enumerate(value.list_value.values)
+        ]
+    return None  # null_value or unset
+
+
+def _struct_to_python(
+    struct: struct_pb2.Struct, path: str, violations: list[RowViolation]
+) -> dict[str, Any]:
+    return {
+        key: _value_to_python(item, f"{path}.{key}", violations)
+        for key, item in struct.fields.items()
+    }
+
+
+def features_to_dict(
+    features: struct_pb2.Struct, violations: list[RowViolation]
+) -> dict[str, Any] | None:
+    """The Struct as plain JSON values (None when empty); non-finite numbers are refused
+    because JSON (and PostgreSQL's jsonb) cannot hold them."""
+    if not features.fields:
+        return None
+    if features.ByteSize() > FEATURES_MAX_BYTES:
+        violations.append(
+            RowViolation("features", f"at most {FEATURES_MAX_BYTES} bytes serialized", TOO_LONG)
+        )
+        return None
+    return _struct_to_python(features, "features", violations)
+
+
+def validate_prediction(
+    message: pb.Prediction,
+    *,
+    organization_id: uuid.UUID,
+    prediction_id: uuid.UUID,
+    request_id: str | None,
+    create_by: str | None,
+    now: datetime | None = None,
+) -> PredictionValues | list[RowViolation]:
+    """Validate one row; the insert values, or every violation found (never raises).
+
+    ``name`` and the output-only fields of ``message`` are ignored: the caller decides
+    the id (``prediction_id``) and the provenance (``request_id``, ``create_by``).
+    ``now`` stamps ``create_time`` and is the default ``predict_time``.
+    """
+    violations: list[RowViolation] = []
+    _check_text(
+        message.subject_id, "subject_id", SUBJECT_ID_MAX, required=True, violations=violations
+    )
+    _check_text(
+        message.model_version,
+        "model_version",
+        MODEL_VERSION_MAX,
+        required=True,
+        violations=violations,
+    )
+    _check_text(
+        message.model_name, "model_name", MODEL_NAME_MAX, required=False, violations=violations
+    )
+    probability = message.probability
+    if math.isnan(probability) or not 0.0 <= probability <= 1.0:
+        violations.append(RowViolation("probability", "must be within [0, 1]", OUT_OF_RANGE))
+    risk_level: RiskLevel | None = None
+    if message.risk_level:
+        risk_level = _RISK_BY_NUMBER.get(message.risk_level)
+        if risk_level is None:
+            violations.append(
+                RowViolation("risk_level", f"unknown value {message.risk_level}", INVALID_FORMAT)
+            )
+    now = now or datetime.now(UTC)
+    predict_time = now
+    if message.HasField("predict_time"):
+        try:
+            predict_time = message.predict_time.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):
+            violations.append(RowViolation("predict_time", "not a valid timestamp", INVALID_FORMAT))
+    features = features_to_dict(message.features, violations)
+    if violations:
+        return violations
+    return PredictionValues(
+        id=prediction_id,
+        organization_id=organization_id,
+        subject_id=message.subject_id,
+        probability=probability,
+        risk_level=risk_level or derive_risk_level(probability),
+        model_name=message.model_name,
+        model_version=message.model_version,
+        features=features,
+        predict_time=predict_time,
+        request_id=request_id,
+        create_time=now,
+        create_by=create_by,
+    )
+
+
+def prediction_name(organization_id: uuid.UUID, prediction_id: uuid.UUID) -> str:
+    return f"organizations/{organization_id}/predictions/{prediction_id}"
+
+
+def _fill(
+    message: pb.Prediction,
+    *,
+    organization_id: uuid.UUID,
+    prediction_id: uuid.UUID,
+    subject_id: str,
+    probability: float,
+    risk_level: RiskLevel,
+    model_name: str,
+    model_version: str,
+    features: dict[str, Any] | None,
+    predict_time: datetime,
+    request_id: str | None,
+    create_time: datetime,
+    create_by: str | None,
+) -> pb.Prediction:
+    message.name = prediction_name(organization_id, prediction_id)
+    message.subject_id = subject_id
+    message.probability = probability
+    message.risk_level = enum_to_proto(pb.RiskLevel, risk_level)  # type: ignore[assignment]
+    message.model_name = model_name or ""
+    message.model_version = model_version
+    if features:
+        message.features.update(features)
+    set_timestamp(message.predict_time, predict_time)
+    message.request_id = request_id or ""
+    set_timestamp(message.create_time, create_time)
+    message.create_by = create_by or ""
+    return message
+
+
+def values_to_proto(values: PredictionValues) -> pb.Prediction:
+    """The resource as stored from ``values`` (no read-back needed after the insert)."""
+    return _fill(
+        pb.Prediction(),
+        organization_id=values.organization_id,
+        prediction_id=values.id,
+        subject_id=values.subject_id,
+        probability=values.probability,
+        risk_level=values.risk_level,
+        model_name=values.model_name,
+        model_version=values.model_version,
+        features=values.features,
+        predict_time=values.predict_time,
+        request_id=values.request_id,
+        create_time=values.create_time,
+        create_by=values.create_by,
+    )
+
+
+def prediction_to_proto(row: Prediction) -> pb.Prediction:
+    return _fill(
+        pb.Prediction(),
+        organization_id=row.organization_id,
+        prediction_id=row.id,
+        subject_id=row.subject_id,
+        probability=row.probability,
+        risk_level=row.risk_level,
+        model_name=row.model_name,
+        model_version=row.model_version,
+        features=row.features,
+        predict_time=row.predict_time,
+        request_id=row.request_id,
+        create_time=row.create_time,
+        create_by=row.create_by,
+    )
+
+
+def prefixed_violations(prefix: str, violations: Sequence[RowViolation]) -> list[FieldViolation]:
+    return [v.prefixed(prefix) for v in violations]
