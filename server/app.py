@@ -21,7 +21,7 @@ from server.interceptors.auth import AuthInterceptor
 from server.interceptors.call_context import CallContextInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
 from server.page_tokens import PageTokenCodec
-from server.request_log import RequestLogInterceptor, RequestLogWriter
+from server.request_log import RequestLogEntry, RequestLogInterceptor, RequestLogWriter
 from server.settings import Settings
 
 log = logging.getLogger("ferrule.app")
@@ -107,7 +107,7 @@ class FerruleApp:
         self.server: grpc.aio.Server | None = None
         self.port: int = 0
 
-    async def _write_request_log(self, entries: list[object]) -> None:
+    async def _write_request_log(self, entries: list[RequestLogEntry]) -> None:
         from db.repositories.request_log import insert_request_log
 
         await insert_request_log(self.database, entries)
