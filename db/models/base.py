@@ -58,6 +58,10 @@ class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime(timezone=True)
     cache_ok = True
 
+    @property
+    def python_type(self) -> type[datetime]:
+        return datetime
+
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
@@ -89,6 +93,10 @@ class EnumString(TypeDecorator[E], Generic[E]):
     def __init__(self, enum_type: type[E]) -> None:
         super().__init__()
         self.enum_type = enum_type
+
+    @property
+    def python_type(self) -> type[E]:
+        return self.enum_type
 
     def process_bind_param(self, value: E | str | None, dialect: Dialect) -> str | None:
         if value is None:

@@ -85,6 +85,8 @@ class Repository(Generic[M]):
         return cast("InstrumentedAttribute[Any]", self.model.organization_id)
 
     def scoped(self, stmt: S) -> S:
+        """Scope a statement over *this repository's model*; for other tables use
+        :func:`scope_to_tenant` with their own ``organization_id`` column."""
         return scope_to_tenant(stmt, self._organization_column(), self.tenant)
 
     def live(self, stmt: S, *, show_deleted: bool = False) -> S:

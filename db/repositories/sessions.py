@@ -15,7 +15,7 @@ from sqlalchemy import delete, or_, select, update
 from db.errors import FieldViolation, NotFoundError, ValidationError
 from db.models import User, UserSession, utcnow
 from db.pagination import JSONValue, Page, SortKey, paginate
-from db.repositories.base import Repository
+from db.repositories.base import Repository, scope_to_tenant
 
 
 def hash_token(token: str) -> str:
@@ -51,7 +51,11 @@ class SessionsRepository(Repository[UserSession]):
         if ttl <= timedelta(0):
             raise ValidationError([FieldViolation("ttl", "must be positive")])
         # Foreign keys ignore row-level security, so the user's tenant is checked here.
-        owner = self.live(self.scoped(select(User.organization_id).where(User.id == user_id)))
+        owner = scope_to_tenant(
+            select(User.organization_id).where(User.id == user_id, User.delete_time.is_(None)),
+            User.organization_id,
+            self.tenant,
+        )
         organization_id = (await self.session.execute(owner)).scalar_one_or_none()
         if organization_id is None:
             org = self.tenant.organization_id or "-"

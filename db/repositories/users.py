@@ -19,7 +19,7 @@ from sqlalchemy.orm import joinedload
 from db.errors import FieldViolation, ValidationError
 from db.models import AuthProvider, User, UserProfile, UserRole, UserStatus, utcnow
 from db.pagination import JSONValue, Page, SortKey, paginate, parse_order_by
-from db.repositories.base import Repository, domain_errors
+from db.repositories.base import Repository, domain_errors, scope_to_tenant
 from db.tenancy import Tenant
 
 #: argon2id with the library's recommended parameters (RFC 9106 low-memory profile).
@@ -283,7 +283,7 @@ class UsersRepository(Repository[User]):
 
     async def _update_profile(self, user_id: uuid.UUID, values: Mapping[str, Any]) -> None:
         stmt = (
-            self.scoped(update(UserProfile))
+            scope_to_tenant(update(UserProfile), UserProfile.organization_id, self.tenant)
             .where(UserProfile.user_id == user_id)
             .values(**values)
             .returning(UserProfile.user_id)

@@ -16,6 +16,13 @@ from db.tenancy import Tenant
 APP_ROLE = "ferrule_app"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """SQLAlchemy warnings (e.g. an accidental cartesian product) fail data-layer tests."""
+    for item in items:
+        if "tests/db/" in item.nodeid:
+            item.add_marker(pytest.mark.filterwarnings("error::sqlalchemy.exc.SAWarning"))
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 def empty_database_url(request: pytest.FixtureRequest) -> str:
     """Overrides the shared fixture of the same name with a *sync* one: an async fixture
