@@ -1,0 +1,158 @@
+"""A SERVER span per RPC, continued from the caller's ``traceparent``, plus RPC metrics.
+
+Place it right after CallContextInterceptor: it records the trace id on the CallContext
+(for logs and the request log) and sets the db layer's StatementContext, so every
+statement carries the RPC method in its SQL comment and its span joins this trace.
+
+Why not opentelemetry-instrumentation-grpc's aio server interceptor: it cannot see the
+tenant (known only after authorization, read here from the CallContext when the span
+ends), does not fill Ferrule's CallContext or the db StatementContext, and would need a
+second interceptor for the RPC metrics; this one is a thin ScopedInterceptor instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from db.observability import StatementContext, reset_statement_context, set_statement_context
+from server.call_context import maybe_current_call
+from server.interceptors.scoped import Context, ScopedInterceptor
+from server.telemetry.metrics import ServerMetrics, default_metrics
+
+__all__ = ["TracingInterceptor", "peer_attributes"]
+
+#: Codes that mean the server failed (OpenTelemetry's gRPC conventions); others are the
+#: caller's problem and leave the server span's status unset.
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def peer_attributes(peer: str | None) -> dict[str, str | int]:
+    """``ipv4:10.0.0.1:5000`` / ``ipv6:[::1]:5000`` / ``unix:/path`` -> network.peer.*."""
+    if not peer:
+        return {}
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, _, port = address.rpartition(":")
+        attributes: dict[str, str | int] = {
+            "network.peer.address": host.strip("[]"),
+            "network.type": kind,
+            "network.transport": "tcp",
+        }
+        if port.isdigit():
+            attributes["network.peer.port"] = int(port)
+        return attributes
+    if kind == "unix":
+        return {"network.peer.address": address, "network.transport": "unix"}
+    return {"network.peer.address": peer}
+
+
+def _metadata_carrier(context: Context) -> dict[str, str]:
+    carrier: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if not key.endswith("-bin"):
+            carrier[key] = value if isinstance(value, str) else value.decode("ascii", "replace")
+    return carrier
+
+
+class TracingInterceptor(ScopedInterceptor):
+    def __init__(
+        self,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        metrics: ServerMetrics | None = None,
+        propagator: TextMapPropagator | None = None,
+    ) -> None:
+        self._tracer = trace.get_tracer("ferrule.server", tracer_provider=tracer_provider)
+        self._metrics = metrics
+        self._propagator = propagator
+        self._names: dict[str, tuple[str, dict[str, str]]] = {}
+
+    def _describe(self, method: str) -> tuple[str, dict[str, str]]:
+        described = self._names.get(method)
+        if described is None:
+            name = method.lstrip("/")
+            service, _, rpc = name.partition("/")
+            described = (name, {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc})
+            if len(self._names) < 1024:
+                self._names[method] = described
+        return described
+
+    @asynccontextmanager
+    async def scope(self, method: str, context: Context, request: Any) -> AsyncIterator[None]:
+        name, rpc_attributes = self._describe(method)
+        carrier = _metadata_carrier(context)
+        propagator = self._propagator
+        parent = (propagator or propagate.get_global_textmap()).extract(carrier)
+        span = self._tracer.start_span(
+            name, context=parent, kind=SpanKind.SERVER, attributes=rpc_attributes
+        )
+        if span.is_recording():
+            span.set_attributes(peer_attributes(context.peer()))
+        context_token = otel_context.attach(trace.set_span_in_context(span, parent))
+        span_context = span.get_span_context()
+        trace_id = trace.format_trace_id(span_context.trace_id) if span_context.is_valid else None
+        call = maybe_current_call()
+        if call is not None:
+            call.trace_id = trace_id
+        statement_token = set_statement_context(
+            StatementContext(
+                rpc_method=name,
+                tenant=call.organization_id if call is not None else None,
+                trace_id=trace_id,
+            )
+        )
+        server_metrics = self._metrics or default_metrics()
+        server_metrics.rpc_started(method)
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        error: BaseException | None = None
+        try:
+            yield
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException as exc:
+            code, error = grpc.StatusCode.UNKNOWN, exc
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                code = context.code() or code
+            elapsed = time.perf_counter() - started
+            if span.is_recording():
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                span.set_attribute("rpc.response.status_code", code.name)
+                tenant = call.organization_id if call is not None else None
+                if tenant:
+                    span.set_attribute("ferrule.tenant", tenant)
+                if error is not None:
+                    # The type only: messages can carry request data.
+                    span.set_attribute("error.type", type(error).__qualname__)
+                if code in _SERVER_ERRORS:
+                    span.set_status(Status(StatusCode.ERROR, code.name))
+            span.end()
+            reset_statement_context(statement_token)
+            otel_context.detach(context_token)
+            server_metrics.rpc_finished(method, code.name, elapsed)
