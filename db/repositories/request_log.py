@@ -121,9 +121,7 @@ class RequestLogRepository(Repository[RequestLogEntry]):
         include_total: bool = False,
     ) -> Page[RequestLogEntry]:
         """A keyset page, newest first unless ``order_by`` is ``"create_time"``."""
-        keys = parse_order_by(
-            order_by, ORDERABLE, default=DEFAULT_ORDER, tiebreaker=RequestLogEntry.id
-        )
+        keys = sort_keys(order_by)
         stmt = self.select()
         flt = flt or RequestLogFilter()
         if flt.method is not None:
@@ -142,3 +140,8 @@ class RequestLogRepository(Repository[RequestLogEntry]):
             cursor=cursor,
             include_total=include_total,
         )
+
+
+def sort_keys(order_by: str | None) -> list[SortKey]:
+    """Parse ``order_by`` ("create_time desc" default, or "create_time")."""
+    return parse_order_by(order_by, ORDERABLE, default=DEFAULT_ORDER, tiebreaker=RequestLogEntry.id)
