@@ -90,7 +90,7 @@ def map_exception(exc: BaseException) -> MappedError:
                 resource_type=exc.resource_type, resource_name=exc.resource_name
             )
             return _status(s.ALREADY_EXISTS, exc.message, exc.reason, resource)
-        case db_errors.StaleEtagError():
+        case db_errors.StaleEtagError() | db_errors.ConcurrentModificationError():
             return _status(s.ABORTED, exc.message, exc.reason)
         case db_errors.InvalidTransitionError():
             return _status(

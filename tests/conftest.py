@@ -92,12 +92,14 @@ def sqlite_database_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
-async def empty_database_url(request: pytest.FixtureRequest) -> str:
-    """The same test against both backends: a fresh, empty database URL."""
-    if request.param == "postgresql":
-        factory: CreateDatabase = request.getfixturevalue("create_pg_database")
-        return await factory()
-    url: str = request.getfixturevalue("sqlite_database_url")
+def empty_database_url(request: pytest.FixtureRequest) -> str:
+    """The same test against both backends: a fresh, empty database URL.
+
+    Sync on purpose: an async fixture cannot call ``getfixturevalue`` on another async
+    fixture while the event loop runs.
+    """
+    name = "pg_database_url" if request.param == "postgresql" else "sqlite_database_url"
+    url: str = request.getfixturevalue(name)
     return url
 
 

@@ -23,15 +23,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.filterwarnings("error::sqlalchemy.exc.SAWarning"))
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def empty_database_url(request: pytest.FixtureRequest) -> str:
-    """Overrides the shared fixture of the same name with a *sync* one: an async fixture
-    cannot call ``getfixturevalue`` on another async fixture while the loop is running."""
-    name = "pg_database_url" if request.param == "postgresql" else "sqlite_database_url"
-    url: str = request.getfixturevalue(name)
-    return url
-
-
 @pytest.fixture
 async def migrated_url(empty_database_url: str) -> str:
     """A fresh database on each backend, brought to head through Alembic."""

@@ -107,12 +107,7 @@ async def pg_server(start_server: StartServer, pg_database_url: str) -> RunningS
     return await start_server(pg_database_url)
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-async def any_server(
-    request: pytest.FixtureRequest, start_server: StartServer
-) -> RunningServer:
+@pytest.fixture
+async def any_server(start_server: StartServer, empty_database_url: str) -> RunningServer:
     """The same test against PostgreSQL and the embedded SQLite default."""
-    url: str = request.getfixturevalue(
-        "pg_database_url" if request.param == "postgresql" else "sqlite_database_url"
-    )
-    return await start_server(url)
+    return await start_server(empty_database_url)
