@@ -30,8 +30,12 @@ class CacheBackend(Protocol):
 
     async def delete(self, *keys: str) -> None: ...
 
-    async def acquire_lease(self, lease_key: str, token: str, ttl_ms: int) -> bool:
-        """Take the lease if nobody holds it (SET NX PX)."""
+    async def claim(
+        self, key: str, lease_key: str, token: str, ttl_ms: int
+    ) -> tuple[bytes | None, bool]:
+        """Atomically: the value if ``key`` has one, ``(value, False)``; else take the
+        lease if nobody holds it, ``(None, True)``; else ``(None, False)``. One step, so
+        a fill cannot slip between "no value yet" and "the lease is free"."""
         ...
 
     async def fill(self, key: str, lease_key: str, token: str, value: bytes, ttl_ms: int) -> bool:

@@ -174,11 +174,11 @@ class Cache:
         lease_key = key.render_lease(self._prefix)
         token = uuid.uuid4().hex
         try:
-            leased = await self._backend.acquire_lease(lease_key, token, self._lease_ms)
-            if not leased:
+            value, leased = await self._backend.claim(rendered, lease_key, token, self._lease_ms)
+            if value is None and not leased:
                 value, leased = await self._await_other_loader(rendered, lease_key, token)
-                if value is not None:
-                    return value
+            if value is not None:
+                return value  # another process filled it since our read
         except CacheBackendError as exc:
             self._failed(exc)
             return await self._load(loader)
@@ -206,11 +206,9 @@ class Cache:
         deadline = time.monotonic() + self._lock_wait
         while time.monotonic() < deadline:
             await asyncio.sleep(self._poll)
-            value = await self._backend.get(rendered)
-            if value is not None:
-                return value, False
-            if await self._backend.acquire_lease(lease_key, token, self._lease_ms):
-                return None, True
+            value, leased = await self._backend.claim(rendered, lease_key, token, self._lease_ms)
+            if value is not None or leased:
+                return value, leased
         return None, False
 
     async def _release_quietly(self, lease_key: str, token: str) -> None:

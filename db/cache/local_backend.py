@@ -78,14 +78,18 @@ class LocalBackend:
             return None
         return token
 
-    async def acquire_lease(self, lease_key: str, token: str, ttl_ms: int) -> bool:
-        self._check_open()
+    async def claim(
+        self, key: str, lease_key: str, token: str, ttl_ms: int
+    ) -> tuple[bytes | None, bool]:
+        value = await self.get(key)
+        if value is not None:
+            return value, False
         if self._live_lease(lease_key) is not None:
-            return False
+            return None, False
         if len(self._leases) >= self._max:
             self._sweep_leases()
         self._leases[lease_key] = (token, self._clock() + ttl_ms / 1000)
-        return True
+        return None, True
 
     def _sweep_leases(self) -> None:
         """Drop expired leases (abandoned by loads that never filled or released)."""

@@ -31,6 +31,17 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
+# The value if there is one, else take the lease if it is free: {1, value} | {2} | {0}.
+_CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  return {1, v}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2}
+end
+return {0}
+"""
 # Store only if the caller's lease is still in place, then drop the lease.
 _FILL = """
 if redis.call('GET', KEYS[2]) == ARGV[1] then
@@ -94,6 +105,7 @@ class RedisBackend:
         self._client = aioredis.Redis(connection_pool=pool)
         self._breaker = breaker or CircuitBreaker()
         self._inflight: set[asyncio.Task[Any]] = set()
+        self._claim = self._client.register_script(_CLAIM)
         self._fill = self._client.register_script(_FILL)
         self._release = self._client.register_script(_RELEASE)
         self._read_counter = self._client.register_script(_READ_COUNTER)
@@ -152,9 +164,13 @@ class RedisBackend:
         if keys:
             await self._call(lambda: self._client.delete(*keys))
 
-    async def acquire_lease(self, lease_key: str, token: str, ttl_ms: int) -> bool:
-        result = await self._call(lambda: self._client.set(lease_key, token, nx=True, px=ttl_ms))
-        return bool(result)
+    async def claim(
+        self, key: str, lease_key: str, token: str, ttl_ms: int
+    ) -> tuple[bytes | None, bool]:
+        reply = await self._call(lambda: self._claim(keys=[key, lease_key], args=[token, ttl_ms]))
+        if reply[0] == 1:
+            return cast("bytes", reply[1]), False
+        return None, reply[0] == 2
 
     async def fill(self, key: str, lease_key: str, token: str, value: bytes, ttl_ms: int) -> bool:
         result = await self._call(

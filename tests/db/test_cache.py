@@ -340,7 +340,10 @@ async def test_cross_process_wait_is_bounded(
 ) -> None:
     a, b = two_processes
     # Another process took the lease and then hung.
-    assert await a.backend.acquire_lease(user_key().render_lease(redis_namespace), "hung", 60_000)
+    claimed = await a.backend.claim(
+        user_key().render(redis_namespace), user_key().render_lease(redis_namespace), "hung", 60_000
+    )
+    assert claimed == (None, True)
     loader = CountingLoader(b"self-loaded")
     assert await asyncio.wait_for(b.get_or_load(user_key(), loader, ttl=30), 10) == b"self-loaded"
     assert loader.calls == 1
@@ -380,22 +383,30 @@ async def test_cancelled_commands_never_leave_replies_out_of_step(
     backend = RedisBackend(proxy.url, timeout_ms=2000, max_connections=4)
     rng = random.Random(1234)
 
-    async def op(i: int) -> None:
-        kind = i % 3
+    async def op(i: int, kind: int) -> None:
         if kind == 0:
             assert await backend.get(f"{ns}:k{i}") == f"value-{i}".encode()
         elif kind == 1:
             assert await backend.read_counter(f"{ns}:c{i}", 0) == 1000 + i
-        else:
-            token = f"t{rng.random()}"
-            lease = f"{ns}:lease:k{i}"
-            if await backend.acquire_lease(lease, token, 5000):
-                await backend.fill(f"{ns}:k{i}", lease, token, f"value-{i}".encode(), 60_000)
+        elif kind == 2:  # a claim on a filled key: the value, and a fill that must not land
+            lease, token = f"{ns}:lease:k{i}", f"t{rng.random()}"
+            value, leased = await backend.claim(f"{ns}:k{i}", lease, token, 5000)
+            assert (value, leased) == (f"value-{i}".encode(), False)
+            assert not await backend.fill(f"{ns}:k{i}", lease, token, b"never stored", 60_000)
+        else:  # a write: claim a cold key and fill it
+            lease, token = f"{ns}:lease:w{i}", f"t{rng.random()}"
+            value, leased = await backend.claim(f"{ns}:w{i}", lease, token, 5000)
+            if leased:
+                assert await backend.fill(f"{ns}:w{i}", lease, token, f"w-{i}".encode(), 60_000)
+            else:
+                assert value in (None, f"w-{i}".encode())  # None: a cancelled claim holds it
 
     try:
         cancelled = 0
         for _round in range(10):
-            tasks = [asyncio.create_task(op(rng.randrange(n_keys))) for _ in range(40)]
+            tasks = [
+                asyncio.create_task(op(rng.randrange(n_keys), rng.randrange(4))) for _ in range(40)
+            ]
             await asyncio.sleep(rng.uniform(0, 0.01))
             for task in tasks:
                 await asyncio.sleep(rng.uniform(0, 0.0005))
@@ -407,7 +418,7 @@ async def test_cancelled_commands_never_leave_replies_out_of_step(
         assert cancelled >= 200, f"only {cancelled} of 400 calls were cancelled mid-flight"
         # Every later reply matches its own key, on every pooled connection.
         for _ in range(3):
-            await asyncio.gather(*(op(i) for i in range(n_keys) for _ in range(3)))
+            await asyncio.gather(*(op(i, kind) for i in range(n_keys) for kind in range(4)))
     finally:
         await backend.close()
         await proxy.close()
