@@ -174,6 +174,11 @@ async def test_organization_lifecycle(srv: RunningServer, admin: AsyncFerruleCli
                 organization=pb.Organization(display_name="Again"), organization_id=str(chosen)
             )
         )
+    retried = pb.CreateOrganizationRequest(
+        organization=pb.Organization(display_name="Retried"), request_id=str(uuid.uuid4())
+    )
+    first = await admin.users.CreateOrganization(retried)
+    assert await admin.users.CreateOrganization(retried) == first
     with pytest.raises(InvalidArgument) as bad:
         await admin.users.CreateOrganization(
             pb.CreateOrganizationRequest(
