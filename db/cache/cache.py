@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import trace
+
 from db.cache.backend import CacheBackend, ttl_to_ms
 from db.cache.errors import CacheBackendError, CacheUnavailable
 from db.cache.keys import UNKNOWN_GENERATION, CacheKey, generation_key
@@ -80,6 +82,7 @@ class Cache:
         lock_wait_ms: int = 250,
         poll_ms: int = 10,
         max_pending_invalidations: int = 10_000,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         if not prefix or ":" in prefix:
             raise ValueError("cache prefix must be non-empty and contain no ':'")
@@ -93,6 +96,7 @@ class Cache:
         self._pending = _Pending()
         self._background: set[asyncio.Task[Any]] = set()
         self._counters = Counters()
+        self._tracer = trace.get_tracer("ferrule.cache", tracer_provider=tracer_provider)
 
     @property
     def prefix(self) -> str:
@@ -113,21 +117,39 @@ class Cache:
         not cancel the load for the others. The load is cancelled only when every waiter
         has gone. Exceptions from ``loader`` propagate to every waiter and are not cached.
         """
+        with self._tracer.start_as_current_span(
+            "cache get_or_load", attributes=self._span_attributes(key)
+        ) as span:
+            outcome, value = await self._get_or_load(key, loader, ttl)
+            span.set_attribute("ferrule.cache.result", outcome)
+            return value
+
+    def _span_attributes(self, key: CacheKey) -> dict[str, str]:
+        return {
+            "ferrule.cache.backend": self._backend.name,
+            "ferrule.cache.kind": key.kind,
+            "ferrule.tenant": key.tenant,
+        }
+
+    async def _get_or_load(
+        self, key: CacheKey, loader: Loader, ttl: float
+    ) -> tuple[str, bytes | None]:
+        """(outcome, value); outcome is ``hit``, ``miss`` or ``bypass`` for the span."""
         if not key.cacheable or not await self._backend_trusted():
             self._counters.bypassed += 1
-            return await self._load(loader)
+            return "bypass", await self._load(loader)
         rendered = key.render(self._prefix)
         try:
             value = await self._backend.get(rendered)
         except CacheBackendError as exc:
             self._failed(exc)
             self._counters.bypassed += 1
-            return await self._load(loader)
+            return "bypass", await self._load(loader)
         if value is not None:
             self._counters.hits += 1
-            return value
+            return "hit", value
         self._counters.misses += 1
-        return await self._join_flight(key, rendered, loader, ttl)
+        return "miss", await self._join_flight(key, rendered, loader, ttl)
 
     async def _join_flight(
         self, key: CacheKey, rendered: str, loader: Loader, ttl: float
@@ -232,13 +254,16 @@ class Cache:
             rendered += [key.render(self._prefix), key.render_lease(self._prefix)]
         if not rendered:
             return
-        if await self._backend_trusted():
-            try:
-                await self._backend.delete(*rendered)
-                return
-            except CacheBackendError as exc:
-                self._failed(exc)
-        self._remember(keys=rendered)
+        with self._tracer.start_as_current_span(
+            "cache invalidate", attributes=self._span_attributes(keys[0])
+        ):
+            if await self._backend_trusted():
+                try:
+                    await self._backend.delete(*rendered)
+                    return
+                except CacheBackendError as exc:
+                    self._failed(exc)
+            self._remember(keys=rendered)
 
     async def generation(self, tenant_key: str) -> int:
         """The tenant's current generation; :data:`UNKNOWN_GENERATION` if the backend
@@ -262,14 +287,21 @@ class Cache:
         counters = [generation_key(self._prefix, t) for t in tenant_keys]
         if not counters:
             return
-        if await self._backend_trusted():
-            try:
-                for counter in counters:
-                    await self._backend.bump_counter(counter, _initial_generation())
-                return
-            except CacheBackendError as exc:
-                self._failed(exc)
-        self._remember(counters=counters)
+        with self._tracer.start_as_current_span(
+            "cache bump",
+            attributes={
+                "ferrule.cache.backend": self._backend.name,
+                "ferrule.tenant": tenant_keys[0],
+            },
+        ):
+            if await self._backend_trusted():
+                try:
+                    for counter in counters:
+                        await self._backend.bump_counter(counter, _initial_generation())
+                    return
+                except CacheBackendError as exc:
+                    self._failed(exc)
+            self._remember(counters=counters)
 
     # -- failure handling ----------------------------------------------------------
 

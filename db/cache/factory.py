@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from opentelemetry import trace
+
 from db.cache.breaker import CircuitBreaker
 from db.cache.cache import Cache
 from db.cache.local_backend import LocalBackend
@@ -19,6 +21,7 @@ def create_cache(
     max_connections: int = 64,
     lease_ms: int = 2_000,
     lock_wait_ms: int = 250,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> Cache:
     """Redis when ``redis_url`` is set, else the in-process LRU (the embedded default).
 
@@ -36,4 +39,10 @@ def create_cache(
         )
     else:
         backend = LocalBackend(local_max_entries)
-    return Cache(backend, prefix=prefix, lease_ms=lease_ms, lock_wait_ms=lock_wait_ms)
+    return Cache(
+        backend,
+        prefix=prefix,
+        lease_ms=lease_ms,
+        lock_wait_ms=lock_wait_ms,
+        tracer_provider=tracer_provider,
+    )

@@ -8,11 +8,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from db.cache import (
     UNKNOWN_GENERATION,
+    BreakerState,
     Cache,
     CacheKey,
+    CircuitBreaker,
     LocalBackend,
     RedisBackend,
     create_cache,
@@ -458,3 +463,72 @@ async def test_cancelled_cache_calls_keep_the_cache_consistent(
     finally:
         await cache.close()
         await _delete_namespace(redis_url, redis_namespace)
+
+
+# -- circuit breaker and spans ---------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_after_consecutive_failures_and_half_opens_one_probe() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=3, cooldown_s=1.0, clock=clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    breaker.record_success()  # not consecutive: the count starts again
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.allow()
+    clock.now += 1.0
+    assert breaker.allow()  # the probe
+    assert breaker.state.value == BreakerState.HALF_OPEN.value
+    assert not breaker.allow()  # only one probe at a time
+    breaker.record_failure()  # the probe failed: another full cool-down
+    assert breaker.state is BreakerState.OPEN
+    clock.now += 0.5
+    assert not breaker.allow()
+    clock.now += 0.5
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.is_closed
+    assert breaker.allow()
+
+
+def test_breaker_replaces_a_probe_that_never_reports() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=1.0, clock=clock)
+    breaker.record_failure()
+    clock.now += 1.0
+    assert breaker.allow()
+    clock.now += 1.0
+    assert breaker.allow()
+
+
+async def test_cache_calls_are_spans_with_outcome(cache: Cache) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    traced = Cache(cache.backend, prefix=cache.prefix, tracer_provider=provider)
+    await traced.get_or_load(user_key(), CountingLoader(b"x"), ttl=30)
+    await traced.get_or_load(user_key(), CountingLoader(b"x"), ttl=30)
+    await traced.invalidate(user_key())
+    await traced.bump(TENANT)
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == [
+        "cache get_or_load",
+        "cache get_or_load",
+        "cache invalidate",
+        "cache bump",
+    ]
+    attributes = [dict(s.attributes or {}) for s in spans]
+    assert [a["ferrule.cache.result"] for a in attributes[:2]] == ["miss", "hit"]
+    assert all(a["ferrule.tenant"] == TENANT for a in attributes)
