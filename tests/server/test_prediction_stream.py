@@ -48,7 +48,9 @@ def row(i: int, **fields: Any) -> pb.Prediction:
     return message
 
 
-def request(parent: str, batch_id: str, rows: Sequence[pb.Prediction]) -> pb.StreamPredictionsRequest:
+def request(
+    parent: str, batch_id: str, rows: Sequence[pb.Prediction]
+) -> pb.StreamPredictionsRequest:
     return pb.StreamPredictionsRequest(parent=parent, batch_id=batch_id, predictions=rows)
 
 
@@ -71,11 +73,12 @@ def pg_dsn(database_url: str) -> str:
 async def stored(database_url: str, org: uuid.UUID) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(pg_dsn(database_url))
     try:
-        return await conn.fetch(
+        rows: list[asyncpg.Record] = await conn.fetch(
             "SELECT id, subject_id, probability, request_id, risk_level, features, create_by"
             " FROM predictions WHERE organization_id = $1 ORDER BY id",
             org,
         )
+        return rows
     finally:
         await conn.close()
 
@@ -143,9 +146,8 @@ async def test_resent_batches_and_reused_ids_write_nothing(pg_server: RunningSer
     ] * 2
     # A new batch re-using a client id, and repeating one id inside the batch.
     fresh = f"{parent}/predictions/{uuid.uuid4()}"
-    reused = await exchange(
-        client, [request(parent, "r-3", [row(200, name=chosen), row(201, name=fresh), row(202, name=fresh)])]
-    )
+    rows = [row(200, name=chosen), row(201, name=fresh), row(202, name=fresh)]
+    reused = await exchange(client, [request(parent, "r-3", rows)])
     assert [(a.accepted, a.duplicates) for a in reused] == [(1, 2)]
     after = await stored(pg_server.database_url, org)
     assert len(after) == len(before) + 1
@@ -187,9 +189,12 @@ async def test_protocol_errors_end_the_stream_after_earlier_acks(
         yield request(parent, "ok-1", [row(0)])
         yield make(parent)
 
-    with pytest.raises(InvalidArgument) as raised:
+    async def drain() -> None:
         async for ack in client.predictions.StreamPredictions(source(), timeout=30):
             acks.append(ack)
+
+    with pytest.raises(InvalidArgument) as raised:
+        await drain()
     assert [(a.batch_id, a.accepted) for a in acks] == [("ok-1", 1)]
     assert [f for f, _ in raised.value.field_violations] == [field]
     assert len(await stored(pg_server.database_url, org)) == 1
@@ -280,10 +285,8 @@ async def test_stream_on_sqlite(start_server: StartServer, sqlite_database_url: 
         request(parent, "s-1", [row(0), row(1, probability=float("nan")), row(2)]),
         request(parent, "s-2", [row(3, name=f"{parent}/predictions/{uuid.uuid4()}")]),
     ]
-    assert [(a.accepted, a.duplicates, len(a.rejected)) for a in await exchange(client, batches)] == [
-        (2, 0, 1),
-        (1, 0, 0),
-    ]
+    acks = await exchange(client, batches)
+    assert [(a.accepted, a.duplicates, len(a.rejected)) for a in acks] == [(2, 0, 1), (1, 0, 0)]
     assert [(a.accepted, a.duplicates) for a in await exchange(client, batches)] == [(0, 2), (0, 1)]
     listed = await client.predictions.ListPredictions(pb.ListPredictionsRequest(parent=parent))
     assert listed.total_size == 3
