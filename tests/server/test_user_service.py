@@ -438,6 +438,7 @@ async def test_user_crud_masks_etags_and_soft_delete(
     }
 
     other = await create_user(client, org, "grace@example.com")
+    assert other.username == ""  # optional: absent stays absent
     with pytest.raises(AlreadyExists):
         await client.users.UpdateUser(
             pb.UpdateUserRequest(
