@@ -51,7 +51,7 @@ _MAX_PARAM_CHARS = 256
 class _Pending:
     """What before_cursor_execute hands to after_cursor_execute / handle_error."""
 
-    __slots__ = ("context", "executemany", "parameters", "span", "started", "statement")
+    __slots__ = ("context", "executemany", "parameters", "parent", "span", "started", "statement")
 
     def __init__(
         self,
@@ -59,9 +59,11 @@ class _Pending:
         parameters: Any,
         executemany: bool,
         context: StatementContext | None,
-        span: Span,
+        parent: Span,
+        span: Span | None,
     ) -> None:
         self.statement = statement
+        self.parent = parent
         self.parameters = parameters
         self.executemany = executemany
         self.context = context
@@ -172,29 +174,36 @@ class _EngineObserver:
             return statement, parameters
         owner = self.owner
         sctx = current_statement_context()
-        operation = operation_of(statement)
-        span = owner._tracer.start_span(
-            f"{operation} {self.namespace}" if self.namespace else operation,
-            kind=SpanKind.CLIENT,
-        )
-        pending = _Pending(statement, parameters, executemany, sctx, span)
-        setattr(context, _PENDING, pending)
-        if span.is_recording():
-            span.set_attributes(self.base_attributes)
-            span.set_attribute("db.operation.name", operation)
-            span.set_attribute("db.query.text", normalize_statement(statement))
+        parent = trace.get_current_span()
+        span: Span | None = None
+        # Statement spans only inside a recording (sampled, SDK) span: with tracing off
+        # or not sampled this skips all span work, and background jobs (no RPC) do not
+        # start a trace per statement.
+        if parent.is_recording():
+            operation = operation_of(statement)
+            attributes: dict[str, Any] = {
+                **self.base_attributes,
+                "db.operation.name": operation,
+                "db.query.text": normalize_statement(statement),
+            }
             if sctx is not None:
                 if sctx.rpc_method:
-                    span.set_attribute("ferrule.rpc.method", sctx.rpc_method)
+                    attributes["ferrule.rpc.method"] = sctx.rpc_method
                 if sctx.tenant:
-                    span.set_attribute("ferrule.tenant", sctx.tenant)
+                    attributes["ferrule.tenant"] = sctx.tenant
             if executemany:
-                span.set_attribute("db.operation.batch.size", len(parameters))
+                attributes["db.operation.batch.size"] = len(parameters)
             if owner.trace_params:
-                span.set_attributes(_flatten_parameters(parameters))
+                attributes.update(_flatten_parameters(parameters))
             waited = conn.info.pop(_POOL_WAIT, None)
             if waited is not None:
-                span.set_attribute("db.client.connection.wait_time_ms", waited * 1000)
+                attributes["db.client.connection.wait_time_ms"] = waited * 1000
+            span = owner._tracer.start_span(
+                f"{operation} {self.namespace}" if self.namespace else operation,
+                kind=SpanKind.CLIENT,
+                attributes=attributes,
+            )
+        setattr(context, _PENDING, _Pending(statement, parameters, executemany, sctx, parent, span))
         if sctx is not None and sctx.rpc_method:
             statement = self.comment(sctx.rpc_method) + statement
         return statement, parameters
@@ -418,7 +427,7 @@ class QueryObservers:
         self.statistics.record(duration_ms, failed=failed, slow=slow)
         self._duration.record(elapsed, self._attributes(observer.system, operation, failed))
         span = pending.span
-        if span.is_recording():
+        if span is not None:
             if rowcount >= 0:
                 span.set_attribute("db.rows_affected", rowcount)
             if error is not None:
@@ -426,7 +435,7 @@ class QueryObservers:
             if slow:
                 span.set_attribute("ferrule.db.slow", True)
                 span.add_event("slow_statement", {"duration_ms": duration_ms})
-        span.end()
+            span.end()
         if slow:
             self._slow(observer, pending, operation, duration_ms, failed)
 
@@ -458,7 +467,8 @@ class QueryObservers:
         sctx = pending.context
         rpc_method = sctx.rpc_method if sctx else None
         tenant = sctx.tenant if sctx else None
-        trace_id = _hex_trace_id(pending.span) or (sctx.trace_id if sctx else None)
+        # The parent's trace: valid even when not recording (a continued traceparent).
+        trace_id = _hex_trace_id(pending.parent) or (sctx.trace_id if sctx else None)
         self.slow_queries.record(
             normalized,
             operation,

@@ -140,10 +140,17 @@ async def test_parameters_are_recorded_when_configured(
     observers = install_statement_observers(
         engine, slow_query_ms=0, trace_params=True, tracer_provider=tracer_provider
     )
+    with tracer_provider.get_tracer("test").start_as_current_span("rpc"):
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO secrets VALUES (:id, :v)"), {"id": 7, "v": SECRET})
+    # Outside any span (a background job) statements are timed but start no trace.
     async with engine.begin() as conn:
-        await conn.execute(text("INSERT INTO secrets VALUES (:id, :v)"), {"id": 7, "v": SECRET})
+        await conn.execute(text("SELECT 1"))
     observers.close()
-    assert [v for v in _all_attribute_values(exporter.get_finished_spans()) if SECRET in v]
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == [f"INSERT {engine.url.database}", "rpc"]
+    assert [v for v in _all_attribute_values(spans) if SECRET in v]
+    assert observers.statistics.snapshot().total == 2
 
 
 async def test_comment_names_the_rpc_in_pg_stat_activity(
