@@ -196,7 +196,7 @@ class AnalysisStatistics:
     mean_processing_ms: float | None = None
 
 
-def _order_keys(order_by: str | None) -> list[ExpressionKey]:
+def order_keys(order_by: str | None) -> list[ExpressionKey]:
     """AIP-132 ``order_by`` over create_time, update_time, processing_duration; id last."""
     available: dict[str, tuple[ColumnElement[Any] | InstrumentedAttribute[Any], Any, type]] = {
         "create_time": (TextAnalysis.create_time, lambda a: a.create_time, datetime),
@@ -410,7 +410,7 @@ class AnalysesRepository(Repository[TextAnalysis]):
         include_total: bool = False,
     ) -> Page[TextAnalysis]:
         """A keyset page (default order: newest first)."""
-        keys = _order_keys(order_by)
+        keys = order_keys(order_by)
         return await paginate_expressions(
             self.session,
             self._filtered(filter or AnalysisFilter()),

@@ -27,8 +27,8 @@ MAX_DISPLAY_NAME_CHARS = 200
 MAX_DESCRIPTION_CHARS = 4000
 UPDATABLE_FIELDS = frozenset({"display_name", "description"})
 
-_ORDERABLE = {"create_time": AnalysisBatch.create_time, "display_name": AnalysisBatch.display_name}
-_DEFAULT_ORDER = (SortKey(AnalysisBatch.create_time, descending=True),)
+ORDERABLE = {"create_time": AnalysisBatch.create_time, "display_name": AnalysisBatch.display_name}
+DEFAULT_ORDER = (SortKey(AnalysisBatch.create_time, descending=True),)
 
 
 class BatchState(enum.StrEnum):
@@ -39,6 +39,11 @@ class BatchState(enum.StrEnum):
     PROCESSING = "PROCESSING"
     COMPLETED = "COMPLETED"
     COMPLETED_WITH_FAILURES = "COMPLETED_WITH_FAILURES"
+
+
+def order_keys(order_by: str | None) -> list[SortKey]:
+    """Parse ``order_by`` (ValidationError on ``order_by`` when unknown or malformed)."""
+    return parse_order_by(order_by, ORDERABLE, default=DEFAULT_ORDER, tiebreaker=AnalysisBatch.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +215,7 @@ class BatchesRepository(Repository[AnalysisBatch]):
             stmt = stmt.where(AnalysisBatch.create_time >= filter.create_time_from)
         if filter.create_time_to is not None:
             stmt = stmt.where(AnalysisBatch.create_time < filter.create_time_to)
-        keys = parse_order_by(
-            order_by, _ORDERABLE, default=_DEFAULT_ORDER, tiebreaker=AnalysisBatch.id
-        )
+        keys = order_keys(order_by)
         page = await paginate(
             self.session,
             stmt,

@@ -16,11 +16,18 @@ from db.repositories.base import Repository, domain_errors
 MAX_MODEL_NAME_CHARS = 200
 MAX_MODEL_VERSION_CHARS = 50
 
-_ORDERABLE = {
+ORDERABLE = {
     "window_start_time": ModelPerformanceRecord.window_start,
     "create_time": ModelPerformanceRecord.create_time,
 }
-_DEFAULT_ORDER = (SortKey(ModelPerformanceRecord.window_start, descending=True),)
+DEFAULT_ORDER = (SortKey(ModelPerformanceRecord.window_start, descending=True),)
+
+
+def order_keys(order_by: str | None) -> list[SortKey]:
+    """Parse ``order_by`` (ValidationError on ``order_by`` when unknown or malformed)."""
+    return parse_order_by(
+        order_by, ORDERABLE, default=DEFAULT_ORDER, tiebreaker=ModelPerformanceRecord.id
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +135,7 @@ class ModelPerformanceRepository(Repository[ModelPerformanceRecord]):
             stmt = stmt.where(ModelPerformanceRecord.window_start >= filter.window_start_from)
         if filter.window_start_to is not None:
             stmt = stmt.where(ModelPerformanceRecord.window_start < filter.window_start_to)
-        keys = parse_order_by(
-            order_by, _ORDERABLE, default=_DEFAULT_ORDER, tiebreaker=ModelPerformanceRecord.id
-        )
+        keys = order_keys(order_by)
         return await paginate(
             self.session,
             stmt,

@@ -1,0 +1,479 @@
+"""ferrule.v1.AnalysisService: analyses, batches, model performance records, statistics.
+
+Each RPC: authorize the name (permission before existence), validate every field, then
+one deadline-bound transaction over the repositories. No SQL here; conversions and
+field validation live in `analysis_convert`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.models.enums import AnalysisState, AnalysisType
+from db.repositories import batches as batches_repo
+from db.repositories import model_performance as mp_repo
+from db.repositories.analyses import (
+    AnalysesRepository,
+    AnalysisFilter,
+    NewAnalysis,
+    field_violations,
+    order_keys,
+)
+from db.repositories.batches import BatchesRepository, BatchFilter, batch_violations
+from db.repositories.model_performance import ModelPerformanceFilter, ModelPerformanceRepository
+from db.tenancy import Tenant
+from ferrule.v1 import analysis_service_pb2 as pb
+from ferrule.v1 import analysis_service_pb2_grpc
+from server import names
+from server.convert import duration_ms, enum_to_proto, set_duration_ms
+from server.etags import expected_version
+from server.field_masks import resolve_update_mask
+from server.idempotency import idempotent
+from server.listing import page_request
+from server.scoping import authorize, authorize_organization, caller_subject, transaction
+from server.services import analysis_convert as cv
+from server.services.analysis_convert import Violations
+
+if TYPE_CHECKING:
+    from server.app import Dependencies
+
+Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE_NAME = "ferrule.v1.AnalysisService"
+MAX_BATCH_CREATE = 1000
+
+ANALYSIS_MUTABLE_PATHS = frozenset(
+    {
+        "state",
+        "sentiment_score",
+        "quality_score",
+        "emotion_scores",
+        "result",
+        "processing_duration",
+        "model_used",
+        "error_message",
+        "optimization_tier",
+        "batch",
+    }
+)
+BATCH_MUTABLE_PATHS = frozenset({"display_name", "description"})
+
+
+def _parent(parent: str) -> tuple[uuid.UUID, Tenant]:
+    (organization_id,) = names.ORGANIZATION.parse(parent, "parent")
+    return organization_id, authorize_organization(organization_id)
+
+
+def _request_id(v: Violations, request_id: str) -> None:
+    if request_id:
+        cv.optional_id(v, request_id, "request_id")
+
+
+class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
+    def __init__(self, deps: Dependencies) -> None:
+        self.deps = deps
+
+    # --- analyses ---------------------------------------------------------------------
+    async def CreateAnalysis(
+        self, request: pb.CreateAnalysisRequest, context: Context
+    ) -> pb.Analysis:
+        organization_id, tenant = _parent(request.parent)
+        v = Violations()
+        new = cv.new_analysis(
+            v, request.analysis, request.analysis_id, organization_id, "analysis."
+        )
+        _request_id(v, request.request_id)
+        v.raise_if_any()
+        assert new is not None
+        subject = caller_subject()
+
+        async def create(session: AsyncSession) -> pb.Analysis:
+            created = await AnalysesRepository(session, tenant).create(new, create_by=subject)
+            return cv.analysis_to_proto(created.analysis, deduplicated=created.deduplicated)
+
+        return await idempotent(self.deps, tenant, request.request_id, pb.Analysis, create)
+
+    async def GetAnalysis(self, request: pb.GetAnalysisRequest, context: Context) -> pb.Analysis:
+        organization_id, analysis_id = authorize(names.ANALYSIS, request.name)
+        tenant = Tenant.of(organization_id)
+        async with transaction(self.deps, tenant, read_only=True) as session:
+            row = await AnalysesRepository(session, tenant).get(analysis_id)
+            return cv.analysis_to_proto(row)
+
+    async def ListAnalyses(
+        self, request: pb.ListAnalysesRequest, context: Context
+    ) -> pb.ListAnalysesResponse:
+        organization_id, tenant = _parent(request.parent)
+        v = Violations()
+        start, end = cv.time_range(v, request, request, "create_time_range")
+        filter = AnalysisFilter(
+            analysis_type=cv.analysis_type(
+                v, request.analysis_type, "analysis_type", required=False
+            ),
+            state=cv.analysis_state(v, request.state, "state", required=False),
+            batch_id=cv.batch_id_in(v, request.batch, organization_id, "batch"),
+            model_used=request.model_used or None,
+            create_time_from=start,
+            create_time_to=end,
+            show_deleted=request.show_deleted,
+        )
+        with v.collect():
+            order_keys(request.order_by)
+        v.raise_if_any()
+        page_req = page_request(
+            self.deps,
+            request,
+            request.parent,
+            request.analysis_type,
+            request.state,
+            request.batch,
+            request.model_used,
+            start,
+            end,
+            request.order_by,
+            request.show_deleted,
+        )
+        async with transaction(self.deps, tenant, read_only=True) as session:
+            page = await AnalysesRepository(session, tenant).list(
+                filter,
+                page_size=page_req.page_size,
+                cursor=page_req.cursor,
+                order_by=request.order_by,
+                include_total=True,
+            )
+        return pb.ListAnalysesResponse(
+            analyses=[cv.analysis_to_proto(row) for row in page.items],
+            next_page_token=page_req.next_page_token(page.next_cursor),
+            total_size=page.total_size or 0,
+        )
+
+    async def UpdateAnalysis(
+        self, request: pb.UpdateAnalysisRequest, context: Context
+    ) -> pb.Analysis:
+        organization_id, analysis_id = authorize(
+            names.ANALYSIS, request.analysis.name, "analysis.name"
+        )
+        tenant = Tenant.of(organization_id)
+        analysis = request.analysis
+        v = Violations()
+        paths = v.call(
+            lambda: resolve_update_mask(request.update_mask, analysis, ANALYSIS_MUTABLE_PATHS)
+        )
+        changes: dict[str, Any] = {}
+        for path in sorted(paths or ()):
+            field = f"analysis.{path}"
+            match path:
+                case "state":
+                    changes["state"] = cv.analysis_state(v, analysis.state, field, required=True)
+                case "sentiment_score" | "quality_score":
+                    changes[path] = getattr(analysis, path) if analysis.HasField(path) else None
+                case "emotion_scores":
+                    changes[path] = dict(analysis.emotion_scores) or None
+                case "result":
+                    changes[path] = cv.result_dict(v, analysis, field)
+                case "processing_duration":
+                    changes["processing_ms"] = (
+                        duration_ms(analysis.processing_duration)
+                        if analysis.HasField("processing_duration")
+                        else None
+                    )
+                case "model_used" | "error_message":
+                    changes[path] = getattr(analysis, path) or None
+                case "optimization_tier":
+                    changes[path] = cv.optimization_tier(v, analysis.optimization_tier, field)
+                case "batch":
+                    changes["batch_id"] = cv.batch_id_in(v, analysis.batch, organization_id, field)
+        v.extend(field_violations(changes, "analysis."))
+        version = v.call(lambda: expected_version(analysis.etag, "analysis.etag"))
+        v.raise_if_any()
+        async with transaction(self.deps, tenant) as session:
+            row = await AnalysesRepository(session, tenant).update(
+                analysis_id, changes, expected_version=version, update_by=caller_subject()
+            )
+            return cv.analysis_to_proto(row)
+
+    async def DeleteAnalysis(
+        self, request: pb.DeleteAnalysisRequest, context: Context
+    ) -> pb.Analysis:
+        organization_id, analysis_id = authorize(names.ANALYSIS, request.name)
+        tenant = Tenant.of(organization_id)
+        version = expected_version(request.etag)
+        async with transaction(self.deps, tenant) as session:
+            row = await AnalysesRepository(session, tenant).delete(
+                analysis_id, expected_version=version, delete_by=caller_subject()
+            )
+            return cv.analysis_to_proto(row)
+
+    async def UndeleteAnalysis(
+        self, request: pb.UndeleteAnalysisRequest, context: Context
+    ) -> pb.Analysis:
+        organization_id, analysis_id = authorize(names.ANALYSIS, request.name)
+        tenant = Tenant.of(organization_id)
+        async with transaction(self.deps, tenant) as session:
+            row = await AnalysesRepository(session, tenant).restore(
+                analysis_id, update_by=caller_subject()
+            )
+            return cv.analysis_to_proto(row)
+
+    async def BatchCreateAnalyses(
+        self, request: pb.BatchCreateAnalysesRequest, context: Context
+    ) -> pb.BatchCreateAnalysesResponse:
+        organization_id, tenant = _parent(request.parent)
+        v = Violations()
+        if not request.requests:
+            v.add("requests", "required: 1 to 1000 requests")
+        elif len(request.requests) > MAX_BATCH_CREATE:
+            v.add("requests", f"at most {MAX_BATCH_CREATE} requests")
+        top_batch = cv.batch_id_in(v, request.batch, organization_id, "batch")
+        items: list[NewAnalysis] = []
+        for index, child in enumerate(request.requests[:MAX_BATCH_CREATE]):
+            prefix = f"requests[{index}]."
+            if child.parent and child.parent != request.parent:
+                v.add(prefix + "parent", "must be empty or equal to the top-level parent")
+            if request.batch and child.analysis.batch and child.analysis.batch != request.batch:
+                v.add(prefix + "analysis.batch", "must be empty or equal to the top-level batch")
+            new = cv.new_analysis(
+                v,
+                child.analysis,
+                child.analysis_id,
+                organization_id,
+                prefix + "analysis.",
+                default_batch=top_batch,
+                id_field=prefix + "analysis_id",
+            )
+            if new is not None:
+                items.append(new)
+        _request_id(v, request.request_id)
+        v.raise_if_any()
+        subject = caller_subject()
+
+        async def create(session: AsyncSession) -> pb.BatchCreateAnalysesResponse:
+            created = await AnalysesRepository(session, tenant).bulk_create(
+                items, create_by=subject
+            )
+            return pb.BatchCreateAnalysesResponse(
+                analyses=[
+                    cv.analysis_to_proto(c.analysis, deduplicated=c.deduplicated) for c in created
+                ]
+            )
+
+        return await idempotent(
+            self.deps, tenant, request.request_id, pb.BatchCreateAnalysesResponse, create
+        )
+
+    # --- batches ----------------------------------------------------------------------
+    async def CreateBatch(
+        self, request: pb.CreateBatchRequest, context: Context
+    ) -> pb.AnalysisBatch:
+        _, tenant = _parent(request.parent)
+        v = Violations()
+        batch = request.batch
+        v.extend(
+            batch_violations(
+                {"display_name": batch.display_name, "description": batch.description}, "batch."
+            )
+        )
+        batch_id = cv.optional_id(v, request.batch_id, "batch_id")
+        _request_id(v, request.request_id)
+        v.raise_if_any()
+        subject = caller_subject()
+
+        async def create(session: AsyncSession) -> pb.AnalysisBatch:
+            view = await BatchesRepository(session, tenant).create(
+                batch.display_name,
+                description=batch.description or None,
+                create_by=subject,
+                batch_id=batch_id,
+            )
+            return cv.batch_to_proto(view)
+
+        return await idempotent(self.deps, tenant, request.request_id, pb.AnalysisBatch, create)
+
+    async def GetBatch(self, request: pb.GetBatchRequest, context: Context) -> pb.AnalysisBatch:
+        organization_id, batch_id = authorize(names.BATCH, request.name)
+        tenant = Tenant.of(organization_id)
+        async with transaction(self.deps, tenant, read_only=True) as session:
+            return cv.batch_to_proto(await BatchesRepository(session, tenant).get_batch(batch_id))
+
+    async def ListBatches(
+        self, request: pb.ListBatchesRequest, context: Context
+    ) -> pb.ListBatchesResponse:
+        _, tenant = _parent(request.parent)
+        v = Violations()
+        start, end = cv.time_range(v, request, request, "create_time_range")
+        with v.collect():
+            batches_repo.order_keys(request.order_by)
+        v.raise_if_any()
+        page_req = page_request(
+            self.deps, request, request.parent, start, end, request.order_by, request.show_deleted
+        )
+        filter = BatchFilter(
+            create_time_from=start, create_time_to=end, show_deleted=request.show_deleted
+        )
+        async with transaction(self.deps, tenant, read_only=True) as session:
+            page = await BatchesRepository(session, tenant).list(
+                filter,
+                page_size=page_req.page_size,
+                cursor=page_req.cursor,
+                order_by=request.order_by,
+                include_total=True,
+            )
+        return pb.ListBatchesResponse(
+            batches=[cv.batch_to_proto(view) for view in page.items],
+            next_page_token=page_req.next_page_token(page.next_cursor),
+            total_size=page.total_size or 0,
+        )
+
+    async def UpdateBatch(
+        self, request: pb.UpdateBatchRequest, context: Context
+    ) -> pb.AnalysisBatch:
+        organization_id, batch_id = authorize(names.BATCH, request.batch.name, "batch.name")
+        tenant = Tenant.of(organization_id)
+        v = Violations()
+        batch = request.batch
+        paths = v.call(lambda: resolve_update_mask(request.update_mask, batch, BATCH_MUTABLE_PATHS))
+        changes = {path: getattr(batch, path) for path in sorted(paths or ())}
+        v.extend(batch_violations(changes, "batch."))
+        version = v.call(lambda: expected_version(batch.etag, "batch.etag"))
+        v.raise_if_any()
+        async with transaction(self.deps, tenant) as session:
+            view = await BatchesRepository(session, tenant).update(
+                batch_id, changes, expected_version=version, update_by=caller_subject()
+            )
+            return cv.batch_to_proto(view)
+
+    async def DeleteBatch(
+        self, request: pb.DeleteBatchRequest, context: Context
+    ) -> pb.AnalysisBatch:
+        organization_id, batch_id = authorize(names.BATCH, request.name)
+        tenant = Tenant.of(organization_id)
+        version = expected_version(request.etag)
+        async with transaction(self.deps, tenant) as session:
+            view = await BatchesRepository(session, tenant).delete(
+                batch_id, expected_version=version, delete_by=caller_subject()
+            )
+            return cv.batch_to_proto(view)
+
+    async def UndeleteBatch(
+        self, request: pb.UndeleteBatchRequest, context: Context
+    ) -> pb.AnalysisBatch:
+        organization_id, batch_id = authorize(names.BATCH, request.name)
+        tenant = Tenant.of(organization_id)
+        async with transaction(self.deps, tenant) as session:
+            view = await BatchesRepository(session, tenant).restore(
+                batch_id, update_by=caller_subject()
+            )
+            return cv.batch_to_proto(view)
+
+    # --- model performance ------------------------------------------------------------
+    async def CreateModelPerformance(
+        self, request: pb.CreateModelPerformanceRequest, context: Context
+    ) -> pb.ModelPerformance:
+        _, tenant = _parent(request.parent)
+        v = Violations()
+        new = cv.new_model_performance(v, request.model_performance, "model_performance.")
+        record_id = cv.optional_id(v, request.model_performance_id, "model_performance_id")
+        _request_id(v, request.request_id)
+        v.raise_if_any()
+        assert new is not None
+        subject = caller_subject()
+
+        async def create(session: AsyncSession) -> pb.ModelPerformance:
+            row = await ModelPerformanceRepository(session, tenant).create(
+                new, create_by=subject, record_id=record_id
+            )
+            return cv.model_performance_to_proto(row)
+
+        return await idempotent(self.deps, tenant, request.request_id, pb.ModelPerformance, create)
+
+    async def ListModelPerformances(
+        self, request: pb.ListModelPerformancesRequest, context: Context
+    ) -> pb.ListModelPerformancesResponse:
+        _, tenant = _parent(request.parent)
+        v = Violations()
+        start, end = cv.time_range(v, request, request, "window_time_range")
+        with v.collect():
+            mp_repo.order_keys(request.order_by)
+        v.raise_if_any()
+        page_req = page_request(
+            self.deps,
+            request,
+            request.parent,
+            request.model_name,
+            request.model_version,
+            start,
+            end,
+            request.order_by,
+        )
+        filter = ModelPerformanceFilter(
+            model_name=request.model_name or None,
+            model_version=request.model_version or None,
+            window_start_from=start,
+            window_start_to=end,
+        )
+        async with transaction(self.deps, tenant, read_only=True) as session:
+            page = await ModelPerformanceRepository(session, tenant).list(
+                filter,
+                page_size=page_req.page_size,
+                cursor=page_req.cursor,
+                order_by=request.order_by,
+                include_total=True,
+            )
+        return pb.ListModelPerformancesResponse(
+            model_performances=[cv.model_performance_to_proto(row) for row in page.items],
+            next_page_token=page_req.next_page_token(page.next_cursor),
+            total_size=page.total_size or 0,
+        )
+
+    # --- statistics -------------------------------------------------------------------
+    async def GetAnalysisStatistics(
+        self, request: pb.GetAnalysisStatisticsRequest, context: Context
+    ) -> pb.AnalysisStatistics:
+        organization_id, tenant = _parent(request.parent)
+        v = Violations()
+        start, end = cv.time_range(v, request, request, "create_time_range")
+        filter = AnalysisFilter(
+            analysis_type=cv.analysis_type(
+                v, request.analysis_type, "analysis_type", required=False
+            ),
+            batch_id=cv.batch_id_in(v, request.batch, organization_id, "batch"),
+            model_used=request.model_used or None,
+            create_time_from=start,
+            create_time_to=end,
+        )
+        v.raise_if_any()
+        async with transaction(self.deps, tenant, read_only=True) as session:
+            stats = await AnalysesRepository(session, tenant).statistics(filter)
+        out = pb.AnalysisStatistics(
+            total_count=stats.total,
+            # Enum order, non-zero counts only.
+            type_counts=[
+                pb.AnalysisTypeCount(
+                    analysis_type=enum_to_proto(pb.AnalysisType, t),  # type: ignore[arg-type]
+                    count=stats.by_type[t],
+                )
+                for t in AnalysisType
+                if stats.by_type.get(t)
+            ],
+            state_counts=[
+                pb.AnalysisStateCount(
+                    state=enum_to_proto(pb.AnalysisState, s),  # type: ignore[arg-type]
+                    count=stats.by_state[s],
+                )
+                for s in AnalysisState
+                if stats.by_state.get(s)
+            ],
+        )
+        for model in stats.by_model:
+            entry = out.model_statistics.add(model_used=model.model_used or "", count=model.count)
+            set_duration_ms(entry.mean_processing_duration, model.mean_processing_ms)
+        set_duration_ms(out.mean_processing_duration, stats.mean_processing_ms)
+        return out
+
+
+def add_to_server(server: grpc.aio.Server, deps: Dependencies) -> str:
+    analysis_service_pb2_grpc.add_AnalysisServiceServicer_to_server(AnalysisServicer(deps), server)
+    return SERVICE_NAME
