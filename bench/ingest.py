@@ -1,0 +1,318 @@
+"""Ingest scenario: StreamPredictions through the client helper vs raw asyncpg COPY.
+
+Same run, same rows: both paths start from the same in-memory source rows and pay their
+own conversion (the stream builds ``Prediction`` messages with a ``Struct`` of features;
+COPY builds records with the features as JSON text). The stream runs against a server
+subprocess on a fresh database; COPY goes from this process straight into a table of
+the same shape (``LIKE predictions INCLUDING ALL``: indexes, constraints, defaults).
+Also measured: server RSS during the stream, BatchCreatePredictions (1000 rows per
+call) and one CreatePrediction per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from google.protobuf import timestamp_pb2
+
+from bench.harness import (
+    RssSampler,
+    ServerProcess,
+    driverless,
+    fresh_database,
+    org_token,
+    server_process,
+)
+from bench.registry import Figures, Scenario
+from ferrule.client.ingest import AsyncPredictionStreamer
+from ferrule.v1 import prediction_service_pb2 as pb
+
+MiB = 1024 * 1024
+#: Distinct source rows; row i is POOL[i % len(POOL)] (keeps the bench's own memory flat).
+POOL_SIZE = 10_000
+COPY_COLUMNS = (
+    "id",
+    "organization_id",
+    "subject_id",
+    "probability",
+    "risk_level",
+    "model_name",
+    "model_version",
+    "features",
+    "predict_time",
+    "request_id",
+    "create_time",
+    "create_by",
+)
+
+SourceRow = tuple[str, float, str, str, dict[str, Any], datetime, int, int]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--ingest-rows", type=int, default=int(env("BENCH_INGEST_ROWS", "200000")),
+        help="rows streamed and copied (default 200000; env BENCH_INGEST_ROWS)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ingest-batch-create-rows", type=int,
+        default=int(env("BENCH_INGEST_BATCH_CREATE_ROWS", "20000")),
+        help="rows sent with BatchCreatePredictions (1000 per call)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ingest-create-rows", type=int, default=int(env("BENCH_INGEST_CREATE_ROWS", "2000")),
+        help="rows sent with one CreatePrediction each",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ingest-create-concurrency", type=int, default=8,
+        help="CreatePrediction calls in flight",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ingest-app-role", default=env("BENCH_INGEST_APP_ROLE", "ferrule_app"),
+        help="DATABASE_APP_ROLE of the server (row-level security on); '' for none",
+    )  # fmt: skip
+    parser.add_argument("--ingest-batch-size", type=int, default=1000)
+    parser.add_argument("--ingest-in-flight", type=int, default=8)
+
+
+def source_pool(size: int = POOL_SIZE, seed: int = 7) -> list[SourceRow]:
+    """Realistic rows: a subject, a probability, model, ~8 mixed-type features, a time."""
+    rng = random.Random(seed)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    departments = ["engineering", "sales", "support", "finance", "ops"]
+    pool: list[SourceRow] = []
+    for i in range(size):
+        probability = rng.random()
+        features: dict[str, Any] = {
+            "tenure_months": rng.randint(0, 240),
+            "salary_band": f"B{rng.randint(1, 9)}",
+            "overtime_hours": round(rng.uniform(0, 30), 2),
+            "satisfaction": round(rng.random(), 3),
+            "department": rng.choice(departments),
+            "remote": rng.random() < 0.4,
+            "last_promotion_months": rng.randint(0, 60),
+            "manager_changes": rng.randint(0, 5),
+        }
+        when = base + timedelta(seconds=rng.randint(0, 86400 * 180))
+        seconds = int(when.timestamp())
+        pool.append((f"emp-{i:06d}", probability, "attrition", "v3.2", features, when, seconds, 0))
+    return pool
+
+
+def risk_of(probability: float) -> str:
+    return "LOW" if probability < 0.3 else "MEDIUM" if probability < 0.7 else "HIGH"
+
+
+def messages(pool: list[SourceRow], rows: int) -> Iterator[pb.Prediction]:
+    """What a client does: one Prediction per source row (features as a Struct)."""
+    size = len(pool)
+    for i in range(rows):
+        subject, probability, model, version, features, _, seconds, nanos = pool[i % size]
+        message = pb.Prediction(
+            subject_id=subject,
+            probability=probability,
+            model_name=model,
+            model_version=version,
+            predict_time=timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos),
+        )
+        message.features.update(features)
+        yield message
+
+
+def copy_records(
+    pool: list[SourceRow], rows: int, organization: uuid.UUID
+) -> Iterator[tuple[Any, ...]]:
+    """What raw COPY needs from the same source rows (features as JSON text)."""
+    size = len(pool)
+    now = datetime.now(UTC)
+    dumps = json.dumps
+    for i in range(rows):
+        subject, probability, model, version, features, when, _, _ = pool[i % size]
+        yield (
+            uuid.uuid4(),
+            organization,
+            subject,
+            probability,
+            risk_of(probability),
+            model,
+            version,
+            dumps(features),
+            when,
+            f"copy-{i // 1000}",
+            now,
+            "bench",
+        )
+
+
+async def measure_copy(database_url: str, pool: list[SourceRow], rows: int) -> float:
+    conn = await asyncpg.connect(driverless(database_url))
+    try:
+        organization = await conn.fetchval(
+            "INSERT INTO organizations (id, display_name, version) VALUES ($1, 'copy', 1)"
+            " RETURNING id",
+            uuid.uuid4(),
+        )
+        await conn.execute("CREATE TABLE bench_copy (LIKE predictions INCLUDING ALL)")
+        started = time.perf_counter()
+        await conn.copy_records_to_table(
+            "bench_copy", records=copy_records(pool, rows, organization), columns=COPY_COLUMNS
+        )
+        elapsed = time.perf_counter() - started
+        count = await conn.fetchval("SELECT count(*) FROM bench_copy")
+        assert count == rows, (count, rows)
+        await conn.execute("DROP TABLE bench_copy")
+        return rows / elapsed
+    finally:
+        await conn.close()
+
+
+async def measure_stream(
+    server: ServerProcess, organization: uuid.UUID, pool: list[SourceRow], args: Any
+) -> tuple[float, int]:
+    rows = args.ingest_rows
+    async with server.client(org_token(organization)) as client:
+        streamer = AsyncPredictionStreamer(
+            client,
+            f"organizations/{organization}",
+            batch_size=args.ingest_batch_size,
+            max_in_flight=args.ingest_in_flight,
+        )
+        started = time.perf_counter()
+        await streamer.add_many(messages(pool, rows))
+        totals = await streamer.close()
+        elapsed = time.perf_counter() - started
+    if totals.accepted != rows:
+        raise RuntimeError(f"stream accepted {totals.accepted} of {rows} rows: {totals}")
+    return rows / elapsed, totals.reconnects
+
+
+async def measure_batch_create(
+    server: ServerProcess, organization: uuid.UUID, pool: list[SourceRow], rows: int
+) -> float:
+    parent = f"organizations/{organization}"
+    source = list(messages(pool, rows))
+    async with server.client(org_token(organization)) as client:
+        started = time.perf_counter()
+        for start in range(0, rows, 1000):
+            request = pb.BatchCreatePredictionsRequest(
+                parent=parent,
+                requests=[
+                    pb.CreatePredictionRequest(parent=parent, prediction=p)
+                    for p in source[start : start + 1000]
+                ],
+            )
+            await client.predictions.BatchCreatePredictions(request)
+        elapsed = time.perf_counter() - started
+    return rows / elapsed
+
+
+async def measure_create(
+    server: ServerProcess,
+    organization: uuid.UUID,
+    pool: list[SourceRow],
+    rows: int,
+    concurrency: int,
+) -> float:
+    parent = f"organizations/{organization}"
+    source = iter(list(messages(pool, rows)))
+
+    async with server.client(org_token(organization)) as client:
+
+        async def worker() -> None:
+            for prediction in source:
+                await client.predictions.CreatePrediction(
+                    pb.CreatePredictionRequest(parent=parent, prediction=prediction)
+                )
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return rows / elapsed
+
+
+async def count_rows(database_url: str, organization: uuid.UUID) -> int:
+    conn = await asyncpg.connect(driverless(database_url))
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM predictions WHERE organization_id = $1", organization
+        )
+        return count
+    finally:
+        await conn.close()
+
+
+async def run(args: argparse.Namespace) -> Figures:
+    rows: int = args.ingest_rows
+    pool = source_pool()
+    figures: Figures = {"rows": rows}
+    env = {"DATABASE_APP_ROLE": args.ingest_app_role} if args.ingest_app_role else {}
+    async with fresh_database() as database_url, server_process(database_url, **env) as server:
+        copy_rate = await measure_copy(database_url, pool, rows)
+        print(f"raw asyncpg COPY:            {copy_rate:>10,.0f} rows/s", flush=True)
+
+        organization = await server.create_organization("stream")
+        sampler = RssSampler(server.pid)
+        rss_start = sampler.sample()
+        sampler.start()
+        stream_rate, reconnects = await measure_stream(server, organization, pool, args)
+        await sampler.stop()
+        rss_end = sampler.samples[-1]
+        stored = await count_rows(database_url, organization)
+        if stored != rows:
+            raise RuntimeError(f"{stored} rows stored, {rows} streamed")
+        ratio = stream_rate / copy_rate
+        print(f"StreamPredictions (helper):  {stream_rate:>10,.0f} rows/s", flush=True)
+        print(f"stream / COPY:               {ratio:>10.1%}", flush=True)
+        print(
+            f"server RSS: start {rss_start / MiB:.0f} MiB, peak {sampler.peak / MiB:.0f} MiB,"
+            f" end {rss_end / MiB:.0f} MiB",
+            flush=True,
+        )
+
+        organization = await server.create_organization("batch")
+        batch_rate = await measure_batch_create(
+            server, organization, pool, args.ingest_batch_create_rows
+        )
+        print(f"BatchCreatePredictions:      {batch_rate:>10,.0f} rows/s", flush=True)
+        create_rate = await measure_create(
+            server, organization, pool, args.ingest_create_rows, args.ingest_create_concurrency
+        )
+        print(
+            f"CreatePrediction per row:    {create_rate:>10,.0f} rows/s"
+            f" ({args.ingest_create_concurrency} calls in flight)",
+            flush=True,
+        )
+    figures.update(
+        {
+            "copy_rows_per_s": round(copy_rate),
+            "stream_rows_per_s": round(stream_rate),
+            "ratio": round(ratio, 3),
+            "stream_reconnects": reconnects,
+            "server_rss_start_mib": round(rss_start / MiB, 1),
+            "server_rss_peak_mib": round(sampler.peak / MiB, 1),
+            "server_rss_end_mib": round(rss_end / MiB, 1),
+            "batch_create_rows_per_s": round(batch_rate),
+            "create_rows_per_s": round(create_rate),
+            "create_concurrency": args.ingest_create_concurrency,
+            "app_role": args.ingest_app_role or "none",
+        }
+    )
+    return figures
+
+
+SCENARIO = Scenario(
+    name="ingest",
+    run=run,
+    add_arguments=add_arguments,
+    description="StreamPredictions via the client helper vs raw COPY; unary create rates",
+)
