@@ -134,19 +134,27 @@ class Database:
 
     @asynccontextmanager
     async def transaction(
-        self, tenant: Tenant, *, timeout_ms: int | None = None, read_only: bool = False
+        self,
+        tenant: Tenant,
+        *,
+        timeout_ms: int | None = None,
+        read_only: bool = False,
+        engine: AsyncEngine | None = None,
     ) -> AsyncIterator[AsyncSession]:
         """A session in one transaction acting for ``tenant``; commits on success.
 
         On PostgreSQL a single statement at the start sets the tenant for row-level
         security, the statement timeout (the RPC's remaining deadline), the application
         role and read-only mode, all transaction-local (safe behind PgBouncer).
-        ``read_only`` transactions go to a replica when one is configured. Driver errors
-        leave as :mod:`db.errors` types; cancellation rolls back and propagates.
+        ``read_only`` transactions go to a replica when one is configured, unless
+        ``engine`` names one (the server's read router, which keeps read-your-writes).
+        Driver errors leave as :mod:`db.errors` types; cancellation rolls back and
+        propagates.
         """
-        engine = self.engine
-        if read_only and self._replicas is not None:
-            engine = next(self._replicas)
+        if engine is None:
+            engine = self.engine
+            if read_only and self._replicas is not None:
+                engine = next(self._replicas)
         if timeout_ms is None:
             timeout_ms = self.config.default_statement_timeout_ms
         async with open_transaction(

@@ -19,6 +19,7 @@ from db.tenancy import Tenant
 from server.authorization import check_organization
 from server.call_context import current_call
 from server.names import Pattern
+from server.read_routing import caller_key, router_for
 
 if TYPE_CHECKING:
     from server.app import Dependencies
@@ -58,7 +59,15 @@ async def transaction(
     deps: Dependencies, tenant: Tenant, *, read_only: bool = False
 ) -> AsyncIterator[AsyncSession]:
     timeout_ms = current_call().remaining_ms(deps.settings.ferrule_default_statement_timeout_ms)
-    async with deps.database.transaction(
-        tenant, timeout_ms=timeout_ms, read_only=read_only
-    ) as session:
-        yield session
+    # Replicas serve reads, except those that would miss the caller's own recent writes.
+    router = router_for(deps.database)
+    caller = caller_key()
+    engine = await router.engine_for_read(caller) if read_only else None
+    try:
+        async with deps.database.transaction(
+            tenant, timeout_ms=timeout_ms, read_only=read_only, engine=engine
+        ) as session:
+            yield session
+    finally:
+        if not read_only:
+            router.wrote(caller)  # after commit (or failure): the next read must see it
