@@ -22,6 +22,7 @@ from db.migrate import current_revision, head_revision, upgrade_to_head
 from server.app import FerruleApp
 from server.logs import configure_logging
 from server.settings import Settings
+from server.telemetry import install_log_correlation
 
 log = logging.getLogger("ferrule.main")
 
@@ -95,6 +96,7 @@ def run_workers(settings: Settings) -> int:
 def main() -> None:
     settings = load_settings()
     configure_logging(settings.ferrule_log_level)
+    install_log_correlation()
     if settings.ferrule_page_token_secret is None and not (
         settings.ferrule_jwt_secret or settings.ferrule_admin_token
     ):

@@ -15,14 +15,17 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 
 from db.engine import Database
+from db.observability import QueryObservers, install_statement_observers
 from server.auth import Authenticator
 from server.health import HealthProbe
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.call_context import CallContextInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
+from server.interceptors.tracing import TracingInterceptor
 from server.page_tokens import PageTokenCodec
 from server.request_log import RequestLogEntry, RequestLogInterceptor, RequestLogWriter
 from server.settings import Settings
+from server.telemetry import Telemetry, setup_telemetry
 
 log = logging.getLogger("ferrule.app")
 
@@ -36,6 +39,7 @@ class Dependencies:
     page_tokens: PageTokenCodec
     request_log: RequestLogWriter
     health: HealthProbe
+    query_observers: QueryObservers
 
 
 def page_token_secret(settings: Settings) -> bytes:
@@ -92,9 +96,23 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 class FerruleApp:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, telemetry: Telemetry | None = None) -> None:
+        """`telemetry` defaults to what the OTEL_* environment configures (tests pass theirs)."""
         self.settings = settings
         self.database = Database(settings.database)
+        # Per process (after any fork): the OTLP gRPC exporter owns threads of its own.
+        self.telemetry = telemetry or setup_telemetry(metrics_port=settings.ferrule_metrics_port)
+        self.query_observers = install_statement_observers(
+            self.database.engine,
+            slow_query_ms=settings.ferrule_slow_query_ms,
+            trace_params=settings.ferrule_trace_sql_params,
+            explain_slow=settings.ferrule_explain_slow_queries,
+            tracer_provider=self.telemetry.tracer_provider,
+            meter_provider=self.telemetry.meter_provider,
+        )
+        for replica in self.database.replica_engines:
+            self.query_observers.attach(replica)
+        self.telemetry.metrics.observe_pool(self.database.pool_status)
         self.request_log = RequestLogWriter(self._write_request_log)
         self.health = HealthProbe(self.database, settings.ferrule_health_probe_seconds)
         self.deps = Dependencies(
@@ -103,6 +121,7 @@ class FerruleApp:
             page_tokens=PageTokenCodec(page_token_secret(settings)),
             request_log=self.request_log,
             health=self.health,
+            query_observers=self.query_observers,
         )
         self.server: grpc.aio.Server | None = None
         self.port: int = 0
@@ -113,7 +132,13 @@ class FerruleApp:
         await insert_request_log(self.database, entries)
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        chain: list[grpc.aio.ServerInterceptor] = [CallContextInterceptor()]
+        chain: list[grpc.aio.ServerInterceptor] = [
+            CallContextInterceptor(),
+            # Outside error mapping, so the span sees the mapped status code.
+            TracingInterceptor(
+                tracer_provider=self.telemetry.tracer_provider, metrics=self.telemetry.metrics
+            ),
+        ]
         if self.settings.ferrule_request_log:
             chain.append(RequestLogInterceptor(self.request_log))
         chain += [ErrorMappingInterceptor(), AuthInterceptor(build_authenticator(self.settings))]
@@ -162,4 +187,6 @@ class FerruleApp:
             await self.server.stop(grace)
             self.server = None
         await self.request_log.stop()
+        await self.query_observers.aclose()
         await self.database.dispose()
+        self.telemetry.shutdown()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from db.observability import bind_statement_tenant
 from db.tenancy import Tenant
 from server.authorization import check_organization
 from server.call_context import current_call
@@ -37,6 +38,7 @@ def authorize_organization(organization_id: uuid.UUID) -> Tenant:
     assert call.principal is not None, "authorize() runs after authentication"
     check_organization(call.principal, str(organization_id))
     call.organization_id = str(organization_id)
+    bind_statement_tenant(call.organization_id)
     return Tenant.of(organization_id)
 
 

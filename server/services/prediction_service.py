@@ -43,6 +43,11 @@ from server.idempotency import idempotent
 from server.listing import page_request
 from server.names import parse_resource_id
 from server.scoping import authorize, caller_subject, caller_tenant, transaction
+from server.services.prediction_cache import (
+    cached_aggregate,
+    cached_prediction,
+    forget_predictions,
+)
 from server.services.prediction_rows import (
     RowViolation,
     prediction_name,
@@ -203,6 +208,28 @@ def request_log_to_proto(row: RequestLogEntry) -> pb.RequestLog:
     return message
 
 
+def _statistics_to_proto(stats: prediction_repo.PredictionStatistics) -> pb.PredictionStatistics:
+    message = pb.PredictionStatistics(
+        count=stats.count,
+        model_versions=[
+            pb.ModelVersionStatistics(
+                model_name=m.model_name,
+                model_version=m.model_version,
+                count=m.count,
+                mean_probability=m.mean_probability,
+            )
+            for m in stats.model_versions
+        ],
+    )
+    if stats.mean_probability is not None:
+        message.mean_probability = stats.mean_probability
+    if stats.min_probability is not None:
+        message.min_probability = stats.min_probability
+    if stats.max_probability is not None:
+        message.max_probability = stats.max_probability
+    return message
+
+
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, deps: Dependencies) -> None:
         self.deps = deps
@@ -328,9 +355,15 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     ) -> pb.Prediction:
         organization_id, prediction_id = authorize(names.PREDICTION, request.name)
         tenant = Tenant.of(organization_id)
-        async with self._read(tenant) as session:
-            row = await PredictionsRepository(session, tenant).get(prediction_id)
-            return prediction_to_proto(row)
+
+        async def load() -> pb.Prediction:
+            async with self._read(tenant) as session:
+                row = await PredictionsRepository(session, tenant).get(prediction_id)
+                return prediction_to_proto(row)
+
+        return await cached_prediction(
+            self.deps, organization_id, prediction_id, pb.Prediction, load
+        )
 
     async def ListPredictions(
         self, request: pb.ListPredictionsRequest, context: Context
@@ -390,12 +423,23 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         violations: list[FieldViolation] = []
         flt = _prediction_filter(request.filter, violations)
         _raise_if_any(violations)
-        async with self._read(tenant) as session:
-            result = await PredictionsRepository(session, tenant).risk_distribution(flt)
-        message = pb.RiskDistribution(total_count=result.total)
-        for level, count in result.by_level.items():
-            setattr(message, _RISK_FIELDS[level], count)
-        return message
+
+        async def load() -> pb.RiskDistribution:
+            async with self._read(tenant) as session:
+                result = await PredictionsRepository(session, tenant).risk_distribution(flt)
+            message = pb.RiskDistribution(total_count=result.total)
+            for level, count in result.by_level.items():
+                setattr(message, _RISK_FIELDS[level], count)
+            return message
+
+        return await cached_aggregate(
+            self.deps,
+            "riskdistribution",
+            tenant.require_organization(),
+            request.filter,
+            pb.RiskDistribution,
+            load,
+        )
 
     async def GetPredictionStatistics(
         self, request: pb.GetPredictionStatisticsRequest, context: Context
@@ -404,27 +448,20 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         violations: list[FieldViolation] = []
         flt = _prediction_filter(request.filter, violations)
         _raise_if_any(violations)
-        async with self._read(tenant) as session:
-            stats = await PredictionsRepository(session, tenant).statistics(flt)
-        message = pb.PredictionStatistics(
-            count=stats.count,
-            model_versions=[
-                pb.ModelVersionStatistics(
-                    model_name=m.model_name,
-                    model_version=m.model_version,
-                    count=m.count,
-                    mean_probability=m.mean_probability,
-                )
-                for m in stats.model_versions
-            ],
+
+        async def load() -> pb.PredictionStatistics:
+            async with self._read(tenant) as session:
+                stats = await PredictionsRepository(session, tenant).statistics(flt)
+            return _statistics_to_proto(stats)
+
+        return await cached_aggregate(
+            self.deps,
+            "predictionstatistics",
+            tenant.require_organization(),
+            request.filter,
+            pb.PredictionStatistics,
+            load,
         )
-        if stats.mean_probability is not None:
-            message.mean_probability = stats.mean_probability
-        if stats.min_probability is not None:
-            message.min_probability = stats.min_probability
-        if stats.max_probability is not None:
-            message.max_probability = stats.max_probability
-        return message
 
     # --- operations (admin) ----------------------------------------------------------
     async def PurgePredictions(
@@ -440,9 +477,17 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             cutoff = datetime.now(UTC) - age
         except OverflowError:  # older than year 1: nothing can be that old
             return pb.PurgePredictionsResponse(purged_count=0)
-        purged = await prediction_repo.purge_older_than(
-            lambda: transaction(self.deps, tenant), tenant, cutoff, dry_run=request.dry_run
-        )
+        touched: set[uuid.UUID] = set()
+        try:
+            purged = await prediction_repo.purge_older_than(
+                lambda: transaction(self.deps, tenant),
+                tenant,
+                cutoff,
+                dry_run=request.dry_run,
+                touched=touched,
+            )
+        finally:  # committed chunks stay deleted even when a later one fails
+            await forget_predictions(self.deps, touched)
         return pb.PurgePredictionsResponse(purged_count=purged)
 
     async def ListRequestLogs(

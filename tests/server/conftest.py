@@ -20,6 +20,7 @@ from db.migrate import upgrade_to_head
 from ferrule.client import AsyncFerruleClient, ClientConfig
 from server.app import FerruleApp
 from server.settings import Settings
+from server.telemetry import Telemetry, setup_telemetry
 
 JWT_SECRET = "test-jwt-secret-" + "x" * 32
 ADMIN_TOKEN = "test-admin-token-" + "y" * 16
@@ -85,10 +86,18 @@ async def start_server() -> AsyncIterator[StartServer]:
     """Factory: `await start_server(database_url, **settings)` -> RunningServer."""
     running: list[RunningServer] = []
 
-    async def start(database_url: str, *, migrate: bool = True, **overrides: Any) -> RunningServer:
+    async def start(
+        database_url: str,
+        *,
+        migrate: bool = True,
+        telemetry: Telemetry | None = None,
+        **overrides: Any,
+    ) -> RunningServer:
         if migrate:
             await upgrade_to_head(database_url)
-        app = FerruleApp(server_settings(database_url, **overrides))
+        if telemetry is None:  # no exporters, and leave the process-global providers alone
+            telemetry = setup_telemetry(environ={}, set_global=False)
+        app = FerruleApp(server_settings(database_url, **overrides), telemetry=telemetry)
         port = await app.start()
         server = RunningServer(app=app, database_url=database_url, target=f"127.0.0.1:{port}")
         running.append(server)
