@@ -134,31 +134,35 @@ class Cache:
     async def _get_or_load(
         self, key: CacheKey, loader: Loader, ttl: float
     ) -> tuple[str, bytes | None]:
-        """(outcome, value); outcome is ``hit``, ``miss`` or ``bypass`` for the span."""
+        """(outcome, value); outcome is ``hit``, ``miss`` or ``bypass`` for the span.
+
+        Bypassed reads (backend unavailable) still share one load per key, so an outage
+        does not turn a hot key into a stampede on the database."""
+        rendered = key.render(self._prefix)
         if not key.cacheable or not await self._backend_trusted():
             self._counters.bypassed += 1
-            return "bypass", await self._load(loader)
-        rendered = key.render(self._prefix)
+            return "bypass", await self._join_flight(rendered, lambda: self._load(loader))
         try:
             value = await self._backend.get(rendered)
         except CacheBackendError as exc:
             self._failed(exc)
             self._counters.bypassed += 1
-            return "bypass", await self._load(loader)
+            return "bypass", await self._join_flight(rendered, lambda: self._load(loader))
         if value is not None:
             self._counters.hits += 1
             return "hit", value
         self._counters.misses += 1
-        return "miss", await self._join_flight(key, rendered, loader, ttl)
+        return "miss", await self._join_flight(
+            rendered, lambda: self._load_and_fill(key, rendered, loader, ttl)
+        )
 
     async def _join_flight(
-        self, key: CacheKey, rendered: str, loader: Loader, ttl: float
+        self, rendered: str, start: Callable[[], Coroutine[Any, Any, bytes | None]]
     ) -> bytes | None:
+        """Wait for this process's load of ``rendered``, starting it if there is none."""
         flight = self._flights.get(rendered)
         if flight is None:
-            task = asyncio.get_running_loop().create_task(
-                self._load_and_fill(key, rendered, loader, ttl)
-            )
+            task = asyncio.get_running_loop().create_task(start())
             flight = _Flight(task)
             self._flights[rendered] = flight
             task.add_done_callback(functools.partial(self._end_flight, rendered, flight))
@@ -251,7 +255,11 @@ class Cache:
         values). Call it after the write commits and before the write RPC returns."""
         rendered: list[str] = []
         for key in keys:
-            rendered += [key.render(self._prefix), key.render_lease(self._prefix)]
+            entry = key.render(self._prefix)
+            # Loads already in flight may have read the old row: their current waiters
+            # keep them, but later callers (this writer's next read) must start afresh.
+            self._flights.pop(entry, None)
+            rendered += [entry, key.render_lease(self._prefix)]
         if not rendered:
             return
         with self._tracer.start_as_current_span(

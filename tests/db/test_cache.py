@@ -295,9 +295,13 @@ async def test_load_racing_an_invalidation_does_not_store_its_stale_value(cache:
     read = asyncio.create_task(cache.get_or_load(user_key(), stale, ttl=30))
     await _until(lambda: stale.calls == 1, "the load to start")
     await cache.invalidate(user_key())  # a write commits while the read is loading
+    # The writer reads its write back while the old load is still running: it must not
+    # join that load.
+    fresh = CountingLoader(b"after-write")
+    reread = cache.get_or_load(user_key(), fresh, ttl=30)
+    assert await asyncio.wait_for(reread, 5) == b"after-write"
     gate.set()
     assert await read == b"before-write"  # that read began before the write: fine
-    fresh = CountingLoader(b"after-write")
     assert await cache.get_or_load(user_key(), fresh, ttl=30) == b"after-write"
     assert fresh.calls == 1
 

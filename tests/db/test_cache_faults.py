@@ -159,3 +159,29 @@ async def test_redis_never_reachable() -> None:
         assert not await cache.ping()
     finally:
         await cache.close()
+
+
+async def test_single_flight_holds_during_an_outage() -> None:
+    cache = make_cache(f"redis://127.0.0.1:{free_port()}/0")
+    calls = 0
+    gate = asyncio.Event()
+
+    async def slow_load() -> bytes:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return b"from-db"
+
+    try:
+        reads = [
+            asyncio.create_task(cache.get_or_load(key(1), slow_load, ttl=60)) for _ in range(30)
+        ]
+        for _ in range(200):  # until every read has missed the cache and joined the load
+            if cache.stats().bypassed >= 30:
+                break
+            await asyncio.sleep(0.01)
+        gate.set()
+        assert await asyncio.gather(*reads) == [b"from-db"] * 30
+        assert calls == 1
+    finally:
+        await cache.close()
