@@ -156,16 +156,23 @@ class PredictionsRepository(Repository[Prediction]):
             inserted.update(result.scalars().all())
         return inserted
 
-    async def delete_older_than(self, cutoff: datetime, *, limit: int = PURGE_CHUNK_ROWS) -> int:
-        """Delete at most ``limit`` rows with ``predict_time < cutoff``; returns how many."""
+    async def delete_older_than(
+        self, cutoff: datetime, *, limit: int = PURGE_CHUNK_ROWS
+    ) -> tuple[int, set[uuid.UUID]]:
+        """Delete at most ``limit`` rows with ``predict_time < cutoff``.
+
+        Returns how many, and the organizations they belonged to (so caches of exactly
+        those organizations can be invalidated, even for an all-organizations purge).
+        """
         victims = self.scoped(select(Prediction.id)).where(Prediction.predict_time < cutoff)
         stmt = (
             delete(Prediction)
             .where(Prediction.id.in_(victims.limit(limit).scalar_subquery()))
+            .returning(Prediction.organization_id)
             .execution_options(synchronize_session=False)
         )
-        result = await self.session.execute(stmt)
-        return int(getattr(result, "rowcount", 0) or 0)
+        owners = (await self.session.execute(stmt)).scalars().all()
+        return len(owners), set(owners)
 
     async def count_older_than(self, cutoff: datetime) -> int:
         stmt = self.scoped(select(func.count()).select_from(Prediction)).where(
@@ -304,11 +311,13 @@ async def purge_older_than(
     *,
     chunk_size: int = PURGE_CHUNK_ROWS,
     dry_run: bool = False,
+    touched: set[uuid.UUID] | None = None,
 ) -> int:
     """Retention: delete rows with ``predict_time < cutoff``, one transaction per chunk.
 
     Returns the rows deleted (with ``dry_run``: that would be). Chunks already committed
     stay deleted if a later one fails, so calling again continues where it stopped.
+    ``touched`` collects the organizations of committed deletions, even on failure.
     """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
@@ -318,9 +327,11 @@ async def purge_older_than(
     total = 0
     while True:
         async with sessions() as session:
-            deleted = await PredictionsRepository(session, tenant).delete_older_than(
+            deleted, owners = await PredictionsRepository(session, tenant).delete_older_than(
                 cutoff, limit=chunk_size
             )
+        if touched is not None:
+            touched |= owners
         total += deleted
         if deleted < chunk_size:
             return total

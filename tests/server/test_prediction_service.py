@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from db.cache import create_cache
 from ferrule.client import (
     AlreadyExists,
     AsyncFerruleClient,
@@ -668,3 +669,31 @@ async def test_request_log_records_calls(pg_server: RunningServer) -> None:
             pb.ListRequestLogsRequest(parent=parent, order_by="method")
         )
     assert "order_by" in violations(caught.value)
+
+
+async def test_cached_reads_stay_correct_across_a_purge(pg_server: RunningServer) -> None:
+    # Until the app wires its cache into Dependencies, install the in-process one here.
+    cache = create_cache(None, prefix="test", timeout_ms=50, local_max_entries=1000)
+    setattr(pg_server.app.deps, "cache", cache)  # noqa: B010
+    parent = await new_org(pg_server)
+    client = pg_server.for_org(org_id(parent), scope="read write admin")
+    old = await client.predictions.CreatePrediction(
+        pb.CreatePredictionRequest(
+            parent=parent, prediction=prediction(0.9, at=NOW - timedelta(days=30))
+        )
+    )
+    for _ in range(2):
+        assert await client.predictions.GetPrediction(pb.GetPredictionRequest(name=old.name)) == old
+        stats = await client.predictions.GetPredictionStatistics(
+            pb.GetPredictionStatisticsRequest(parent=parent)
+        )
+        assert stats.count == 1
+    assert cache.stats().hits >= 2
+    older_than = duration_pb2.Duration()
+    older_than.FromTimedelta(timedelta(days=1))
+    purged = await client.predictions.PurgePredictions(
+        pb.PurgePredictionsRequest(parent=parent, older_than=older_than)
+    )
+    assert purged.purged_count == 1
+    with pytest.raises(NotFound):
+        await client.predictions.GetPrediction(pb.GetPredictionRequest(name=old.name))
