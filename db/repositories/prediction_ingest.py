@@ -23,6 +23,7 @@ SQLite (the embedded default) takes a portable path: look the keys up, insert th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Sequence
@@ -34,7 +35,12 @@ import asyncpg
 from sqlalchemy import Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.errors import DatabaseUnavailableError, StatementTimeoutError
+from db.errors import (
+    AccessDeniedError,
+    ConcurrentModificationError,
+    DatabaseUnavailableError,
+    StatementTimeoutError,
+)
 from db.models import IngestBatch, Prediction
 
 __all__ = [
@@ -61,10 +67,8 @@ STAGED_COLUMNS: tuple[str, ...] = (
     "request_id",
 )
 
-_STAGING_TABLE = "ferrule_ingest_staging"
-
-_CREATE_STAGING = f"""
-CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGING_TABLE} (
+_CREATE_STAGING = """
+CREATE TEMPORARY TABLE IF NOT EXISTS {table} (
     id uuid NOT NULL,
     subject_id text NOT NULL,
     probability double precision NOT NULL,
@@ -77,14 +81,18 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGING_TABLE} (
 ) ON COMMIT DELETE ROWS
 """
 
+# The role matters: a temporary table belongs to the role that created it, and the
+# transaction may run as the application role or (tests, tools) as the login role.
 _EXISTING_BATCHES = """
-SELECT batch_id FROM ingest_batches
-WHERE organization_id = $1 AND batch_id = ANY($2::text[])
+SELECT current_user, ARRAY(
+    SELECT batch_id FROM ingest_batches
+    WHERE organization_id = $1 AND batch_id = ANY($2::text[])
+)
 """
 
 # One round trip moves the staged rows, counts the new ones per batch and records the
 # batches. Data-modifying CTEs share one snapshot, so the counts come from RETURNING.
-_MOVE_STAGED = f"""
+_MOVE_STAGED = """
 WITH inserted AS (
     INSERT INTO predictions (
         id, organization_id, subject_id, probability, risk_level, model_name,
@@ -92,7 +100,7 @@ WITH inserted AS (
     )
     SELECT s.id, $1, s.subject_id, s.probability, s.risk_level, s.model_name,
            s.model_version, s.features, s.predict_time, s.request_id, $2
-    FROM {_STAGING_TABLE} AS s
+    FROM {table} AS s
     ON CONFLICT (id) DO NOTHING
     RETURNING request_id
 ), counts AS (
@@ -168,34 +176,51 @@ async def _ingest_postgres(
 ) -> dict[str, int]:
     conn = await _raw_connection(session)
     try:
-        existing = {
-            r[0]
-            for r in await conn.fetch(
-                _EXISTING_BATCHES, organization_id, [b.batch_id for b in batches]
-            )
-        }
-        fresh = [b for b in batches if b.batch_id not in existing]
+        role, existing = await conn.fetchrow(
+            _EXISTING_BATCHES, organization_id, [b.batch_id for b in batches]
+        )
+        fresh = [b for b in batches if b.batch_id not in set(existing)]
         records = [row for b in fresh for row in b.rows]
         if not fresh:
             return {}
+        table = _staging_table(role)
+        await conn.execute(_CREATE_STAGING.format(table=table))
         if records:
-            await conn.execute(_CREATE_STAGING)
-            await conn.copy_records_to_table(
-                _STAGING_TABLE, records=records, columns=STAGED_COLUMNS
-            )
+            await conn.copy_records_to_table(table, records=records, columns=STAGED_COLUMNS)
         rows = await conn.fetch(
-            _MOVE_STAGED,
+            _MOVE_STAGED.format(table=table),
             organization_id,
             create_by,
             [b.batch_id for b in fresh],
             [b.valid for b in fresh],
             [b.rejected for b in fresh],
         )
-    except asyncpg.QueryCanceledError as exc:
-        raise StatementTimeoutError("the ingest ran past its deadline and was cancelled") from exc
-    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+    except asyncpg.PostgresError as exc:
+        raise _translate(exc) from exc
+    except asyncpg.InterfaceError as exc:
         raise DatabaseUnavailableError("the database connection failed") from exc
     return {r[0]: r[1] for r in rows}
+
+
+def _staging_table(role: str) -> str:
+    safe = "".join(c for c in role.lower() if c.isalnum() or c == "_")[:40]
+    suffix = safe if safe == role else hashlib.sha1(role.encode()).hexdigest()[:12]
+    return f"ferrule_ingest_staging_{suffix}"
+
+
+def _translate(exc: asyncpg.PostgresError) -> Exception:
+    """Errors of the raw asyncpg calls (SQLAlchemy's translation does not see them)."""
+    state = getattr(exc, "sqlstate", "") or ""
+    if state == "57014":
+        return StatementTimeoutError("the ingest ran past its deadline and was cancelled")
+    if state in ("40001", "40P01"):
+        return ConcurrentModificationError("a concurrent ingest conflicted; re-send the batches")
+    if state.startswith("08") or state in ("57P01", "57P02", "57P03", "53300"):
+        return DatabaseUnavailableError("the database connection failed")
+    if state == "42501":
+        return AccessDeniedError("the database refused the ingest")
+    unknown: Exception = exc
+    return unknown
 
 
 async def _ingest_portable(

@@ -276,6 +276,27 @@ async def test_helper_resumes_after_the_server_restarts(
     )
 
 
+async def test_stream_under_the_application_role(
+    start_server: StartServer, pg_database_url: str
+) -> None:
+    """Row-level security on: the staging table belongs to the role, the insert passes
+    the tenant policy, and a server without the role on the same database coexists."""
+    server = await start_server(pg_database_url, database_app_role="ferrule_app")
+    org = await new_org(server)
+    parent = f"organizations/{org}"
+    acks = await exchange(
+        server.for_org(org),
+        [request(parent, f"a-{n}", [row(i) for i in range(n * 10, n * 10 + 10)]) for n in range(3)],
+    )
+    assert [(a.accepted, a.duplicates) for a in acks] == [(10, 0)] * 3
+    plain = await start_server(pg_database_url, migrate=False)
+    again = await exchange(
+        plain.for_org(org), [request(parent, "a-0", [row(0)]), request(parent, "a-9", [row(1)])]
+    )
+    assert [(a.accepted, a.duplicates) for a in again] == [(0, 1), (1, 0)]
+    assert len(await stored(pg_database_url, org)) == 31
+
+
 async def test_stream_on_sqlite(start_server: StartServer, sqlite_database_url: str) -> None:
     server = await start_server(sqlite_database_url)
     org = await new_org(server)
