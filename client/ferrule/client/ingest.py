@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import threading
 import uuid
@@ -35,15 +36,18 @@ import grpc
 from grpc import aio
 
 from ferrule.client.aio import AsyncFerruleClient
-from ferrule.client.config import ClientConfig
+from ferrule.client.config import ClientConfig, channel_credentials, channel_options
 from ferrule.client.errors import FerruleError, from_rpc_error
+from ferrule.client.outgoing import OutgoingPolicy
 from ferrule.v1 import prediction_service_pb2 as pb
+from ferrule.v1 import prediction_service_pb2_grpc
 
 if TYPE_CHECKING:
     from ferrule.client.sync import FerruleClient
 
 __all__ = [
     "RECONNECT_CODES",
+    "AckMismatch",
     "AsyncPredictionStreamer",
     "IngestTotals",
     "PredictionStreamer",
@@ -63,6 +67,27 @@ RECONNECT_CODES: frozenset[grpc.StatusCode] = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
     }
 )
+
+
+def _reconnectable(error: FerruleError) -> bool:
+    """RECONNECT_CODES, plus INTERNAL/UNKNOWN raised by gRPC itself rather than sent by
+    the server (no Ferrule error details). grpc.aio marks a call INTERNAL ("Internal
+    error from Core") when a write fails, which happens when the write races the
+    server's own status: the real status is lost. Retrying is safe, and a deterministic
+    server error (INVALID_ARGUMENT, ...) shows its true code on a later attempt."""
+    if isinstance(error, AckMismatch):
+        return False
+    if error.code in RECONNECT_CODES:
+        return True
+    transport = error.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    return transport and error.domain != "ferrule"
+
+
+class AckMismatch(FerruleError):
+    """The server acknowledged a batch other than the oldest unacknowledged one (a
+    broken server or proxy); nothing can be trusted on that stream."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 class StreamBroken(FerruleError):
@@ -107,6 +132,8 @@ class _Outgoing:
     size: int
 
 
+_METHOD = "/ferrule.v1.PredictionService/StreamPredictions"
+
 AckCallback = Callable[[pb.StreamPredictionsResponse], None]
 
 
@@ -135,7 +162,7 @@ class AsyncPredictionStreamer:
             max_attempts: consecutive stream attempts without an acknowledgement
                 before giving up with :class:`StreamBroken`.
             stream_timeout: deadline of each stream; when it expires the streamer simply
-                opens a new one (None: the client's default deadline).
+                opens a new one (None: no deadline).
             batch_id_prefix: batch ids are ``{prefix}-{n}``; default a fresh UUID, so ids
                 are unique per organization as the contract asks.
             on_ack: called with every acknowledgement, in order, after totals update.
@@ -144,7 +171,23 @@ class AsyncPredictionStreamer:
             raise ValueError("batch_size must be between 1 and 1000")
         if max_in_flight < 1 or max_attempts < 1:
             raise ValueError("max_in_flight and max_attempts must be positive")
-        self._client = client
+        # A channel of its own, configured like the client's but (1) without the retry
+        # policy: the streamer re-sends on its own terms (the unacknowledged batches, on
+        # a new stream), and gRPC's transparent retries would replay and hide attempts
+        # underneath it; (2) without the interceptors: their request queue turns a write
+        # that races the stream's failure into a local INTERNAL error that hides the
+        # server's status. Token, trace context and typed errors are applied here instead.
+        # It also keeps a busy ingest connection apart from the client's other calls.
+        config = dataclasses.replace(client.config, max_attempts=1)
+        self._policy = OutgoingPolicy.from_config(config)
+        credentials = channel_credentials(config)
+        if credentials is None:
+            self._channel = aio.insecure_channel(config.target, options=channel_options(config))
+        else:
+            self._channel = aio.secure_channel(
+                config.target, credentials, options=channel_options(config)
+            )
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self.parent = parent
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
@@ -201,17 +244,20 @@ class AsyncPredictionStreamer:
         return self.totals
 
     async def close(self) -> IngestTotals:
-        """:meth:`flush`, then end the stream (half-close) and wait for it to finish."""
+        """Send the buffered rows, end the stream (half-close) and wait until the server
+        has acknowledged every batch and closed it. The streamer is done afterwards."""
         try:
-            await self.flush()
+            if self._buffer:
+                await self._send_buffer()
         finally:
             self._closing = True
             async with self._changed:
                 self._changed.notify_all()
             if self._runner is not None:
-                with contextlib.suppress(Exception):
-                    await self._runner
+                await self._runner  # stores its failure in _error rather than raising
                 self._runner = None
+            await self._channel.close()
+        self._raise_error()
         return self.totals
 
     async def abort(self) -> None:
@@ -222,6 +268,7 @@ class AsyncPredictionStreamer:
             with contextlib.suppress(BaseException):
                 await self._runner
             self._runner = None
+        await self._channel.close()
 
     @property
     def unacknowledged(self) -> int:
@@ -249,6 +296,8 @@ class AsyncPredictionStreamer:
     async def _submit(self, rows: list[pb.Prediction], batch_id: str | None) -> str:
         if len(rows) > 1000:
             raise ValueError("a batch holds at most 1000 predictions")
+        if self._closing:
+            raise RuntimeError("the streamer is closed")
         self._raise_error()
         if batch_id is None:
             batch_id = f"{self._prefix}-{self._batches_made}"
@@ -288,12 +337,12 @@ class AsyncPredictionStreamer:
                         "the server ended the stream", code=grpc.StatusCode.UNAVAILABLE
                     )
                 except FerruleError as exc:
-                    if exc.code not in RECONNECT_CODES:
+                    if not _reconnectable(exc):
                         raise
                     failure: FerruleError = exc
                 except aio.AioRpcError as exc:
                     typed = from_rpc_error(exc)
-                    if typed.code not in RECONNECT_CODES:
+                    if not _reconnectable(typed):
                         raise typed from exc
                     failure = typed
                 failures = 0 if self.totals.batches > acked_before else failures + 1
@@ -313,7 +362,10 @@ class AsyncPredictionStreamer:
                 self._changed.notify_all()
 
     async def _stream_once(self) -> None:
-        call = self._client.predictions.StreamPredictions(timeout=self.stream_timeout)
+        span = self._policy.start_span(_METHOD)
+        call = self._stub.StreamPredictions(
+            timeout=self.stream_timeout, metadata=self._policy.metadata(None, span)
+        )
         self._call = call
         self._sent = 0
         sender = asyncio.create_task(self._send(call))
@@ -329,6 +381,14 @@ class AsyncPredictionStreamer:
                     "the stream ended before every batch was acknowledged",
                     code=grpc.StatusCode.UNAVAILABLE,
                 )
+            span.finish(grpc.StatusCode.OK)
+        except aio.AioRpcError as exc:
+            typed = from_rpc_error(exc)
+            span.finish(typed.code, typed)
+            raise typed from exc
+        except BaseException as exc:
+            span.finish(getattr(exc, "code", grpc.StatusCode.CANCELLED), exc)
+            raise
         finally:
             sender.cancel()
             with contextlib.suppress(BaseException):
@@ -337,11 +397,12 @@ class AsyncPredictionStreamer:
             self._call = None
 
     async def _send(self, call: Any) -> None:
-        """Write every batch not yet sent on this stream; half-close once closing."""
+        """Write every batch not yet sent on this stream; half-close once closing and
+        everything is written (the server then acknowledges the rest and ends)."""
         while True:
             async with self._changed:
                 await self._changed.wait_for(
-                    lambda: self._sent < len(self._unacked) or (self._closing and not self._unacked)
+                    lambda: self._sent < len(self._unacked) or self._closing
                 )
                 if self._sent >= len(self._unacked):
                     break
@@ -356,9 +417,8 @@ class AsyncPredictionStreamer:
         async with self._changed:
             if not self._unacked or self._unacked[0].request.batch_id != response.batch_id:
                 expected = self._unacked[0].request.batch_id if self._unacked else "none"
-                raise FerruleError(
-                    f"acknowledgement for {response.batch_id!r}, expected {expected!r}",
-                    code=grpc.StatusCode.INTERNAL,
+                raise AckMismatch(
+                    f"acknowledgement for {response.batch_id!r}, expected {expected!r}"
                 )
             outgoing = self._unacked.popleft()
             self._sent -= 1
