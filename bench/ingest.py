@@ -240,6 +240,51 @@ async def measure_create(
     return rows / elapsed
 
 
+def measure_wire_formats(pool: list[SourceRow]) -> dict[str, float]:
+    """Per-row cost (µs) of the features as a Struct vs as JSON text, both directions.
+
+    Struct: the client's ``Struct.update`` and the server's shared validation walk
+    (``features_to_dict``) plus the JSON text jsonb needs. JSON text (a hypothetical
+    ``string features_json``): the client's ``json.dumps`` and the server's
+    ``json.loads`` to validate (the text itself would go to jsonb unchanged).
+    """
+    from google.protobuf import struct_pb2
+
+    from server.services.prediction_rows import features_to_dict
+
+    features = [row[4] for row in pool]
+    structs = []
+    started = time.perf_counter()
+    for item in features:
+        struct = struct_pb2.Struct()
+        struct.update(item)
+        structs.append(struct)
+    struct_build = time.perf_counter() - started
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+    started = time.perf_counter()
+    for struct in structs:
+        encode(features_to_dict(struct, []))
+    struct_read = time.perf_counter() - started
+    started = time.perf_counter()
+    texts = [json.dumps(item) for item in features]
+    json_build = time.perf_counter() - started
+
+    def refuse(constant: str) -> None:
+        raise ValueError(constant)
+
+    started = time.perf_counter()
+    for text in texts:
+        json.loads(text, parse_constant=refuse)
+    json_read = time.perf_counter() - started
+    per_row = 1e6 / len(features)
+    return {
+        "struct_client_us_per_row": round(struct_build * per_row, 2),
+        "struct_server_us_per_row": round(struct_read * per_row, 2),
+        "json_text_client_us_per_row": round(json_build * per_row, 2),
+        "json_text_server_us_per_row": round(json_read * per_row, 2),
+    }
+
+
 async def count_rows(database_url: str, organization: uuid.UUID) -> int:
     conn = await asyncpg.connect(driverless(database_url))
     try:
@@ -292,6 +337,14 @@ async def run(args: argparse.Namespace) -> Figures:
             f" ({args.ingest_create_concurrency} calls in flight)",
             flush=True,
         )
+    wire = measure_wire_formats(pool)
+    print(
+        "features wire format, us/row (client + server): Struct"
+        f" {wire['struct_client_us_per_row']} + {wire['struct_server_us_per_row']},"
+        f" JSON text {wire['json_text_client_us_per_row']} + {wire['json_text_server_us_per_row']}",
+        flush=True,
+    )
+    figures.update(wire)
     figures.update(
         {
             "copy_rows_per_s": round(copy_rate),
