@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_reflection.v1alpha import reflection
 
+from db.cache import Cache, create_cache
 from db.engine import Database
 from db.observability import QueryObservers, install_statement_observers
 from server.auth import Authenticator
@@ -40,6 +41,7 @@ class Dependencies:
     request_log: RequestLogWriter
     health: HealthProbe
     query_observers: QueryObservers
+    cache: Cache
 
 
 def page_token_secret(settings: Settings) -> bytes:
@@ -113,6 +115,15 @@ class FerruleApp:
         for replica in self.database.replica_engines:
             self.query_observers.attach(replica)
         self.telemetry.metrics.observe_pool(self.database.pool_status)
+        # Redis when REDIS_URL is set, else a bounded in-process LRU with the same semantics.
+        self.cache = create_cache(
+            settings.redis_url,
+            prefix=settings.ferrule_cache_prefix,
+            timeout_ms=settings.ferrule_cache_timeout_ms,
+            local_max_entries=settings.ferrule_cache_local_max_entries,
+            tracer_provider=self.telemetry.tracer_provider,
+        )
+        self.telemetry.metrics.observe_cache(self.cache.stats)
         self.request_log = RequestLogWriter(self._write_request_log)
         self.health = HealthProbe(self.database, settings.ferrule_health_probe_seconds)
         self.deps = Dependencies(
@@ -122,6 +133,7 @@ class FerruleApp:
             request_log=self.request_log,
             health=self.health,
             query_observers=self.query_observers,
+            cache=self.cache,
         )
         self.server: grpc.aio.Server | None = None
         self.port: int = 0
@@ -188,5 +200,6 @@ class FerruleApp:
             self.server = None
         await self.request_log.stop()
         await self.query_observers.aclose()
+        await self.cache.close()
         await self.database.dispose()
         self.telemetry.shutdown()

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     ferrule_cache_stats_ttl_seconds: float = Field(30.0, gt=0)
     ferrule_cache_timeout_ms: int = Field(50, ge=1)
     ferrule_cache_local_max_entries: int = Field(10_000, ge=1)
+    ferrule_cache_prefix: str = Field(
+        "ferrule", pattern=r"^[A-Za-z0-9_.-]+$", description="namespace of every Redis key"
+    )
 
     # --- security --------------------------------------------------------------
     ferrule_jwt_secret: SecretStr | None = None

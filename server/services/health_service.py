@@ -46,11 +46,12 @@ class HealthServicer(health_service_pb2_grpc.HealthServiceServicer):
         report.check_time.FromDatetime(datetime.now(UTC))
         database_ok = await self._database(report.database)
         schema_ok = await self._schema(report.schema, database_ok)
+        cache_ok = await self._cache(report.cache)
         self._process(report.process)
         self._query_statistics(report.query_statistics)
         if not database_ok:
             report.status = pb.HEALTH_STATUS_UNHEALTHY
-        elif not schema_ok:
+        elif not (schema_ok and cache_ok):
             report.status = pb.HEALTH_STATUS_DEGRADED
         else:
             report.status = pb.HEALTH_STATUS_HEALTHY
@@ -88,6 +89,15 @@ class HealthServicer(health_service_pb2_grpc.HealthServiceServicer):
         out.current_revision = current or ""
         out.up_to_date = current == self._head
         return out.up_to_date
+
+    async def _cache(self, out: pb.CacheHealth) -> bool:
+        cache = self._deps.cache
+        out.reachable = await cache.ping()
+        stats = cache.stats()
+        out.backend = stats.backend
+        out.degraded = stats.degraded or not out.reachable
+        out.hits, out.misses, out.hit_rate = stats.hits, stats.misses, stats.hit_rate
+        return not out.degraded
 
     def _process(self, out: pb.ProcessInfo) -> None:
         out.version = __version__

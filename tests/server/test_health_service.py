@@ -38,6 +38,9 @@ async def test_health_report_describes_database_schema_process_and_queries(
     assert report.schema.head_revision == head_revision()
     assert report.schema.current_revision == head_revision()
     assert report.schema.up_to_date
+    assert report.cache.backend == "local"  # no REDIS_URL: the in-process LRU
+    assert report.cache.reachable
+    assert not report.cache.degraded
     assert report.process.pid > 0
     assert report.process.rss_bytes > 0
     assert report.query_statistics.total_count > 0
