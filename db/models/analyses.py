@@ -75,7 +75,7 @@ class TextAnalysis(
     emotion_scores: Mapped[dict[str, Any] | None] = mapped_column()
     result: Mapped[dict[str, Any] | None] = mapped_column()
     processing_ms: Mapped[float | None] = mapped_column()
-    model_used: Mapped[str | None] = mapped_column(String(100))
+    model_used: Mapped[str | None] = mapped_column(String(200))
     error_message: Mapped[str | None] = mapped_column(Text)
     batch_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("analysis_batches.id", ondelete="SET NULL")
@@ -121,7 +121,7 @@ class ModelPerformanceRecord(IdMixin, TenantMixin, Base):
 
     __tablename__ = "model_performance_records"
 
-    model_name: Mapped[str] = mapped_column(String(100))
+    model_name: Mapped[str] = mapped_column(String(200))
     model_version: Mapped[str] = mapped_column(String(50))
     window_start: Mapped[datetime] = mapped_column()
     window_end: Mapped[datetime] = mapped_column()

@@ -25,7 +25,7 @@ class Prediction(IdMixin, TenantMixin, Base):
     #: The seed's ``attrition_prob``.
     probability: Mapped[float] = mapped_column()
     risk_level: Mapped[RiskLevel] = mapped_column(EnumString(RiskLevel))
-    model_name: Mapped[str] = mapped_column(String(100))
+    model_name: Mapped[str] = mapped_column(String(200))
     model_version: Mapped[str] = mapped_column(String(50))
     features: Mapped[dict[str, Any] | None] = mapped_column()
     predict_time: Mapped[datetime] = mapped_column()

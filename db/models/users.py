@@ -114,6 +114,8 @@ class UserSession(IdMixin, TenantMixin, Base):
     )
     expire_time: Mapped[datetime] = mapped_column()
     revoke_time: Mapped[datetime | None] = mapped_column()
+    #: Who revoked the session (the caller's ``sub`` claim).
+    revoke_by: Mapped[str | None] = mapped_column(String(255))
     create_by: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (

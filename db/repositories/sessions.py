@@ -96,12 +96,14 @@ class SessionsRepository(Repository[UserSession]):
         keys = [SortKey(UserSession.create_time, True), SortKey(UserSession.id, True)]
         return await paginate(self.session, stmt, keys, page_size=page_size, cursor=cursor)
 
-    async def revoke(self, session_id: uuid.UUID, *, now: datetime | None = None) -> UserSession:
-        """Revoke (idempotent: a revoked session keeps its first revoke time)."""
+    async def revoke(
+        self, session_id: uuid.UUID, *, now: datetime | None = None, revoke_by: str | None = None
+    ) -> UserSession:
+        """Revoke (idempotent: a revoked session keeps its first revoke time and revoker)."""
         stmt = (
             self.scoped(update(UserSession))
             .where(UserSession.id == session_id, UserSession.revoke_time.is_(None))
-            .values(revoke_time=now or utcnow())
+            .values(revoke_time=now or utcnow(), revoke_by=revoke_by)
             .execution_options(synchronize_session=False)
         )
         await self.session.execute(stmt)

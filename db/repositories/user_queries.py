@@ -205,13 +205,20 @@ class SessionQueries(SessionsRepository):
         )
 
     async def revoke_for_user(
-        self, user_id: uuid.UUID, session_id: uuid.UUID, *, now: datetime
+        self,
+        user_id: uuid.UUID,
+        session_id: uuid.UUID,
+        *,
+        now: datetime,
+        revoke_by: str | None = None,
     ) -> UserSession:
         """Revoke one session of this user; a revoked one keeps its first revoke time."""
         await self.get_for_user(user_id, session_id)
-        return await self.revoke(session_id, now=now)
+        return await self.revoke(session_id, now=now, revoke_by=revoke_by)
 
-    async def revoke_all_for_user(self, user_id: uuid.UUID, *, now: datetime | None = None) -> int:
+    async def revoke_all_for_user(
+        self, user_id: uuid.UUID, *, now: datetime | None = None, revoke_by: str | None = None
+    ) -> int:
         """Revoke every active session of the user (on delete); returns how many."""
         stmt = (
             self.scoped(update(UserSession))
@@ -220,7 +227,7 @@ class SessionQueries(SessionsRepository):
                 UserSession.revoke_time.is_(None),
                 UserSession.expire_time > (now or utcnow()),
             )
-            .values(revoke_time=now or utcnow())
+            .values(revoke_time=now or utcnow(), revoke_by=revoke_by)
             .execution_options(synchronize_session=False)
         )
         result = await self.session.execute(stmt)

@@ -254,6 +254,7 @@ def session_to_proto(row: UserSession, now: datetime, token: str = "") -> pb.Use
         user_agent=row.user_agent or "",
         ip_address=row.peer or "",
         create_by=row.create_by or "",
+        revoke_by=row.revoke_by or "",
     )
     set_timestamp(message.expire_time, row.expire_time)
     set_timestamp(message.create_time, row.create_time)

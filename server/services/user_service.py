@@ -371,7 +371,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             row = await UserQueries(session, tenant).delete(
                 user_id, expected_version=version, delete_by=caller_subject()
             )
-            await SessionQueries(session, tenant).revoke_all_for_user(user_id)
+            await SessionQueries(session, tenant).revoke_all_for_user(
+                user_id, revoke_by=caller_subject()
+            )
             return cv.user_to_proto(row)
 
     async def UndeleteUser(self, request: pb.UndeleteUserRequest, context: Context) -> pb.User:
@@ -595,7 +597,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         now = utcnow()
         async with transaction(self.deps, tenant) as session:
             row = await SessionQueries(session, tenant).revoke_for_user(
-                user_id, session_id, now=now
+                user_id, session_id, now=now, revoke_by=caller_subject()
             )
             return cv.session_to_proto(row, now)
 

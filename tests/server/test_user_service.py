@@ -732,6 +732,7 @@ async def test_user_sessions(client: AsyncFerruleClient, org: uuid.UUID) -> None
 
     revoked = await client.users.RevokeUserSession(pb.RevokeUserSessionRequest(name=opened.name))
     assert revoked.state == pb.SESSION_STATE_REVOKED and revoked.HasField("revoke_time")
+    assert revoked.revoke_by == opened.create_by != ""
     assert (
         await client.users.RevokeUserSession(pb.RevokeUserSessionRequest(name=opened.name))
     ) == revoked
