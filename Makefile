@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: setup proto proto-check lint test run bench client-dist clean
+.PHONY: setup system-deps proto proto-check lint test run bench client-dist clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,13 @@ lint: $(STAMP) proto-check
 	$(BIN)/buf lint
 	$(PY) scripts/buf_breaking.py
 
-test: $(STAMP)
+## system-deps: Debian packages the suite runs (PgBouncer for the transaction-mode tests).
+system-deps:
+	@test -x /usr/sbin/pgbouncer || { \
+		echo "installing pgbouncer (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer; }
+
+test: $(STAMP) system-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 run: $(STAMP)
