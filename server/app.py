@@ -103,7 +103,9 @@ class FerruleApp:
         self.settings = settings
         self.database = Database(settings.database)
         # Per process (after any fork): the OTLP gRPC exporter owns threads of its own.
-        self.telemetry = telemetry or setup_telemetry(metrics_port=settings.ferrule_metrics_port)
+        self.telemetry = telemetry or setup_telemetry(
+            metrics_port=settings.ferrule_metrics_port, metrics_host=settings.ferrule_metrics_host
+        )
         self.query_observers = install_statement_observers(
             self.database.engine,
             slow_query_ms=settings.ferrule_slow_query_ms,

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     ferrule_trace_sql_params: bool = False
     ferrule_explain_slow_queries: bool = False
     ferrule_metrics_port: int | None = Field(None, ge=0, le=65535)
+    ferrule_metrics_host: str = Field(
+        "127.0.0.1", description="address of the Prometheus endpoint (0.0.0.0 to scrape remotely)"
+    )
     ferrule_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     ferrule_request_log: bool = True
     ferrule_health_probe_seconds: float = Field(2.0, gt=0)

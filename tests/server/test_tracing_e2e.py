@@ -1,0 +1,142 @@
+"""Tracing and metrics of the real server, seen through the real client.
+
+One client call makes one trace: the client span, the server span under it, the SQL
+spans under that. Parameter values never reach a span; the request log row carries the
+trace id; the Prometheus endpoint serves the RPC histogram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import asyncpg
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from ferrule.client import AsyncFerruleClient, ClientConfig
+from ferrule.v1 import user_service_pb2 as pb
+from server.telemetry import setup_telemetry
+from tests.server.conftest import ADMIN_TOKEN, StartServer
+
+SECRET = "hunter2-SECRET-7f3a9c"
+
+
+def _attribute_text(span: ReadableSpan) -> str:
+    parts = [str(v) for v in (span.attributes or {}).values()]
+    for event in span.events:
+        parts += [str(v) for v in (event.attributes or {}).values()]
+    parts.append(span.status.description or "")
+    return " ".join(parts)
+
+
+async def test_one_trace_from_client_through_server_to_sql(
+    start_server: StartServer, pg_database_url: str
+) -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry(
+        environ={}, set_global=False, span_processors=[SimpleSpanProcessor(exporter)]
+    )
+    server = await start_server(pg_database_url, telemetry=telemetry)
+    client_provider = TracerProvider()
+    client_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    config = ClientConfig(target=server.target, token=ADMIN_TOKEN, tracer_provider=client_provider)
+    async with AsyncFerruleClient(config=config) as client:
+        org = await client.users.CreateOrganization(
+            pb.CreateOrganizationRequest(organization=pb.Organization(display_name=SECRET))
+        )
+        exporter.clear()
+        await client.users.GetOrganization(pb.GetOrganizationRequest(name=org.name))
+
+    spans = exporter.get_finished_spans()
+    client_spans = [
+        s for s in spans if s.kind is SpanKind.CLIENT and s.name.endswith("Organization")
+    ]
+    server_spans = [s for s in spans if s.kind is SpanKind.SERVER]
+    assert len(client_spans) == 1
+    assert len(server_spans) == 1
+    client_span, server_span = client_spans[0], server_spans[0]
+    assert server_span.name.endswith("GetOrganization")
+    assert server_span.parent is not None
+    assert server_span.parent.span_id == client_span.context.span_id
+    assert {s.context.trace_id for s in spans} == {client_span.context.trace_id}
+    sql_spans = [
+        s for s in spans if (s.attributes or {}).get("db.system") in {"postgresql", "sqlite"}
+    ]
+    assert sql_spans, [s.name for s in spans]
+    for sql in sql_spans:
+        assert sql.parent is not None
+        assert sql.parent.span_id == server_span.context.span_id
+    assert any("organizations" in str((s.attributes or {}).get("db.query.text")) for s in sql_spans)
+    assert server_span.attributes is not None
+    assert server_span.attributes.get("ferrule.tenant") == org.name.split("/")[1]
+
+
+async def test_parameter_values_never_reach_a_span_by_default(
+    start_server: StartServer, pg_database_url: str
+) -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry(
+        environ={}, set_global=False, span_processors=[SimpleSpanProcessor(exporter)]
+    )
+    server = await start_server(pg_database_url, telemetry=telemetry)
+    admin = server.admin()
+    org = await admin.users.CreateOrganization(
+        pb.CreateOrganizationRequest(organization=pb.Organization(display_name=SECRET))
+    )
+    await admin.users.UpdateOrganization(
+        pb.UpdateOrganizationRequest(
+            organization=pb.Organization(name=org.name, display_name=SECRET + "-2")
+        )
+    )
+    spans = exporter.get_finished_spans()
+    assert spans
+    leaked = [s.name for s in spans if SECRET in _attribute_text(s)]
+    assert not leaked
+
+
+async def test_request_log_row_carries_the_trace_id(
+    start_server: StartServer, pg_database_url: str
+) -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry(
+        environ={}, set_global=False, span_processors=[SimpleSpanProcessor(exporter)]
+    )
+    server = await start_server(pg_database_url, telemetry=telemetry)
+    await server.admin().users.ListOrganizations(pb.ListOrganizationsRequest())
+    span = next(s for s in exporter.get_finished_spans() if s.name.endswith("ListOrganizations"))
+    trace_id = format(span.context.trace_id, "032x")
+    conn = await asyncpg.connect(pg_database_url.replace("+asyncpg", ""))
+    try:
+        for _ in range(50):  # written in the background within about a second
+            row = await conn.fetchrow(
+                "SELECT trace_id, status_code, caller FROM request_log WHERE method LIKE $1",
+                "%ListOrganizations",
+            )
+            if row is not None:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    assert row is not None
+    assert row["trace_id"] == trace_id
+    assert row["status_code"] == "OK"
+    assert row["caller"] == "admin-token"
+
+
+async def test_metrics_endpoint_serves_the_rpc_histogram(
+    start_server: StartServer, pg_database_url: str
+) -> None:
+    telemetry = setup_telemetry(
+        environ={}, set_global=False, metrics_port=0, metrics_host="127.0.0.1"
+    )
+    server = await start_server(pg_database_url, telemetry=telemetry)
+    await server.admin().users.ListOrganizations(pb.ListOrganizationsRequest())
+    url = f"http://127.0.0.1:{telemetry.metrics_port}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    lines = [line for line in body.splitlines() if line.startswith("rpc_server_call_duration")]
+    assert any("ListOrganizations" in line and 'grpc_status_code="OK"' in line for line in lines), (
+        lines[:20]
+    )
