@@ -58,13 +58,17 @@ def caller_subject() -> str | None:
 
 @asynccontextmanager
 async def transaction(
-    deps: Dependencies, tenant: Tenant, *, read_only: bool = False
+    deps: Dependencies, tenant: Tenant, *, read_only: bool = False, primary: bool = False
 ) -> AsyncIterator[AsyncSession]:
+    """``primary`` keeps a read-only transaction on the primary: cache loaders use it, since
+    a lagging replica's value stored in the shared cache would outlive the write."""
     timeout_ms = current_call().remaining_ms(deps.settings.ferrule_default_statement_timeout_ms)
     # Replicas serve reads, except those that would miss the caller's own recent writes.
     router = router_for(deps.database)
     caller = caller_key()
-    engine = await router.engine_for_read(caller) if read_only else None
+    engine = None
+    if read_only:
+        engine = deps.database.engine if primary else await router.engine_for_read(caller)
     try:
         async with deps.database.transaction(
             tenant, timeout_ms=timeout_ms, read_only=read_only, engine=engine

@@ -19,6 +19,7 @@ from db.repositories import model_performance as mp_repo
 from db.repositories.analyses import (
     AnalysesRepository,
     AnalysisFilter,
+    AnalysisStatistics,
     NewAnalysis,
     field_violations,
     order_keys,
@@ -36,6 +37,7 @@ from server.idempotency import idempotent
 from server.listing import page_request
 from server.scoping import authorize, authorize_organization, caller_subject, transaction
 from server.services import analysis_convert as cv
+from server.services import cached_reads as cr
 from server.services.analysis_convert import Violations
 
 if TYPE_CHECKING:
@@ -94,14 +96,23 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
             created = await AnalysesRepository(session, tenant).create(new, create_by=subject)
             return cv.analysis_to_proto(created.analysis, deduplicated=created.deduplicated)
 
-        return await idempotent(self.deps, tenant, request.request_id, pb.Analysis, create)
+        # New rows have no cached entry; the statistics and a member batch's progress move.
+        async with cr.invalidation(self.deps) as stale:
+            stale.bump(cr.analyses_generation(organization_id))
+            return await idempotent(self.deps, tenant, request.request_id, pb.Analysis, create)
 
     async def GetAnalysis(self, request: pb.GetAnalysisRequest, context: Context) -> pb.Analysis:
         organization_id, analysis_id = authorize(names.ANALYSIS, request.name)
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant, read_only=True) as session:
-            row = await AnalysesRepository(session, tenant).get(analysis_id)
-            return cv.analysis_to_proto(row)
+
+        async def load() -> pb.Analysis:
+            async with cr.primary_read(self.deps, tenant) as session:
+                row = await AnalysesRepository(session, tenant).get(analysis_id)
+                return cv.analysis_to_proto(row)
+
+        return await cr.cached_get(
+            self.deps, cr.ANALYSIS, organization_id, analysis_id, pb.Analysis, load
+        )
 
     async def ListAnalyses(
         self, request: pb.ListAnalysesRequest, context: Context
@@ -189,11 +200,13 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         v.extend(field_violations(changes, "analysis."))
         version = v.call(lambda: expected_version(analysis.etag, "analysis.etag"))
         v.raise_if_any()
-        async with transaction(self.deps, tenant) as session:
-            row = await AnalysesRepository(session, tenant).update(
-                analysis_id, changes, expected_version=version, update_by=caller_subject()
-            )
-            return cv.analysis_to_proto(row)
+        async with cr.invalidation(self.deps) as stale:
+            self._analysis_written(stale, organization_id, analysis_id)
+            async with transaction(self.deps, tenant) as session:
+                row = await AnalysesRepository(session, tenant).update(
+                    analysis_id, changes, expected_version=version, update_by=caller_subject()
+                )
+                return cv.analysis_to_proto(row)
 
     async def DeleteAnalysis(
         self, request: pb.DeleteAnalysisRequest, context: Context
@@ -201,22 +214,26 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         organization_id, analysis_id = authorize(names.ANALYSIS, request.name)
         tenant = Tenant.of(organization_id)
         version = expected_version(request.etag)
-        async with transaction(self.deps, tenant) as session:
-            row = await AnalysesRepository(session, tenant).delete(
-                analysis_id, expected_version=version, delete_by=caller_subject()
-            )
-            return cv.analysis_to_proto(row)
+        async with cr.invalidation(self.deps) as stale:
+            self._analysis_written(stale, organization_id, analysis_id)
+            async with transaction(self.deps, tenant) as session:
+                row = await AnalysesRepository(session, tenant).delete(
+                    analysis_id, expected_version=version, delete_by=caller_subject()
+                )
+                return cv.analysis_to_proto(row)
 
     async def UndeleteAnalysis(
         self, request: pb.UndeleteAnalysisRequest, context: Context
     ) -> pb.Analysis:
         organization_id, analysis_id = authorize(names.ANALYSIS, request.name)
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant) as session:
-            row = await AnalysesRepository(session, tenant).restore(
-                analysis_id, update_by=caller_subject()
-            )
-            return cv.analysis_to_proto(row)
+        async with cr.invalidation(self.deps) as stale:
+            self._analysis_written(stale, organization_id, analysis_id)
+            async with transaction(self.deps, tenant) as session:
+                row = await AnalysesRepository(session, tenant).restore(
+                    analysis_id, update_by=caller_subject()
+                )
+                return cv.analysis_to_proto(row)
 
     async def BatchCreateAnalyses(
         self, request: pb.BatchCreateAnalysesRequest, context: Context
@@ -260,9 +277,11 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
                 ]
             )
 
-        return await idempotent(
-            self.deps, tenant, request.request_id, pb.BatchCreateAnalysesResponse, create
-        )
+        async with cr.invalidation(self.deps) as stale:
+            stale.bump(cr.analyses_generation(organization_id))  # once for all the rows
+            return await idempotent(
+                self.deps, tenant, request.request_id, pb.BatchCreateAnalysesResponse, create
+            )
 
     # --- batches ----------------------------------------------------------------------
     async def CreateBatch(
@@ -295,8 +314,22 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
     async def GetBatch(self, request: pb.GetBatchRequest, context: Context) -> pb.AnalysisBatch:
         organization_id, batch_id = authorize(names.BATCH, request.name)
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant, read_only=True) as session:
-            return cv.batch_to_proto(await BatchesRepository(session, tenant).get_batch(batch_id))
+
+        async def load() -> pb.AnalysisBatch:
+            async with cr.primary_read(self.deps, tenant) as session:
+                view = await BatchesRepository(session, tenant).get_batch(batch_id)
+                return cv.batch_to_proto(view)
+
+        # Under the analyses generation: the progress is derived from the members.
+        return await cr.cached_get(
+            self.deps,
+            cr.BATCH,
+            organization_id,
+            batch_id,
+            pb.AnalysisBatch,
+            load,
+            generation=cr.analyses_generation(organization_id),
+        )
 
     async def ListBatches(
         self, request: pb.ListBatchesRequest, context: Context
@@ -339,11 +372,13 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         v.extend(batch_violations(changes, "batch."))
         version = v.call(lambda: expected_version(batch.etag, "batch.etag"))
         v.raise_if_any()
-        async with transaction(self.deps, tenant) as session:
-            view = await BatchesRepository(session, tenant).update(
-                batch_id, changes, expected_version=version, update_by=caller_subject()
-            )
-            return cv.batch_to_proto(view)
+        async with cr.invalidation(self.deps) as stale:
+            stale.versioned_entity(cr.BATCH, cr.analyses_generation(organization_id), batch_id)
+            async with transaction(self.deps, tenant) as session:
+                view = await BatchesRepository(session, tenant).update(
+                    batch_id, changes, expected_version=version, update_by=caller_subject()
+                )
+                return cv.batch_to_proto(view)
 
     async def DeleteBatch(
         self, request: pb.DeleteBatchRequest, context: Context
@@ -351,22 +386,27 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         organization_id, batch_id = authorize(names.BATCH, request.name)
         tenant = Tenant.of(organization_id)
         version = expected_version(request.etag)
-        async with transaction(self.deps, tenant) as session:
-            view = await BatchesRepository(session, tenant).delete(
-                batch_id, expected_version=version, delete_by=caller_subject()
-            )
-            return cv.batch_to_proto(view)
+        # Members keep their batch: the statistics do not move, only the batch's entry.
+        async with cr.invalidation(self.deps) as stale:
+            stale.versioned_entity(cr.BATCH, cr.analyses_generation(organization_id), batch_id)
+            async with transaction(self.deps, tenant) as session:
+                view = await BatchesRepository(session, tenant).delete(
+                    batch_id, expected_version=version, delete_by=caller_subject()
+                )
+                return cv.batch_to_proto(view)
 
     async def UndeleteBatch(
         self, request: pb.UndeleteBatchRequest, context: Context
     ) -> pb.AnalysisBatch:
         organization_id, batch_id = authorize(names.BATCH, request.name)
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant) as session:
-            view = await BatchesRepository(session, tenant).restore(
-                batch_id, update_by=caller_subject()
-            )
-            return cv.batch_to_proto(view)
+        async with cr.invalidation(self.deps) as stale:
+            stale.versioned_entity(cr.BATCH, cr.analyses_generation(organization_id), batch_id)
+            async with transaction(self.deps, tenant) as session:
+                view = await BatchesRepository(session, tenant).restore(
+                    batch_id, update_by=caller_subject()
+                )
+                return cv.batch_to_proto(view)
 
     # --- model performance ------------------------------------------------------------
     async def CreateModelPerformance(
@@ -445,33 +485,57 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
             create_time_to=end,
         )
         v.raise_if_any()
-        async with transaction(self.deps, tenant, read_only=True) as session:
-            stats = await AnalysesRepository(session, tenant).statistics(filter)
-        out = pb.AnalysisStatistics(
-            total_count=stats.total,
-            # Enum order, non-zero counts only.
-            type_counts=[
-                pb.AnalysisTypeCount(
-                    analysis_type=enum_to_proto(pb.AnalysisType, t),  # type: ignore[arg-type]
-                    count=stats.by_type[t],
-                )
-                for t in AnalysisType
-                if stats.by_type.get(t)
-            ],
-            state_counts=[
-                pb.AnalysisStateCount(
-                    state=enum_to_proto(pb.AnalysisState, s),  # type: ignore[arg-type]
-                    count=stats.by_state[s],
-                )
-                for s in AnalysisState
-                if stats.by_state.get(s)
-            ],
+
+        async def load() -> pb.AnalysisStatistics:
+            async with cr.primary_read(self.deps, tenant) as session:
+                stats = await AnalysesRepository(session, tenant).statistics(filter)
+            return _statistics_to_proto(stats)
+
+        return await cr.cached_statistics(
+            self.deps,
+            cr.ANALYSIS_STATISTICS,
+            cr.analyses_generation(organization_id),
+            request,
+            pb.AnalysisStatistics,
+            load,
         )
-        for model in stats.by_model:
-            entry = out.model_statistics.add(model_used=model.model_used or "", count=model.count)
-            set_duration_ms(entry.mean_processing_duration, model.mean_processing_ms)
-        set_duration_ms(out.mean_processing_duration, stats.mean_processing_ms)
-        return out
+
+    @staticmethod
+    def _analysis_written(
+        stale: cr.Invalidation, organization_id: uuid.UUID, analysis_id: uuid.UUID
+    ) -> None:
+        """An analysis changed: its entry, the statistics and every batch's progress (it
+        may have left one batch for another) go stale."""
+        stale.entity(cr.ANALYSIS, organization_id, analysis_id)
+        stale.bump(cr.analyses_generation(organization_id))
+
+
+def _statistics_to_proto(stats: AnalysisStatistics) -> pb.AnalysisStatistics:
+    out = pb.AnalysisStatistics(
+        total_count=stats.total,
+        # Enum order, non-zero counts only.
+        type_counts=[
+            pb.AnalysisTypeCount(
+                analysis_type=enum_to_proto(pb.AnalysisType, t),  # type: ignore[arg-type]
+                count=stats.by_type[t],
+            )
+            for t in AnalysisType
+            if stats.by_type.get(t)
+        ],
+        state_counts=[
+            pb.AnalysisStateCount(
+                state=enum_to_proto(pb.AnalysisState, s),  # type: ignore[arg-type]
+                count=stats.by_state[s],
+            )
+            for s in AnalysisState
+            if stats.by_state.get(s)
+        ],
+    )
+    for model in stats.by_model:
+        entry = out.model_statistics.add(model_used=model.model_used or "", count=model.count)
+        set_duration_ms(entry.mean_processing_duration, model.mean_processing_ms)
+    set_duration_ms(out.mean_processing_duration, stats.mean_processing_ms)
+    return out
 
 
 def add_to_server(server: grpc.aio.Server, deps: Dependencies) -> str:

@@ -43,11 +43,7 @@ from server.idempotency import idempotent
 from server.listing import page_request
 from server.names import parse_resource_id
 from server.scoping import authorize, caller_subject, caller_tenant, transaction
-from server.services.prediction_cache import (
-    cached_aggregate,
-    cached_prediction,
-    forget_predictions,
-)
+from server.services import cached_reads as cr
 from server.services.prediction_rows import (
     RowViolation,
     prediction_name,
@@ -269,7 +265,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 )
             return values_to_proto(row)
 
-        return await idempotent(self.deps, tenant, request.request_id, pb.Prediction, create)
+        # A new row has no cached entry; the aggregates move.
+        async with cr.invalidation(self.deps) as stale:
+            stale.bump(cr.prediction_stats_generation(organization_id))
+            return await idempotent(self.deps, tenant, request.request_id, pb.Prediction, create)
 
     async def BatchCreatePredictions(
         self, request: pb.BatchCreatePredictionsRequest, context: Context
@@ -331,9 +330,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 )
             return pb.BatchCreatePredictionsResponse(predictions=[values_to_proto(r) for r in rows])
 
-        return await idempotent(
-            self.deps, tenant, request.request_id, pb.BatchCreatePredictionsResponse, create
-        )
+        async with cr.invalidation(self.deps) as stale:
+            stale.bump(cr.prediction_stats_generation(organization_id))  # once per batch
+            return await idempotent(
+                self.deps, tenant, request.request_id, pb.BatchCreatePredictionsResponse, create
+            )
 
     async def StreamPredictions(
         self, request_iterator: AsyncIterator[pb.StreamPredictionsRequest], context: Context
@@ -357,12 +358,19 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         tenant = Tenant.of(organization_id)
 
         async def load() -> pb.Prediction:
-            async with self._read(tenant) as session:
+            async with cr.primary_read(self.deps, tenant) as session:
                 row = await PredictionsRepository(session, tenant).get(prediction_id)
                 return prediction_to_proto(row)
 
-        return await cached_prediction(
-            self.deps, organization_id, prediction_id, pb.Prediction, load
+        # Immutable rows: only the purge (which bumps this generation) makes one stale.
+        return await cr.cached_get(
+            self.deps,
+            cr.PREDICTION,
+            organization_id,
+            prediction_id,
+            pb.Prediction,
+            load,
+            generation=cr.predictions_generation(organization_id),
         )
 
     async def ListPredictions(
@@ -425,17 +433,17 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         _raise_if_any(violations)
 
         async def load() -> pb.RiskDistribution:
-            async with self._read(tenant) as session:
+            async with cr.primary_read(self.deps, tenant) as session:
                 result = await PredictionsRepository(session, tenant).risk_distribution(flt)
             message = pb.RiskDistribution(total_count=result.total)
             for level, count in result.by_level.items():
                 setattr(message, _RISK_FIELDS[level], count)
             return message
 
-        return await cached_aggregate(
+        return await cr.cached_statistics(
             self.deps,
-            "riskdistribution",
-            tenant.require_organization(),
+            cr.RISK_DISTRIBUTION,
+            cr.prediction_stats_generation(tenant.require_organization()),
             request.filter,
             pb.RiskDistribution,
             load,
@@ -450,14 +458,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         _raise_if_any(violations)
 
         async def load() -> pb.PredictionStatistics:
-            async with self._read(tenant) as session:
+            async with cr.primary_read(self.deps, tenant) as session:
                 stats = await PredictionsRepository(session, tenant).statistics(flt)
             return _statistics_to_proto(stats)
 
-        return await cached_aggregate(
+        return await cr.cached_statistics(
             self.deps,
-            "predictionstatistics",
-            tenant.require_organization(),
+            cr.PREDICTION_STATISTICS,
+            cr.prediction_stats_generation(tenant.require_organization()),
             request.filter,
             pb.PredictionStatistics,
             load,
@@ -487,7 +495,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 touched=touched,
             )
         finally:  # committed chunks stay deleted even when a later one fails
-            await forget_predictions(self.deps, touched)
+            await cr.forget_predictions(self.deps, touched)
         return pb.PurgePredictionsResponse(purged_count=purged)
 
     async def ListRequestLogs(

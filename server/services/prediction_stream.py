@@ -36,6 +36,7 @@ from ferrule.v1 import prediction_service_pb2 as pb
 from ferrule.v1.common_pb2 import FieldViolation as FieldViolationProto
 from server import names
 from server.scoping import authorize, caller_subject, transaction
+from server.services import cached_reads as cr
 from server.services.prediction_rows import INVALID_FORMAT, validate_prediction
 from server.telemetry import record_rows_ingested
 
@@ -272,10 +273,13 @@ class _Stream:
         pendings = _dedupe(group)
         if pendings:
             assert self.organization_id is not None
-            async with transaction(self.deps, Tenant.of(self.organization_id)) as session:
-                counts = await ingest_batches(
-                    session, self.organization_id, self.create_by, pendings
-                )
+            # One bump per committed group (not per row), before its acknowledgements.
+            async with cr.invalidation(self.deps) as stale:
+                stale.bump(cr.prediction_stats_generation(self.organization_id))
+                async with transaction(self.deps, Tenant.of(self.organization_id)) as session:
+                    counts = await ingest_batches(
+                        session, self.organization_id, self.create_by, pendings
+                    )
             by_batch = {p.batch_id: c.accepted for p, c in zip(pendings, counts, strict=True)}
         else:
             by_batch = {}

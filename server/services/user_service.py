@@ -40,6 +40,7 @@ from server.scoping import (
     caller_tenant,
     transaction,
 )
+from server.services import cached_reads as cr
 from server.services import user_convert as cv
 from server.services.user_convert import Violations
 
@@ -61,6 +62,8 @@ USER_MUTABLE_PATHS = frozenset(
         *(f"profile.{f}" for f in cv.PROFILE_FIELDS),
     }
 )
+#: The user fields GetUserStatistics counts by: changing one moves the counts.
+USER_STATISTICS_FIELDS = frozenset({"role", "status", "auth_provider"})
 USER_ORDER_FIELDS = ("create_time", "email", "username")
 DEFAULT_SESSION_TTL = timedelta(hours=24)
 MIN_SESSION_TTL = timedelta(minutes=1)
@@ -132,9 +135,15 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     ) -> pb.Organization:
         (organization_id,) = authorize(names.ORGANIZATION, request.name)
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant, read_only=True) as session:
-            row = await OrganizationsRepository(session, tenant).get(organization_id)
-            return cv.organization_to_proto(row)
+
+        async def load() -> pb.Organization:
+            async with cr.primary_read(self.deps, tenant) as session:
+                row = await OrganizationsRepository(session, tenant).get(organization_id)
+                return cv.organization_to_proto(row)
+
+        return await cr.cached_get(
+            self.deps, cr.ORGANIZATION, organization_id, organization_id, pb.Organization, load
+        )
 
     async def ListOrganizations(
         self, request: pb.ListOrganizationsRequest, context: Context
@@ -171,11 +180,13 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         v.raise_if_any()
         changes = {"display_name": organization.display_name.strip()} if paths else {}
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant) as session:
-            row = await OrganizationsRepository(session, tenant).update(
-                organization_id, changes, expected_version=version, update_by=caller_subject()
-            )
-            return cv.organization_to_proto(row)
+        async with cr.invalidation(self.deps) as stale:
+            stale.entity(cr.ORGANIZATION, organization_id, organization_id)
+            async with transaction(self.deps, tenant) as session:
+                row = await OrganizationsRepository(session, tenant).update(
+                    organization_id, changes, expected_version=version, update_by=caller_subject()
+                )
+                return cv.organization_to_proto(row)
 
     async def DeleteOrganization(
         self, request: pb.DeleteOrganizationRequest, context: Context
@@ -183,22 +194,26 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         (organization_id,) = authorize(names.ORGANIZATION, request.name)
         version = expected_version(request.etag)
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant) as session:
-            row = await OrganizationsRepository(session, tenant).soft_delete(
-                organization_id, expected_version=version, delete_by=caller_subject()
-            )
-            return cv.organization_to_proto(row)
+        async with cr.invalidation(self.deps) as stale:
+            stale.entity(cr.ORGANIZATION, organization_id, organization_id)
+            async with transaction(self.deps, tenant) as session:
+                row = await OrganizationsRepository(session, tenant).soft_delete(
+                    organization_id, expected_version=version, delete_by=caller_subject()
+                )
+                return cv.organization_to_proto(row)
 
     async def UndeleteOrganization(
         self, request: pb.UndeleteOrganizationRequest, context: Context
     ) -> pb.Organization:
         (organization_id,) = authorize(names.ORGANIZATION, request.name)
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant) as session:
-            row = await OrganizationsRepository(session, tenant).undelete(
-                organization_id, update_by=caller_subject()
-            )
-            return cv.organization_to_proto(row)
+        async with cr.invalidation(self.deps) as stale:
+            stale.entity(cr.ORGANIZATION, organization_id, organization_id)
+            async with transaction(self.deps, tenant) as session:
+                row = await OrganizationsRepository(session, tenant).undelete(
+                    organization_id, update_by=caller_subject()
+                )
+                return cv.organization_to_proto(row)
 
     # --- users -----------------------------------------------------------------------
     async def CreateUser(self, request: pb.CreateUserRequest, context: Context) -> pb.User:
@@ -249,14 +264,21 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             )
             return cv.user_to_proto(row)
 
-        return await idempotent(self.deps, tenant, request.request_id, pb.User, create)
+        # A new user has no cached entry (absence is never cached); the counts change.
+        async with cr.invalidation(self.deps) as stale:
+            stale.bump(cr.users_generation(organization_id))
+            return await idempotent(self.deps, tenant, request.request_id, pb.User, create)
 
     async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.User:
         organization_id, user_id = authorize(names.USER, request.name)
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant, read_only=True) as session:
-            row = await UserQueries(session, tenant).get_user(user_id)
-            return cv.user_to_proto(row)
+
+        async def load() -> pb.User:
+            async with cr.primary_read(self.deps, tenant) as session:
+                row = await UserQueries(session, tenant).get_user(user_id)
+                return cv.user_to_proto(row)
+
+        return await cr.cached_get(self.deps, cr.USER, organization_id, user_id, pb.User, load)
 
     async def ListUsers(
         self, request: pb.ListUsersRequest, context: Context
@@ -346,42 +368,54 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             version = expected_version(request.user.etag, "user.etag")
         v.raise_if_any()
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant) as session:
-            users = UserQueries(session, tenant)
-            if changes.get("auth_provider") is AuthProvider.EMAIL:
-                current = await users.get_user(user_id)
-                _require_live(current, request.user.name)
-                if current.password_hash is None:
-                    raise FailedPreconditionError(
-                        "the user has no password; an EMAIL user needs one (SetUserPassword "
-                        "works only for EMAIL users, so create the user with EMAIL instead)"
-                    )
-                # Pin the version read, so a concurrent change cannot slip in between.
-                version = current.version if version is None else version
-            row = await users.update(
-                user_id, changes, expected_version=version, update_by=caller_subject()
-            )
-            return cv.user_to_proto(row)
+        async with cr.invalidation(self.deps) as stale:
+            stale.entity(cr.USER, organization_id, user_id)
+            if changes.keys() & USER_STATISTICS_FIELDS:
+                stale.bump(cr.users_generation(organization_id))
+            async with transaction(self.deps, tenant) as session:
+                users = UserQueries(session, tenant)
+                if changes.get("auth_provider") is AuthProvider.EMAIL:
+                    current = await users.get_user(user_id)
+                    _require_live(current, request.user.name)
+                    if current.password_hash is None:
+                        raise FailedPreconditionError(
+                            "the user has no password; an EMAIL user needs one (SetUserPassword"
+                            " works only for EMAIL users, so create the user with EMAIL instead)"
+                        )
+                    # Pin the version read, so a concurrent change cannot slip in between.
+                    version = current.version if version is None else version
+                row = await users.update(
+                    user_id, changes, expected_version=version, update_by=caller_subject()
+                )
+                return cv.user_to_proto(row)
 
     async def DeleteUser(self, request: pb.DeleteUserRequest, context: Context) -> pb.User:
         organization_id, user_id = authorize(names.USER, request.name)
         version = expected_version(request.etag)
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant) as session:
-            row = await UserQueries(session, tenant).delete(
-                user_id, expected_version=version, delete_by=caller_subject()
-            )
-            await SessionQueries(session, tenant).revoke_all_for_user(
-                user_id, revoke_by=caller_subject()
-            )
-            return cv.user_to_proto(row)
+        async with cr.invalidation(self.deps) as stale:
+            stale.entity(cr.USER, organization_id, user_id)
+            stale.bump(cr.users_generation(organization_id))  # statistics count live users
+            async with transaction(self.deps, tenant) as session:
+                row = await UserQueries(session, tenant).delete(
+                    user_id, expected_version=version, delete_by=caller_subject()
+                )
+                await SessionQueries(session, tenant).revoke_all_for_user(
+                    user_id, revoke_by=caller_subject()
+                )
+                return cv.user_to_proto(row)
 
     async def UndeleteUser(self, request: pb.UndeleteUserRequest, context: Context) -> pb.User:
         organization_id, user_id = authorize(names.USER, request.name)
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant) as session:
-            row = await UserQueries(session, tenant).restore(user_id, update_by=caller_subject())
-            return cv.user_to_proto(row)
+        async with cr.invalidation(self.deps) as stale:
+            stale.entity(cr.USER, organization_id, user_id)
+            stale.bump(cr.users_generation(organization_id))
+            async with transaction(self.deps, tenant) as session:
+                row = await UserQueries(session, tenant).restore(
+                    user_id, update_by=caller_subject()
+                )
+                return cv.user_to_proto(row)
 
     async def SetUserPassword(
         self, request: pb.SetUserPasswordRequest, context: Context
@@ -394,21 +428,24 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             version = expected_version(request.etag)
         v.raise_if_any()
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant) as session:
-            users = UserQueries(session, tenant)
-            current = await users.get_user(user_id)
-            _require_live(current, request.name)
-            if current.auth_provider is not AuthProvider.EMAIL:
-                raise FailedPreconditionError(
-                    f"only EMAIL users have passwords; this user uses {current.auth_provider}"
+        # The etag, update time and has_password change; the statistics do not.
+        async with cr.invalidation(self.deps) as stale:
+            stale.entity(cr.USER, organization_id, user_id)
+            async with transaction(self.deps, tenant) as session:
+                users = UserQueries(session, tenant)
+                current = await users.get_user(user_id)
+                _require_live(current, request.name)
+                if current.auth_provider is not AuthProvider.EMAIL:
+                    raise FailedPreconditionError(
+                        f"only EMAIL users have passwords; this user uses {current.auth_provider}"
+                    )
+                row = await users.update(
+                    user_id,
+                    {"password": request.password},
+                    expected_version=current.version if version is None else version,
+                    update_by=caller_subject(),
                 )
-            row = await users.update(
-                user_id,
-                {"password": request.password},
-                expected_version=current.version if version is None else version,
-                update_by=caller_subject(),
-            )
-            return cv.user_to_proto(row)
+                return cv.user_to_proto(row)
 
     async def LookupUserByEmail(
         self, request: pb.LookupUserByEmailRequest, context: Context
@@ -457,7 +494,12 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         )
         v.raise_if_any()
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant) as session:
+        # A successful check records the last login (and may rehash): the user's entry
+        # goes, the statistics stay.
+        async with (
+            cr.invalidation(self.deps) as stale,
+            transaction(self.deps, tenant) as session,
+        ):
             users = UserQueries(session, tenant)
             user = await users.find_by_email(email)
             if (
@@ -469,6 +511,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
                 # Same answer and the same hashing cost as a wrong password.
                 await _burn_hash_time(request.password)
                 return pb.VerifyPasswordResponse(valid=False)
+            stale.entity(cr.USER, organization_id, user.id)
             verified = await users.verify_password(user.id, request.password)
             if verified is None:
                 return pb.VerifyPasswordResponse(valid=False)
@@ -479,26 +522,41 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     ) -> pb.UserStatistics:
         (organization_id,) = authorize(names.ORGANIZATION, request.parent, "parent")
         tenant = Tenant.of(organization_id)
-        async with transaction(self.deps, tenant, read_only=True) as session:
-            stats = await UserQueries(session, tenant).statistics()
-        return pb.UserStatistics(
-            total_users=stats.total,
-            active_users=stats.by_status.get(UserStatus.ACTIVE, 0),
-            role_counts=[
-                pb.UserRoleCount(role=r, count=c)  # type: ignore[arg-type]
-                for r, c in cv.counts_in_enum_order(pb.UserRole, dict(stats.by_role))
-            ],
-            status_counts=[
-                pb.UserStatusCount(status=s, count=c)  # type: ignore[arg-type]
-                for s, c in cv.counts_in_enum_order(pb.UserStatus, dict(stats.by_status))
-            ],
-            auth_provider_counts=[
-                pb.AuthProviderCount(auth_provider=p, count=c)  # type: ignore[arg-type]
-                for p, c in cv.counts_in_enum_order(pb.AuthProvider, dict(stats.by_auth_provider))
-            ],
+
+        async def load() -> pb.UserStatistics:
+            async with cr.primary_read(self.deps, tenant) as session:
+                stats = await UserQueries(session, tenant).statistics()
+            return pb.UserStatistics(
+                total_users=stats.total,
+                active_users=stats.by_status.get(UserStatus.ACTIVE, 0),
+                role_counts=[
+                    pb.UserRoleCount(role=r, count=c)  # type: ignore[arg-type]
+                    for r, c in cv.counts_in_enum_order(pb.UserRole, dict(stats.by_role))
+                ],
+                status_counts=[
+                    pb.UserStatusCount(status=s, count=c)  # type: ignore[arg-type]
+                    for s, c in cv.counts_in_enum_order(pb.UserStatus, dict(stats.by_status))
+                ],
+                auth_provider_counts=[
+                    pb.AuthProviderCount(auth_provider=p, count=c)  # type: ignore[arg-type]
+                    for p, c in cv.counts_in_enum_order(
+                        pb.AuthProvider, dict(stats.by_auth_provider)
+                    )
+                ],
+            )
+
+        return await cr.cached_statistics(
+            self.deps,
+            cr.USER_STATISTICS,
+            cr.users_generation(organization_id),
+            request,
+            pb.UserStatistics,
+            load,
         )
 
     # --- sessions --------------------------------------------------------------------
+    # Sessions are not cached (their state depends on the clock) and no cached value
+    # depends on them, so creating or revoking one invalidates nothing.
     async def CreateUserSession(
         self, request: pb.CreateUserSessionRequest, context: Context
     ) -> pb.UserSession:
