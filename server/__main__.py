@@ -66,13 +66,22 @@ async def serve(settings: Settings) -> None:
     await app.stop()
 
 
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """Each worker's metrics endpoint gets its own port: FERRULE_METRICS_PORT + index."""
+    if settings.ferrule_metrics_port in (None, 0):
+        return settings
+    return settings.model_copy(
+        update={"ferrule_metrics_port": settings.ferrule_metrics_port + index}
+    )
+
+
 def run_workers(settings: Settings) -> int:
     children: list[int] = []
-    for _ in range(settings.ferrule_workers):
+    for index in range(settings.ferrule_workers):
         pid = os.fork()
         if pid == 0:
             try:
-                asyncio.run(serve(settings))
+                asyncio.run(serve(worker_settings(settings, index)))
                 os._exit(0)
             except BaseException:
                 log.exception("worker failed")
