@@ -23,6 +23,7 @@ SQLite (the embedded default) takes a portable path: look the keys up, insert th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
@@ -197,7 +198,11 @@ async def _ingest_postgres(
         )
     except asyncpg.PostgresError as exc:
         raise _translate(exc) from exc
-    except asyncpg.InterfaceError as exc:
+    except (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
+        # A connection killed mid-COPY can leave asyncpg's protocol stuck in the copy state
+        # (InternalClientError on the next call): never hand that connection back to the pool.
+        with contextlib.suppress(Exception):
+            await (await session.connection()).invalidate(exc)
         raise DatabaseUnavailableError("the database connection failed") from exc
     return {r[0]: r[1] for r in rows}
 
