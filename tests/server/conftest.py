@@ -21,6 +21,7 @@ from ferrule.client import AsyncFerruleClient, ClientConfig
 from server.app import FerruleApp
 from server.settings import Settings
 from server.telemetry import Telemetry, setup_telemetry
+from tests.conftest import CreateDatabase
 
 JWT_SECRET = "test-jwt-secret-" + "x" * 32
 ADMIN_TOKEN = "test-admin-token-" + "y" * 16
@@ -82,8 +83,12 @@ def server_settings(database_url: str, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-async def start_server() -> AsyncIterator[StartServer]:
-    """Factory: `await start_server(database_url, **settings)` -> RunningServer."""
+async def start_server(create_pg_database: CreateDatabase) -> AsyncIterator[StartServer]:
+    """Factory: `await start_server(database_url, **settings)` -> RunningServer.
+
+    Depends on the database factory so that pytest tears the servers down *before* it
+    drops the databases they use (fixtures finish in reverse order of setup).
+    """
     running: list[RunningServer] = []
 
     async def start(
