@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: setup system-deps proto proto-check lint test run bench client-dist clean
+.PHONY: setup system-deps proto proto-check contract-image lint test run bench client-dist clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ proto: $(STAMP)
 ## proto-check: fail when the committed stubs differ from what the protos generate.
 proto-check: $(STAMP)
 	$(PY) scripts/gen_protos.py --check client
+
+## contract-image: move the published-contract baseline forward (after additive changes only).
+contract-image: $(STAMP)
+	$(PY) scripts/buf_breaking.py --write-image
 
 lint: $(STAMP) proto-check
 	$(BIN)/ruff check .

@@ -1,8 +1,10 @@
-"""Run `buf breaking` against the contract as it stood on main.
+"""Run `buf breaking` against the published contract, and against the previous commit.
 
-On a feature branch the baseline is `main`; on main itself it is the previous commit
-(so CI on main checks the last change). Without such a commit (the very first one, or
-a shallow clone) there is nothing to compare against and the check says so.
+The published contract is a buf image committed at contract/ferrule-v1.binpb: every
+change is checked against it however many commits a submission holds, so a breaking
+change cannot slip in by being split across commits. The image only moves forward on
+purpose (`make contract-image`, after additive changes). The previous commit (or
+`main`, on a branch) is checked too, as a second baseline.
 """
 
 from __future__ import annotations
@@ -12,33 +14,52 @@ import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = ROOT / "contract" / "ferrule-v1.binpb"
 
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout.strip()
 
-
-def main() -> int:
-    branch = git("rev-parse", "--abbrev-ref", "HEAD")
-    ref = "HEAD~1" if branch in {"main", "HEAD"} else "main"
-    probe = subprocess.run(
-        ["git", "rev-parse", "--verify", "-q", f"{ref}^{{commit}}"], capture_output=True
-    )
-    if probe.returncode != 0:
-        print(f"buf breaking: no baseline commit {ref!r}; nothing to compare")
-        return 0
-    has_protos = subprocess.run(["git", "cat-file", "-e", f"{ref}:protos"], capture_output=True)
-    if has_protos.returncode != 0:
-        print(f"buf breaking: {ref} has no protos/; nothing to compare")
-        return 0
+def buf_binary() -> str:
     # Prefer the buf installed beside this interpreter (buf-bin in .venv), which is
     # found even when the venv is not activated.
     beside = Path(sys.executable).parent / "buf"
     buf = str(beside) if beside.is_file() else shutil.which("buf")
     if buf is None:
         sys.exit("buf not found (installed by buf-bin in .venv)")
-    cmd = [buf, "breaking", "protos", "--against", f".git#ref={ref},subdir=protos"]
+    return buf
+
+
+def run(cmd: list[str]) -> int:
     print("+", " ".join(cmd))
-    return subprocess.run(cmd).returncode
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+def previous_commit() -> str | None:
+    branch = subprocess.run(
+        ["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    ref = "HEAD~1" if branch in {"main", "HEAD"} else "main"
+    for probe in (
+        ["git", "rev-parse", "--verify", "-q", f"{ref}^{{commit}}"],
+        ["git", "cat-file", "-e", f"{ref}:protos"],
+    ):
+        if subprocess.run(probe, cwd=ROOT, capture_output=True).returncode != 0:
+            return None
+    return ref
+
+
+def main() -> int:
+    buf = buf_binary()
+    if "--write-image" in sys.argv:
+        return run([buf, "build", "protos", "--exclude-source-info", "-o", str(IMAGE)])
+    if not IMAGE.is_file():
+        sys.exit(f"{IMAGE.relative_to(ROOT)} is missing: run `make contract-image`")
+    status = run([buf, "breaking", "protos", "--against", str(IMAGE)])
+    ref = previous_commit()
+    if ref is None:
+        print("buf breaking: no previous commit with protos/ to compare against")
+    else:
+        status |= run([buf, "breaking", "protos", "--against", f".git#ref={ref},subdir=protos"])
+    return status
 
 
 if __name__ == "__main__":
