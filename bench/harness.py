@@ -143,8 +143,11 @@ class ServerProcess:
 
 
 @contextlib.asynccontextmanager
-async def server_process(database_url: str, **env: str) -> AsyncIterator[ServerProcess]:
-    """Start the server as a subprocess; SIGTERM it (then SIGKILL) afterwards."""
+async def server_process(
+    database_url: str, module: str = "server", **env: str
+) -> AsyncIterator[ServerProcess]:
+    """Start ``python -m {module}`` (the server, or a bench wrapper of it) as a subprocess;
+    SIGTERM it (then SIGKILL) afterwards."""
     port = free_port()
     environment = {
         **os.environ,
@@ -156,7 +159,7 @@ async def server_process(database_url: str, **env: str) -> AsyncIterator[ServerP
         **env,
     }
     process = subprocess.Popen(  # noqa: ASYNC220 (started once; its output read off-loop)
-        [sys.executable, "-m", "server"],
+        [sys.executable, "-m", module],
         cwd=ROOT,
         env=environment,
         stdout=subprocess.PIPE,
