@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
 from typing import Any, Generic, TypeVar
@@ -30,14 +30,31 @@ MAX_PAGE_SIZE = 1000
 
 @dataclass(frozen=True, slots=True)
 class SortKey:
-    """One ordering column. Sort columns must be NOT NULL for the keyset to be exact."""
+    """One ordering column.
+
+    A nullable column needs ``null_as``: the value NULL sorts as (e.g. -1 for a
+    non-negative duration). Sorting on ``coalesce(column, null_as)`` makes the order total
+    and the same on every backend, which the keyset needs to be exact.
+    """
 
     attribute: InstrumentedAttribute[Any]
     descending: bool = False
+    null_as: Any = None
 
     @property
     def name(self) -> str:
         return self.attribute.key
+
+    @property
+    def sql(self) -> ColumnElement[Any] | InstrumentedAttribute[Any]:
+        """What the ORDER BY and the keyset comparison use."""
+        if self.null_as is None:
+            return self.attribute
+        return func.coalesce(self.attribute, literal(self.null_as, self.attribute.type))
+
+    def value_of(self, row: Any) -> Any:
+        value = getattr(row, self.name)
+        return self.null_as if value is None else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +72,7 @@ def _invalid(field: str, description: str) -> ValidationError:
 
 def parse_order_by(
     order_by: str | None,
-    allowed: Mapping[str, InstrumentedAttribute[Any]],
+    allowed: Mapping[str, InstrumentedAttribute[Any] | SortKey],
     *,
     default: Sequence[SortKey],
     tiebreaker: InstrumentedAttribute[Any],
@@ -74,10 +91,12 @@ def parse_order_by(
             if parts[0] not in allowed:
                 choices = ", ".join(sorted(allowed))
                 raise _invalid("order_by", f"unknown field {parts[0]!r}; use one of {choices}")
-            if any(k.name == allowed[parts[0]].key for k in keys):
+            choice = allowed[parts[0]]
+            template = choice if isinstance(choice, SortKey) else SortKey(choice)
+            if any(k.name == template.name for k in keys):
                 raise _invalid("order_by", f"{parts[0]!r} appears twice")
             descending = len(parts) == 2 and parts[1] == "desc"
-            keys.append(SortKey(allowed[parts[0]], descending=descending))
+            keys.append(replace(template, descending=descending))
     else:
         keys = list(default)
     if keys[-1].name != tiebreaker.key:
@@ -125,13 +144,13 @@ def _after(keys: Sequence[SortKey], values: Sequence[Any]) -> ColumnElement[bool
     values = [literal(v, k.attribute.type) for k, v in zip(keys, values, strict=True)]
     if all(k.descending == keys[0].descending for k in keys):
         # A row-value comparison lets the composite index serve the range scan directly.
-        row = tuple_(*(k.attribute for k in keys))
+        row = tuple_(*(k.sql for k in keys))
         bound = tuple_(*values)
         return row < bound if keys[0].descending else row > bound
     clauses = []
     for i, key in enumerate(keys):
-        equal = [keys[j].attribute == values[j] for j in range(i)]
-        beyond = key.attribute < values[i] if key.descending else key.attribute > values[i]
+        equal = [keys[j].sql == values[j] for j in range(i)]
+        beyond = key.sql < values[i] if key.descending else key.sql > values[i]
         clauses.append(and_(*equal, beyond))
     return or_(*clauses)
 
@@ -168,12 +187,12 @@ async def paginate(
             raise _invalid("page_token", "the page token does not belong to this query")
         values = [_decode_value(k, v) for k, v in zip(keys, cursor, strict=True)]
         page_stmt = page_stmt.where(_after(keys, values))
-    order = [k.attribute.desc() if k.descending else k.attribute.asc() for k in keys]
+    order = [k.sql.desc() if k.descending else k.sql.asc() for k in keys]
     page_stmt = page_stmt.order_by(None).order_by(*order).limit(size + 1)
     rows = list((await session.execute(page_stmt)).unique().scalars().all())
     next_cursor: list[JSONValue] | None = None
     if len(rows) > size:
         rows = rows[:size]
         last = rows[-1]
-        next_cursor = [encode_value(getattr(last, k.name)) for k in keys]
+        next_cursor = [encode_value(k.value_of(last)) for k in keys]
     return Page(items=rows, next_cursor=next_cursor, total_size=total)

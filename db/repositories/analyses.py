@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import InstrumentedAttribute
@@ -33,8 +33,7 @@ from db.models import utcnow
 from db.models.analyses import TextAnalysis
 from db.models.base import new_id
 from db.models.enums import AnalysisState, AnalysisType, OptimizationTier
-from db.pagination import JSONValue, Page
-from db.repositories.analysis_paging import ExpressionKey, paginate_expressions
+from db.pagination import JSONValue, Page, SortKey, paginate, parse_order_by
 from db.repositories.base import Repository, domain_errors
 from db.repositories.batches import BatchesRepository
 
@@ -196,40 +195,23 @@ class AnalysisStatistics:
     mean_processing_ms: float | None = None
 
 
-def order_keys(order_by: str | None) -> list[ExpressionKey]:
+#: order_by fields of ListAnalyses. processing_ms is nullable: -1 sorts below any stored
+#: (non-negative) value, so rows without a duration come first ascending, last descending.
+ORDERABLE: dict[str, InstrumentedAttribute[Any] | SortKey] = {
+    "create_time": TextAnalysis.create_time,
+    "update_time": TextAnalysis.update_time,
+    "processing_duration": SortKey(TextAnalysis.processing_ms, null_as=-1.0),
+}
+
+
+def order_keys(order_by: str | None) -> list[SortKey]:
     """AIP-132 ``order_by`` over create_time, update_time, processing_duration; id last."""
-    available: dict[str, tuple[ColumnElement[Any] | InstrumentedAttribute[Any], Any, type]] = {
-        "create_time": (TextAnalysis.create_time, lambda a: a.create_time, datetime),
-        "update_time": (TextAnalysis.update_time, lambda a: a.update_time, datetime),
-        # Nullable: -1 (below any stored value) makes the order total on both backends.
-        "processing_duration": (
-            func.coalesce(TextAnalysis.processing_ms, -1.0),
-            lambda a: -1.0 if a.processing_ms is None else float(a.processing_ms),
-            float,
-        ),
-    }
-    keys: list[ExpressionKey] = []
-    clauses = order_by.split(",") if order_by and order_by.strip() else ["create_time desc"]
-    for clause in clauses:
-        parts = clause.split()
-        if not parts or len(parts) > 2 or (len(parts) == 2 and parts[1] not in {"asc", "desc"}):
-            raise ValidationError([FieldViolation("order_by", f"cannot parse {clause.strip()!r}")])
-        if parts[0] not in available:
-            choices = ", ".join(sorted(available))
-            raise ValidationError(
-                [FieldViolation("order_by", f"unknown field {parts[0]!r}; use one of {choices}")]
-            )
-        if any(k.name == parts[0] for k in keys):
-            raise ValidationError([FieldViolation("order_by", f"{parts[0]!r} appears twice")])
-        expression, value_of, python_type = available[parts[0]]
-        descending = len(parts) == 2 and parts[1] == "desc"
-        keys.append(ExpressionKey(parts[0], expression, value_of, descending, python_type))
-    keys.append(
-        ExpressionKey(
-            "id", TextAnalysis.id, lambda a: a.id, keys[-1].descending, python_type=uuid.UUID
-        )
+    return parse_order_by(
+        order_by,
+        ORDERABLE,
+        default=[SortKey(TextAnalysis.create_time, descending=True)],
+        tiebreaker=TextAnalysis.id,
     )
-    return keys
 
 
 class AnalysesRepository(Repository[TextAnalysis]):
@@ -411,7 +393,7 @@ class AnalysesRepository(Repository[TextAnalysis]):
     ) -> Page[TextAnalysis]:
         """A keyset page (default order: newest first)."""
         keys = order_keys(order_by)
-        return await paginate_expressions(
+        return await paginate(
             self.session,
             self._filtered(filter or AnalysisFilter()),
             keys,

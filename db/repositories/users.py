@@ -8,13 +8,14 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import joinedload
+from sqlalchemy.orm import InstrumentedAttribute, joinedload
 
 from db.errors import FieldViolation, ValidationError
 from db.models import AuthProvider, User, UserProfile, UserRole, UserStatus, utcnow
@@ -35,11 +36,14 @@ _USER_FIELDS = frozenset(
 UPDATABLE_FIELDS = _USER_FIELDS | _PROFILE_FIELDS
 MIN_PASSWORD_LENGTH = 8
 
-_ORDERABLE = {
+#: Never logged in sorts as the epoch: first ascending, last descending.
+NEVER = datetime(1970, 1, 1, tzinfo=UTC)
+_ORDERABLE: dict[str, InstrumentedAttribute[Any] | SortKey] = {
     "create_time": User.create_time,
     "update_time": User.update_time,
     "email": User.email,
     "username": User.username,
+    "last_login_time": SortKey(User.last_login_time, null_as=NEVER),
 }
 _DEFAULT_ORDER = (SortKey(User.create_time),)
 

@@ -64,7 +64,7 @@ USER_MUTABLE_PATHS = frozenset(
 )
 #: The user fields GetUserStatistics counts by: changing one moves the counts.
 USER_STATISTICS_FIELDS = frozenset({"role", "status", "auth_provider"})
-USER_ORDER_FIELDS = ("create_time", "email", "username")
+USER_ORDER_FIELDS = ("create_time", "email", "username", "last_login_time")
 DEFAULT_SESSION_TTL = timedelta(hours=24)
 MIN_SESSION_TTL = timedelta(minutes=1)
 MAX_SESSION_TTL = timedelta(days=30)

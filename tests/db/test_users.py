@@ -211,6 +211,25 @@ async def test_list_order_by_and_pagination(users: UsersRepository) -> None:
         await users.list(page_size=-1)
 
 
+async def test_list_by_last_login_pages_through_users_who_never_logged_in(
+    users: UsersRepository,
+) -> None:
+    """A nullable sort column still gives a total order: never logged in sorts last desc."""
+    made = await _make(users, 7)
+    for user in made[:3]:
+        assert await users.verify_password(user.id, "password1") is not None
+    expected = [u.id for u in reversed(made[:3])] + sorted((u.id for u in made[3:]), reverse=True)
+    seen: list[uuid.UUID] = []
+    cursor = None
+    for _ in range(10):
+        page = await users.list(page_size=2, cursor=cursor, order_by="last_login_time desc")
+        seen.extend(u.id for u in page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == expected
+
+
 async def test_update_partial_with_etag(users: UsersRepository) -> None:
     user = await users.create(email="u@example.com", username="u", password="password1")
     updated = await users.update(
