@@ -1,0 +1,82 @@
+"""What answers without credentials (health, reflection) and what does not (everything else)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from ferrule.client import Unauthenticated
+from ferrule.v1 import analysis_service_pb2 as apb
+from ferrule.v1 import health_service_pb2 as hpb
+from ferrule.v1 import prediction_service_pb2 as ppb
+from ferrule.v1 import user_service_pb2 as upb
+from tests.server.conftest import JWT_SECRET, RunningServer
+
+FERRULE_SERVICES = {
+    "ferrule.v1.UserService",
+    "ferrule.v1.AnalysisService",
+    "ferrule.v1.PredictionService",
+    "ferrule.v1.HealthService",
+}
+
+
+async def test_health_and_reflection_answer_without_credentials(
+    pg_server: RunningServer,
+) -> None:
+    async with grpc.aio.insecure_channel(pg_server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", *sorted(FERRULE_SERVICES)):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+    # The reflection client is blocking: run it off the loop that serves the server.
+    await asyncio.to_thread(_check_reflection, pg_server.target)
+
+
+def _check_reflection(target: str) -> None:
+    with grpc.insecure_channel(target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert services >= FERRULE_SERVICES
+        assert "grpc.health.v1.Health" in services
+        pool = DescriptorPool(database)
+        user_service = pool.FindServiceByName("ferrule.v1.UserService")
+        assert "CreateUser" in user_service.methods_by_name
+        stream = pool.FindServiceByName("ferrule.v1.PredictionService").methods_by_name[
+            "StreamPredictions"
+        ]
+        assert stream.client_streaming
+        assert stream.server_streaming
+
+
+def _expired_token() -> str:
+    claims = {"sub": "x", "org": "*", "scope": "read", "exp": int(time.time()) - 60}
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize("token", [None, "not-a-token", "expired"])
+async def test_every_ferrule_service_refuses_missing_or_bad_credentials(
+    pg_server: RunningServer, token: str | None
+) -> None:
+    client = pg_server.client(_expired_token() if token == "expired" else token)
+    calls: list[Awaitable[Any]] = [
+        client.users.ListOrganizations(upb.ListOrganizationsRequest()),
+        client.analyses.ListAnalyses(apb.ListAnalysesRequest(parent="organizations/-")),
+        client.predictions.ListPredictions(ppb.ListPredictionsRequest(parent="organizations/-")),
+        client.health.GetHealthReport(hpb.GetHealthReportRequest()),
+    ]
+    for call in calls:
+        with pytest.raises(Unauthenticated) as info:
+            await call
+        assert info.value.reason == "UNAUTHENTICATED"
+        assert info.value.domain == "ferrule"
