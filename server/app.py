@@ -25,6 +25,7 @@ from server.interceptors.errors import ErrorMappingInterceptor
 from server.interceptors.tracing import TracingInterceptor
 from server.page_tokens import PageTokenCodec
 from server.request_log import RequestLogEntry, RequestLogInterceptor, RequestLogWriter
+from server.retention import RetentionJob
 from server.settings import Settings
 from server.telemetry import Telemetry, setup_telemetry
 
@@ -128,6 +129,9 @@ class FerruleApp:
         self.telemetry.metrics.observe_cache(self.cache.stats)
         self.request_log = RequestLogWriter(self._write_request_log)
         self.health = HealthProbe(self.database, settings.ferrule_health_probe_seconds)
+        self.retention = RetentionJob(
+            self.database, settings.retention, settings.ferrule_retention_interval_seconds
+        )
         self.deps = Dependencies(
             settings=settings,
             database=self.database,
@@ -188,6 +192,7 @@ class FerruleApp:
             raise OSError(f"could not bind {settings.ferrule_listen}")
         await self.health.start()
         self.request_log.start()
+        self.retention.start()
         await server.start()
         self.server = server
         log.info("listening on %s (port %d)", settings.ferrule_listen, self.port)
@@ -201,6 +206,7 @@ class FerruleApp:
             await self.server.stop(grace)
             self.server = None
         await self.request_log.stop()
+        await self.retention.stop()
         await self.query_observers.aclose()
         await self.cache.close()
         await self.database.dispose()

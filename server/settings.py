@@ -6,6 +6,7 @@ name and the reason, instead of surfacing later as a confusing runtime error.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -14,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from db.engine import DatabaseConfig
+from server.retention import RetentionPolicy
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./ferrule.db"
 
@@ -75,6 +77,17 @@ class Settings(BaseSettings):
         None, description="HMAC key for page tokens; defaults to one derived from the JWT secret"
     )
 
+    # --- retention (server/retention.py) ------------------------------------------
+    ferrule_retention_interval_seconds: float = Field(600.0, gt=0)
+    ferrule_request_log_retention_days: float = Field(30.0, gt=0)
+    ferrule_idempotency_retention_hours: float = Field(
+        24.0, gt=0, description="how long a request_id replays its first result"
+    )
+    ferrule_ingest_batch_retention_days: float = Field(7.0, gt=0)
+    ferrule_session_retention_days: float = Field(
+        7.0, gt=0, description="expired or revoked sessions are kept this long"
+    )
+
     # --- observability ---------------------------------------------------------
     ferrule_slow_query_ms: float = Field(200.0, ge=0)
     ferrule_trace_sql_params: bool = False
@@ -132,6 +145,15 @@ class Settings(BaseSettings):
             pool_pre_ping=self.database_pool_pre_ping,
             statement_cache_size=self.database_statement_cache_size,
             app_role=self.database_app_role,
+        )
+
+    @property
+    def retention(self) -> RetentionPolicy:
+        return RetentionPolicy(
+            request_log=timedelta(days=self.ferrule_request_log_retention_days),
+            idempotency_keys=timedelta(hours=self.ferrule_idempotency_retention_hours),
+            ingest_batches=timedelta(days=self.ferrule_ingest_batch_retention_days),
+            inactive_sessions=timedelta(days=self.ferrule_session_retention_days),
         )
 
     @property

@@ -8,7 +8,7 @@ from typing import ClassVar
 from sqlalchemy import delete, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.models.idempotency import IdempotencyKey
+from db.models.idempotency import IdempotencyKey, IngestBatch
 from db.repositories.base import domain_errors, scope_to_tenant
 from db.tenancy import Tenant
 
@@ -63,5 +63,30 @@ class IdempotencyRepository:
             delete(IdempotencyKey)
             .where(key.in_(victims))
             .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+class IngestBatchRepository:
+    """Retention of streamed batch records (ingest itself writes them; see prediction_ingest)."""
+
+    def __init__(self, session: AsyncSession, tenant: Tenant) -> None:
+        self.session = session
+        self.tenant = tenant
+
+    async def purge_older_than(self, cutoff: datetime, *, limit: int = 1000) -> int:
+        """Forget up to ``limit`` batch ids acknowledged before ``cutoff``; returns how many.
+
+        A batch re-sent after its record is gone still writes nothing twice: its rows'
+        ids (client-chosen or derived from the batch id) collide with the stored rows.
+        """
+        key = tuple_(IngestBatch.organization_id, IngestBatch.batch_id)
+        victims = scope_to_tenant(
+            select(*key.clauses).where(IngestBatch.create_time < cutoff).limit(limit),
+            IngestBatch.organization_id,
+            self.tenant,
+        )
+        result = await self.session.execute(
+            delete(IngestBatch).where(key.in_(victims)).execution_options(synchronize_session=False)
         )
         return int(getattr(result, "rowcount", 0) or 0)

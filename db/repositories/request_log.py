@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, delete, insert, select
 
 from db.engine import Database
 from db.models import Organization, RequestLogEntry, new_id
@@ -143,6 +143,18 @@ class RequestLogRepository(Repository[RequestLogEntry]):
             cursor=cursor,
             include_total=include_total,
         )
+
+    async def purge_older_than(self, cutoff: datetime, *, limit: int = 5000) -> int:
+        """Delete up to ``limit`` entries logged before ``cutoff``; returns how many."""
+        victims = self.scoped(
+            select(RequestLogEntry.id).where(RequestLogEntry.create_time < cutoff).limit(limit)
+        )
+        result = await self.session.execute(
+            delete(RequestLogEntry)
+            .where(RequestLogEntry.id.in_(victims.scalar_subquery()))
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
 
 
 def sort_keys(order_by: str | None) -> list[SortKey]:
