@@ -109,6 +109,13 @@ class RequestLogInterceptor(ScopedInterceptor):
 
     @asynccontextmanager
     async def scope(self, method: str, context: Context, request: object) -> AsyncIterator[None]:
+        # Read the call's peer and metadata now: once a cancelled call is finished, grpc.aio
+        # may have released the C call object, and context.peer() then crashes the process.
+        peer = context.peer()
+        user_agent = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "user-agent":
+                user_agent = value if isinstance(value, str) else value.decode()
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -123,22 +130,25 @@ class RequestLogInterceptor(ScopedInterceptor):
             code = grpc.StatusCode.UNKNOWN
             raise
         finally:
-            self._record(method, context, code, time.perf_counter() - started)
+            with contextlib.suppress(Exception):
+                code = context.code() or code
+            self._record(method, peer, user_agent, code, time.perf_counter() - started)
 
-    def _record(self, method: str, context: Context, code: grpc.StatusCode, elapsed: float) -> None:
+    def _record(
+        self,
+        method: str,
+        peer: str,
+        user_agent: str | None,
+        code: grpc.StatusCode,
+        elapsed: float,
+    ) -> None:
         call = current_call()
-        user_agent = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "user-agent":
-                user_agent = value if isinstance(value, str) else value.decode()
-        with contextlib.suppress(Exception):
-            code = context.code() or code
         self._writer.record(
             RequestLogEntry(
                 method=method,
                 caller=call.principal.subject if call.principal else None,
                 organization_id=call.organization_id,
-                peer=context.peer(),
+                peer=peer,
                 user_agent=user_agent,
                 status_code=code.name,
                 latency_ms=elapsed * 1000,
