@@ -113,9 +113,14 @@ def risk_of(probability: float) -> str:
     return "LOW" if probability < 0.3 else "MEDIUM" if probability < 0.7 else "HIGH"
 
 
-def messages(pool: list[SourceRow], rows: int) -> Iterator[pb.Prediction]:
-    """What a client does: one Prediction per source row (features as a Struct)."""
+def messages(
+    pool: list[SourceRow], rows: int, features_as: str = "struct"
+) -> Iterator[pb.Prediction]:
+    """What a client does: one Prediction per source row, the features as a ``Struct``
+    (``features_as="struct"``) or as JSON text in ``features_json`` (``"json"``)."""
     size = len(pool)
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    as_json = features_as == "json"
     for i in range(rows):
         subject, probability, model, version, features, _, seconds, nanos = pool[i % size]
         message = pb.Prediction(
@@ -125,7 +130,10 @@ def messages(pool: list[SourceRow], rows: int) -> Iterator[pb.Prediction]:
             model_version=version,
             predict_time=timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos),
         )
-        message.features.update(features)
+        if as_json:
+            message.features_json = dumps(features)
+        else:
+            message.features.update(features)
         yield message
 
 
@@ -177,7 +185,11 @@ async def measure_copy(database_url: str, pool: list[SourceRow], rows: int) -> f
 
 
 async def measure_stream(
-    server: ServerProcess, organization: uuid.UUID, pool: list[SourceRow], args: Any
+    server: ServerProcess,
+    organization: uuid.UUID,
+    pool: list[SourceRow],
+    args: Any,
+    features_as: str = "struct",
 ) -> tuple[float, int]:
     rows = args.ingest_rows
     async with server.client(org_token(organization)) as client:
@@ -188,7 +200,7 @@ async def measure_stream(
             max_in_flight=args.ingest_in_flight,
         )
         started = time.perf_counter()
-        await streamer.add_many(messages(pool, rows))
+        await streamer.add_many(messages(pool, rows, features_as))
         totals = await streamer.close()
         elapsed = time.perf_counter() - started
     if totals.accepted != rows:
@@ -244,13 +256,13 @@ def measure_wire_formats(pool: list[SourceRow]) -> dict[str, float]:
     """Per-row cost (µs) of the features as a Struct vs as JSON text, both directions.
 
     Struct: the client's ``Struct.update`` and the server's shared validation walk
-    (``features_to_dict``) plus the JSON text jsonb needs. JSON text (a hypothetical
-    ``string features_json``): the client's ``json.dumps`` and the server's
-    ``json.loads`` to validate (the text itself would go to jsonb unchanged).
+    (``features_to_dict``) plus the JSON text jsonb needs. JSON text (``features_json``):
+    the client's ``json.dumps`` and the server's validating parse (the text itself goes
+    to jsonb unchanged).
     """
     from google.protobuf import struct_pb2
 
-    from server.services.prediction_rows import features_to_dict
+    from server.services.prediction_rows import features_json_to_dict, features_to_dict
 
     features = [row[4] for row in pool]
     structs = []
@@ -269,12 +281,9 @@ def measure_wire_formats(pool: list[SourceRow]) -> dict[str, float]:
     texts = [json.dumps(item) for item in features]
     json_build = time.perf_counter() - started
 
-    def refuse(constant: str) -> None:
-        raise ValueError(constant)
-
     started = time.perf_counter()
     for text in texts:
-        json.loads(text, parse_constant=refuse)
+        features_json_to_dict(text, [])  # the text itself goes to jsonb unchanged
     json_read = time.perf_counter() - started
     per_row = 1e6 / len(features)
     return {
@@ -316,13 +325,26 @@ async def run(args: argparse.Namespace) -> Figures:
         if stored != rows:
             raise RuntimeError(f"{stored} rows stored, {rows} streamed")
         ratio = stream_rate / copy_rate
-        print(f"StreamPredictions (helper):  {stream_rate:>10,.0f} rows/s", flush=True)
+        print(f"StreamPredictions (Struct):  {stream_rate:>10,.0f} rows/s", flush=True)
         print(f"stream / COPY:               {ratio:>10.1%}", flush=True)
         print(
             f"server RSS: start {rss_start / MiB:.0f} MiB, peak {sampler.peak / MiB:.0f} MiB,"
             f" end {rss_end / MiB:.0f} MiB",
             flush=True,
         )
+        organization = await server.create_organization("stream-json")
+        json_rate, json_reconnects = await measure_stream(
+            server, organization, pool, args, features_as="json"
+        )
+        reconnects += json_reconnects
+        stored = await count_rows(database_url, organization)
+        if stored != rows:
+            raise RuntimeError(f"{stored} rows stored, {rows} streamed (features_json)")
+        json_ratio = json_rate / copy_rate
+        print(f"StreamPredictions (JSON):    {json_rate:>10,.0f} rows/s", flush=True)
+        print(f"stream (JSON) / COPY:        {json_ratio:>10.1%}", flush=True)
+        copy_again = await measure_copy(database_url, pool, rows)
+        print(f"raw asyncpg COPY (again):    {copy_again:>10,.0f} rows/s", flush=True)
 
         organization = await server.create_organization("batch")
         batch_rate = await measure_batch_create(
@@ -350,6 +372,11 @@ async def run(args: argparse.Namespace) -> Figures:
             "copy_rows_per_s": round(copy_rate),
             "stream_rows_per_s": round(stream_rate),
             "ratio": round(ratio, 3),
+            "stream_json_rows_per_s": round(json_rate),
+            "ratio_json": round(json_ratio, 3),
+            "copy_again_rows_per_s": round(copy_again),
+            "ratio_vs_mean_copy": round(2 * stream_rate / (copy_rate + copy_again), 3),
+            "ratio_json_vs_mean_copy": round(2 * json_rate / (copy_rate + copy_again), 3),
             "stream_reconnects": reconnects,
             "server_rss_start_mib": round(rss_start / MiB, 1),
             "server_rss_peak_mib": round(sampler.peak / MiB, 1),

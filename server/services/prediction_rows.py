@@ -8,11 +8,12 @@ the unary paths can fail the call and the stream can reject just that row.
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from google.protobuf import struct_pb2
@@ -20,6 +21,7 @@ from sqlalchemy import String
 
 from db.errors import FieldViolation
 from db.models import Prediction, RiskLevel
+from db.repositories.prediction_ingest import StagedRow
 from db.repositories.predictions import PredictionValues
 from ferrule.v1 import prediction_service_pb2 as pb
 from ferrule.v1.common_pb2 import FieldViolation as FieldViolationProto
@@ -84,24 +86,43 @@ def _check_text(
         violations.append(RowViolation(field, f"at most {maximum} characters", TOO_LONG))
 
 
-def _value_to_python(value: struct_pb2.Value, path: str, violations: list[RowViolation]) -> Any:
+# --- features ------------------------------------------------------------------------
+# The walk below runs for every row of every ingest path, so it is written for speed:
+# the field path of a value is only built when that value is refused.
+
+
+def _refused(violations: list[RowViolation], path: str, key: str | int, description: str) -> None:
+    where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+    violations.append(RowViolation(where, description, INVALID_FORMAT))
+
+
+def _value_to_python(
+    value: struct_pb2.Value, path: str, key: str | int, violations: list[RowViolation]
+) -> Any:
     kind = value.WhichOneof("kind")
     if kind == "string_value":
-        return value.string_value
+        text = value.string_value
+        if "\x00" in text:
+            _refused(violations, path, key, "must not contain the NUL character")
+        return text
     if kind == "number_value":
         number = value.number_value
+        if number.is_integer():
+            # Integral numbers read back as JSON integers, as json_format does.
+            return int(number) if -(2**53) < number < 2**53 else number
         if not math.isfinite(number):
-            violations.append(RowViolation(path, "must be a finite number", INVALID_FORMAT))
+            _refused(violations, path, key, "must be a finite number")
             return None
-        # Integral numbers read back as JSON integers, as json_format does.
-        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+        return number
     if kind == "bool_value":
         return value.bool_value
     if kind == "struct_value":
-        return _struct_to_python(value.struct_value, path, violations)
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+        return _struct_to_python(value.struct_value, where, violations)
     if kind == "list_value":
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
         return [
-            _value_to_python(item, f"{path}[{i}]", violations)
+            _value_to_python(item, where, i, violations)
             for i, item in enumerate(value.list_value.values)
         ]
     return None  # null_value or unset
@@ -110,17 +131,19 @@ def _value_to_python(value: struct_pb2.Value, path: str, violations: list[RowVio
 def _struct_to_python(
     struct: struct_pb2.Struct, path: str, violations: list[RowViolation]
 ) -> dict[str, Any]:
-    return {
-        key: _value_to_python(item, f"{path}.{key}", violations)
-        for key, item in struct.fields.items()
-    }
+    result: dict[str, Any] = {}
+    for key, item in struct.fields.items():
+        if "\x00" in key:
+            _refused(violations, path, key, "keys must not contain the NUL character")
+        result[key] = _value_to_python(item, path, key, violations)
+    return result
 
 
 def features_to_dict(
     features: struct_pb2.Struct, violations: list[RowViolation]
 ) -> dict[str, Any] | None:
     """The Struct as plain JSON values (None when empty); non-finite numbers are refused
-    because JSON (and PostgreSQL's jsonb) cannot hold them."""
+    because JSON (and PostgreSQL's jsonb) cannot hold them, and so is NUL in text."""
     if not features.fields:
         return None
     if features.ByteSize() > FEATURES_MAX_BYTES:
@@ -129,6 +152,123 @@ def features_to_dict(
         )
         return None
     return _struct_to_python(features, "features", violations)
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise _NotJson("numbers must be finite")
+    return number
+
+
+_decode_json = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float).decode
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def features_json_to_dict(text: str, violations: list[RowViolation]) -> dict[str, Any] | None:
+    """``features_json`` parsed (None when empty), or None with a violation."""
+    if not text:
+        return None
+    if len(text) > FEATURES_MAX_BYTES // 4 and len(text.encode()) > FEATURES_MAX_BYTES:
+        violations.append(
+            RowViolation("features_json", f"at most {FEATURES_MAX_BYTES} bytes", TOO_LONG)
+        )
+        return None
+    try:
+        value = _decode_json(text)
+    except (ValueError, RecursionError) as exc:
+        reason = str(exc) if isinstance(exc, _NotJson) else "not valid JSON"
+        violations.append(RowViolation("features_json", reason, INVALID_FORMAT))
+        return None
+    if not isinstance(value, dict):
+        violations.append(RowViolation("features_json", "must be a JSON object", INVALID_FORMAT))
+        return None
+    # jsonb cannot store U+0000; the escape is rare, so only then look closer.
+    if "\\u0000" in text and _has_nul(value):
+        violations.append(RowViolation("features_json", "must not contain U+0000", INVALID_FORMAT))
+        return None
+    return value if value else None
+
+
+# --- timestamps ----------------------------------------------------------------------
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Timestamp's valid range (0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z).
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def timestamp_to_datetime(seconds: int, nanos: int) -> datetime | None:
+    """Timestamp fields as an aware UTC datetime (microsecond precision, truncated like
+    ``Timestamp.ToDatetime``), or None when out of range; ~4x cheaper than ToDatetime."""
+    if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
+        return None
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
+# --- rows ----------------------------------------------------------------------------
+def _check_row(
+    message: pb.Prediction, now: datetime, violations: list[RowViolation]
+) -> tuple[RiskLevel | None, datetime, dict[str, Any] | None]:
+    """Every check of one row; (explicit risk level, predict time, features)."""
+    _check_text(
+        message.subject_id, "subject_id", SUBJECT_ID_MAX, required=True, violations=violations
+    )
+    _check_text(
+        message.model_version,
+        "model_version",
+        MODEL_VERSION_MAX,
+        required=True,
+        violations=violations,
+    )
+    _check_text(
+        message.model_name, "model_name", MODEL_NAME_MAX, required=False, violations=violations
+    )
+    probability = message.probability
+    if not 0.0 <= probability <= 1.0:  # NaN compares false too
+        violations.append(RowViolation("probability", "must be within [0, 1]", OUT_OF_RANGE))
+    risk_level: RiskLevel | None = None
+    if message.risk_level:
+        risk_level = _RISK_BY_NUMBER.get(message.risk_level)
+        if risk_level is None:
+            violations.append(
+                RowViolation("risk_level", f"unknown value {message.risk_level}", INVALID_FORMAT)
+            )
+    predict_time = now
+    if message.HasField("predict_time"):
+        stamp = message.predict_time
+        when = timestamp_to_datetime(stamp.seconds, stamp.nanos)
+        if when is None:
+            violations.append(RowViolation("predict_time", "not a valid timestamp", INVALID_FORMAT))
+        else:
+            predict_time = when
+    text = message.features_json
+    if text:
+        if message.HasField("features") and message.features.fields:
+            violations.append(
+                RowViolation(
+                    "features_json", "set features or features_json, not both", INVALID_FORMAT
+                )
+            )
+            return risk_level, predict_time, None
+        return risk_level, predict_time, features_json_to_dict(text, violations)
+    return risk_level, predict_time, features_to_dict(message.features, violations)
 
 
 def validate_prediction(
@@ -147,39 +287,11 @@ def validate_prediction(
     ``now`` stamps ``create_time`` and is the default ``predict_time``.
     """
     violations: list[RowViolation] = []
-    _check_text(
-        message.subject_id, "subject_id", SUBJECT_ID_MAX, required=True, violations=violations
-    )
-    _check_text(
-        message.model_version,
-        "model_version",
-        MODEL_VERSION_MAX,
-        required=True,
-        violations=violations,
-    )
-    _check_text(
-        message.model_name, "model_name", MODEL_NAME_MAX, required=False, violations=violations
-    )
-    probability = message.probability
-    if math.isnan(probability) or not 0.0 <= probability <= 1.0:
-        violations.append(RowViolation("probability", "must be within [0, 1]", OUT_OF_RANGE))
-    risk_level: RiskLevel | None = None
-    if message.risk_level:
-        risk_level = _RISK_BY_NUMBER.get(message.risk_level)
-        if risk_level is None:
-            violations.append(
-                RowViolation("risk_level", f"unknown value {message.risk_level}", INVALID_FORMAT)
-            )
     now = now or datetime.now(UTC)
-    predict_time = now
-    if message.HasField("predict_time"):
-        try:
-            predict_time = message.predict_time.ToDatetime(tzinfo=UTC)
-        except (ValueError, OverflowError):
-            violations.append(RowViolation("predict_time", "not a valid timestamp", INVALID_FORMAT))
-    features = features_to_dict(message.features, violations)
+    risk_level, predict_time, features = _check_row(message, now, violations)
     if violations:
         return violations
+    probability = message.probability
     return PredictionValues(
         id=prediction_id,
         organization_id=organization_id,
@@ -193,6 +305,34 @@ def validate_prediction(
         request_id=request_id,
         create_time=now,
         create_by=create_by,
+    )
+
+
+#: Compact JSON for jsonb (the features are finite: validation refuses NaN/Infinity).
+_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":"))
+
+
+def validate_staged_row(
+    message: pb.Prediction, prediction_id: uuid.UUID, batch_id: str, now: datetime
+) -> StagedRow | list[RowViolation]:
+    """The stream's form of :func:`validate_prediction`: the staging tuple (features as
+    JSON text, passed through unchanged when it came as ``features_json``)."""
+    violations: list[RowViolation] = []
+    risk_level, predict_time, features = _check_row(message, now, violations)
+    if violations:
+        return violations
+    probability = message.probability
+    text = None if features is None else message.features_json or _JSON.encode(features)
+    return (
+        prediction_id,
+        message.subject_id,
+        probability,
+        (risk_level or derive_risk_level(probability)).value,
+        message.model_name,
+        message.model_version,
+        text,
+        predict_time,
+        batch_id,
     )
 
 

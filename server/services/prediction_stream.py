@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import re
 import uuid
 import weakref
@@ -30,14 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from db.errors import FieldViolation, ValidationError
 from db.repositories.prediction_ingest import PendingBatch, StagedRow, ingest_batches
-from db.repositories.predictions import PredictionValues
 from db.tenancy import Tenant
 from ferrule.v1 import prediction_service_pb2 as pb
 from ferrule.v1.common_pb2 import FieldViolation as FieldViolationProto
 from server import names
 from server.scoping import authorize, caller_subject, transaction
 from server.services import cached_reads as cr
-from server.services.prediction_rows import INVALID_FORMAT, validate_prediction
+from server.services.prediction_rows import INVALID_FORMAT, validate_staged_row
 from server.telemetry import record_rows_ingested
 
 if TYPE_CHECKING:
@@ -57,8 +55,6 @@ MAX_BATCH_ROWS = 1000
 #: Rows held in memory (read, not yet acknowledged) by all streams of the process. At
 #: roughly 1-2 KiB per row in flight this caps ingest buffers near 100 MiB.
 MAX_BUFFERED_ROWS = 64_000
-#: Compact JSON for jsonb (the features are finite: validation refuses NaN/Infinity).
-_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":"))
 _BATCH_ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 
 
@@ -207,9 +203,7 @@ class _Stream:
         assert organization_id is not None
         derived_id = _DerivedIds(f"{self.parent}/streamBatches/{batch_id}/")
         name_prefix = f"{self.parent}/predictions/"
-        create_by = self.create_by
         now = datetime.now(UTC)
-        dumps = _JSON.encode
         rows: list[StagedRow] = []
         rejected: list[pb.RejectedPrediction] = []
         for index, message in enumerate(predictions):
@@ -226,32 +220,12 @@ class _Stream:
                     continue
             else:
                 prediction_id = derived_id(index)
-            values = validate_prediction(
-                message,
-                organization_id=organization_id,
-                prediction_id=prediction_id,
-                request_id=batch_id,
-                create_by=create_by,
-                now=now,
-            )
-            if isinstance(values, PredictionValues):
-                features = values.features
-                rows.append(
-                    (
-                        prediction_id,
-                        values.subject_id,
-                        values.probability,
-                        values.risk_level.value,
-                        values.model_name,
-                        values.model_version,
-                        None if features is None else dumps(features),
-                        values.predict_time,
-                        batch_id,
-                    )
-                )
+            row = validate_staged_row(message, prediction_id, batch_id, now)
+            if isinstance(row, tuple):
+                rows.append(row)
             else:
                 rejected.append(
-                    pb.RejectedPrediction(index=index, violations=[v.to_proto() for v in values])
+                    pb.RejectedPrediction(index=index, violations=[v.to_proto() for v in row])
                 )
         return rows, rejected
 
