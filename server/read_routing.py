@@ -23,15 +23,23 @@ window is a guess about lag, an LSN is a proof.
 
 The bookkeeping is per server process and bounded (``max_callers``); evicting a caller
 raises a process-wide floor that every read must meet, so eviction costs primary reads,
-never stale ones. Scope of the guarantee: a caller whose reads reach the process that
-served its write, which holds for one gRPC channel (a channel keeps its connection,
-hence its SO_REUSEPORT worker) but not across server processes or machines.
+never stale ones.
+
+Across processes and machines (several SO_REUSEPORT workers, several replicas behind a
+load balancer) each write also bumps a per-caller counter in the shared cache (Redis).
+Before a read, the router peeks at that counter (never creating it): absent means the
+caller never wrote; a value other than the last one this process saw means the caller
+wrote through another process (or this is the first sight of a caller that wrote), so
+the read resolves a fresh primary position exactly as for a local write. That costs one
+Redis round trip per read and per write, and only when replicas are configured. When
+the counter cannot be read (Redis down), the read goes to the primary: never stale.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,6 +47,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from db.cache import UNKNOWN_GENERATION, Cache
 from db.engine import Database
 from server.call_context import maybe_current_call
 
@@ -57,6 +66,12 @@ def parse_lsn(value: str) -> int:
     """``'16/B374D848'`` -> a comparable integer."""
     high, _, low = value.partition("/")
     return (int(high, 16) << 32) | int(low, 16)
+
+
+def _writer_counter(caller: CallerKey) -> str:
+    """The shared counter's name: a digest, since subjects may hold any character."""
+    digest = hashlib.sha256("\x00".join(caller).encode()).hexdigest()[:32]
+    return f"writer.{digest}"
 
 
 def caller_key() -> CallerKey | None:
@@ -127,9 +142,18 @@ class WriteTracker:
 
 class ReadRouter:
     def __init__(
-        self, database: Database, *, max_callers: int = 100_000, check_timeout: float = 1.0
+        self,
+        database: Database,
+        *,
+        shared: Cache | None = None,
+        max_callers: int = 100_000,
+        check_timeout: float = 1.0,
     ) -> None:
         self.database = database
+        self.shared = shared
+        #: The shared writer counter last seen per caller (bounded like the tracker).
+        self._seen: OrderedDict[CallerKey, int] = OrderedDict()
+        self._max_callers = max_callers
         self.replicas: tuple[AsyncEngine, ...] = database.replica_engines
         self.tracker = WriteTracker(max_callers)
         self.stats = RoutingStats()
@@ -142,10 +166,28 @@ class ReadRouter:
     def enabled(self) -> bool:
         return bool(self.replicas)
 
-    def wrote(self, caller: CallerKey | None) -> None:
-        """Called after each read-write transaction of ``caller`` ends."""
-        if self.enabled and caller is not None:
-            self.tracker.wrote(caller)
+    async def wrote(self, caller: CallerKey | None) -> None:
+        """Called after each read-write transaction of ``caller`` ends (before the RPC
+        answers, so every process sees the shared counter move before the caller can)."""
+        if not self.enabled or caller is None:
+            return
+        self.tracker.wrote(caller)
+        if self.shared is not None:
+            await self.shared.bump(_writer_counter(caller))
+
+    async def _fold_shared_writes(self, caller: CallerKey) -> bool:
+        """Mark ``caller`` pending if it wrote through another process; False if unknown."""
+        assert self.shared is not None
+        generation = await self.shared.peek_generation(_writer_counter(caller))
+        if generation == UNKNOWN_GENERATION:
+            return False
+        if generation is not None and self._seen.get(caller) != generation:
+            self.tracker.wrote(caller)  # perhaps our own write: one extra primary query
+            self._seen[caller] = generation
+            self._seen.move_to_end(caller)
+            while len(self._seen) > self._max_callers:
+                self._seen.popitem(last=False)  # forgetting only costs a primary query
+        return True
 
     async def engine_for_read(self, caller: CallerKey | None) -> AsyncEngine | None:
         """The engine for a read-only transaction of ``caller``; None without replicas."""
@@ -153,6 +195,12 @@ class ReadRouter:
             return None
         index = self._next
         self._next = (self._next + 1) % len(self.replicas)
+        if (
+            self.shared is not None
+            and caller is not None
+            and not await self._fold_shared_writes(caller)
+        ):
+            return self._primary()
         required = await self._required_lsn(caller)
         if required is None:
             return self._primary()
@@ -234,9 +282,9 @@ class ReadRouter:
 _routers: weakref.WeakKeyDictionary[Database, ReadRouter] = weakref.WeakKeyDictionary()
 
 
-def router_for(database: Database) -> ReadRouter:
+def router_for(database: Database, shared: Cache | None = None) -> ReadRouter:
     """The process's router for ``database`` (created on first use, lives as long)."""
     router = _routers.get(database)
     if router is None:
-        router = _routers[database] = ReadRouter(database)
+        router = _routers[database] = ReadRouter(database, shared=shared)
     return router

@@ -64,7 +64,7 @@ async def transaction(
     a lagging replica's value stored in the shared cache would outlive the write."""
     timeout_ms = current_call().remaining_ms(deps.settings.ferrule_default_statement_timeout_ms)
     # Replicas serve reads, except those that would miss the caller's own recent writes.
-    router = router_for(deps.database)
+    router = router_for(deps.database, deps.cache)  # the cache carries writes across processes
     caller = caller_key()
     engine = None
     if read_only:
@@ -76,4 +76,4 @@ async def transaction(
             yield session
     finally:
         if not read_only:
-            router.wrote(caller)  # after commit (or failure): the next read must see it
+            await router.wrote(caller)  # after commit (or failure): the next read must see it

@@ -285,6 +285,17 @@ class Cache:
             self._failed(exc)
             return UNKNOWN_GENERATION
 
+    async def peek_generation(self, tenant_key: str) -> int | None:
+        """The counter if it exists (None if never bumped nor read), without creating it;
+        :data:`UNKNOWN_GENERATION` if the backend cannot say."""
+        if not await self._backend_trusted():
+            return UNKNOWN_GENERATION
+        try:
+            return await self._backend.peek_counter(generation_key(self._prefix, tenant_key))
+        except CacheBackendError as exc:
+            self._failed(exc)
+            return UNKNOWN_GENERATION
+
     async def versioned_key(self, kind: str, tenant: str, ident: str) -> CacheKey:
         """A statistics/list key under ``tenant``'s current generation."""
         return CacheKey(kind, tenant, ident, await self.generation(tenant))

@@ -120,6 +120,10 @@ class LocalBackend:
         self._counters[key] = value
         return value
 
+    async def peek_counter(self, key: str) -> int | None:
+        self._check_open()
+        return self._counters.get(key)
+
     async def ping(self) -> None:
         self._check_open()
 

@@ -189,6 +189,10 @@ class RedisBackend:
         result = await self._call(lambda: self._bump_counter(keys=[key], args=[initial]))
         return int(result)
 
+    async def peek_counter(self, key: str) -> int | None:
+        value = await self.get(key)
+        return None if value is None else int(value)
+
     async def ping(self) -> None:
         """Bypasses the breaker (health wants the truth) but feeds it: a good ping
         while degraded closes the breaker early."""
