@@ -126,6 +126,13 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_workers_share_a_cache(self) -> Settings:
+        # Each process's in-process cache would miss the others' invalidations.
+        if self.ferrule_workers > 1 and self.redis_url is None:
+            raise ValueError("FERRULE_WORKERS > 1 needs REDIS_URL (a cache the workers share)")
+        return self
+
+    @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:
         if (self.ferrule_tls_cert_file is None) != (self.ferrule_tls_key_file is None):
             raise ValueError("FERRULE_TLS_CERT_FILE and FERRULE_TLS_KEY_FILE go together")

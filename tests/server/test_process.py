@@ -137,10 +137,28 @@ async def test_sigterm_during_a_burst_keeps_every_acknowledged_write(
     assert set(acknowledged) <= stored
 
 
+def test_several_workers_without_a_shared_cache_are_refused() -> None:
+    env = server_env("sqlite+aiosqlite:///unused.db", free_port(), FERRULE_WORKERS="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "server"], env=env, cwd=REPO, capture_output=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "REDIS_URL" in proc.stderr.decode()
+
+
 @pytest.mark.parametrize("workers", [2])
-async def test_workers_share_one_port(pg_database_url: str, workers: int) -> None:
+async def test_workers_share_one_port(
+    pg_database_url: str, redis_url: str, redis_namespace: str, workers: int
+) -> None:
     port = free_port()
-    proc = start_server_process(server_env(pg_database_url, port, FERRULE_WORKERS=str(workers)))
+    env = server_env(
+        pg_database_url,
+        port,
+        FERRULE_WORKERS=str(workers),
+        REDIS_URL=redis_url,
+        FERRULE_CACHE_PREFIX=redis_namespace,
+    )
+    proc = start_server_process(env)
     try:
         await asyncio.to_thread(wait_serving, f"127.0.0.1:{port}")
         import psutil

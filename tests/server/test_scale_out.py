@@ -82,10 +82,19 @@ def stop_tree(proc: subprocess.Popen[bytes], workers: list[psutil.Process]) -> N
         proc.stderr.close()
 
 
-async def test_two_workers_share_the_load_and_the_data(pg_database_url: str) -> None:
+async def test_two_workers_share_the_load_and_the_data(
+    pg_database_url: str, redis_url: str, redis_namespace: str
+) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
-    proc = start_server_process(server_env(pg_database_url, port, FERRULE_WORKERS=str(WORKERS)))
+    env = server_env(
+        pg_database_url,
+        port,
+        FERRULE_WORKERS=str(WORKERS),
+        REDIS_URL=redis_url,  # the workers share one cache, so invalidation reaches both
+        FERRULE_CACHE_PREFIX=redis_namespace,
+    )
+    proc = start_server_process(env)
     workers: list[psutil.Process] = []
     try:
         await asyncio.to_thread(wait_serving, target)

@@ -258,7 +258,9 @@ class AnalysisServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetAnalysisStatistics(self, request, context):
-        """Aggregates the live analyses matching the filters. Cached for a few seconds.
+        """Aggregates the live analyses matching the filters. Served from a cache that
+        every analysis write invalidates before it returns (never stale after a
+        write the caller saw succeed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -103,7 +103,10 @@ class AnalysisServiceStub:
     ListModelPerformances: _grpc.UnaryUnaryMultiCallable[_analysis_service_pb2.ListModelPerformancesRequest, _analysis_service_pb2.ListModelPerformancesResponse]
     """Lists model performance records."""
     GetAnalysisStatistics: _grpc.UnaryUnaryMultiCallable[_analysis_service_pb2.GetAnalysisStatisticsRequest, _analysis_service_pb2.AnalysisStatistics]
-    """Aggregates the live analyses matching the filters. Cached for a few seconds."""
+    """Aggregates the live analyses matching the filters. Served from a cache that
+    every analysis write invalidates before it returns (never stale after a
+    write the caller saw succeed).
+    """
 
 @_typing.type_check_only
 class AnalysisServiceAsyncStub(AnalysisServiceStub):
@@ -178,7 +181,10 @@ class AnalysisServiceAsyncStub(AnalysisServiceStub):
     ListModelPerformances: _aio.UnaryUnaryMultiCallable[_analysis_service_pb2.ListModelPerformancesRequest, _analysis_service_pb2.ListModelPerformancesResponse]  # type: ignore[assignment]
     """Lists model performance records."""
     GetAnalysisStatistics: _aio.UnaryUnaryMultiCallable[_analysis_service_pb2.GetAnalysisStatisticsRequest, _analysis_service_pb2.AnalysisStatistics]  # type: ignore[assignment]
-    """Aggregates the live analyses matching the filters. Cached for a few seconds."""
+    """Aggregates the live analyses matching the filters. Served from a cache that
+    every analysis write invalidates before it returns (never stale after a
+    write the caller saw succeed).
+    """
 
 class AnalysisServiceServicer(metaclass=_abc_1.ABCMeta):
     """Text analyses and their batches, model performance records and statistics.
@@ -346,6 +352,9 @@ class AnalysisServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _analysis_service_pb2.GetAnalysisStatisticsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_analysis_service_pb2.AnalysisStatistics, _abc.Awaitable[_analysis_service_pb2.AnalysisStatistics]]:
-        """Aggregates the live analyses matching the filters. Cached for a few seconds."""
+        """Aggregates the live analyses matching the filters. Served from a cache that
+        every analysis write invalidates before it returns (never stale after a
+        write the caller saw succeed).
+        """
 
 def add_AnalysisServiceServicer_to_server(servicer: AnalysisServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -188,15 +188,17 @@ class PredictionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRiskDistribution(self, request, context):
-        """Counts the predictions matching a filter per risk level. Cached for a few
-        seconds.
+        """Counts the predictions matching a filter per risk level. Served from a
+        cache that every prediction write invalidates before it returns, so a
+        caller never reads counts older than its own acknowledged writes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetPredictionStatistics(self, request, context):
-        """Aggregates the predictions matching a filter. Cached for a few seconds.
+        """Aggregates the predictions matching a filter. Cached like
+        GetRiskDistribution: never older than the caller's acknowledged writes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

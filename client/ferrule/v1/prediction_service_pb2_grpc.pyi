@@ -101,11 +101,14 @@ class PredictionServiceStub:
     the call deadline (DEADLINE_EXCEEDED ends the stream).
     """
     GetRiskDistribution: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.GetRiskDistributionRequest, _prediction_service_pb2.RiskDistribution]
-    """Counts the predictions matching a filter per risk level. Cached for a few
-    seconds.
+    """Counts the predictions matching a filter per risk level. Served from a
+    cache that every prediction write invalidates before it returns, so a
+    caller never reads counts older than its own acknowledged writes.
     """
     GetPredictionStatistics: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.GetPredictionStatisticsRequest, _prediction_service_pb2.PredictionStatistics]
-    """Aggregates the predictions matching a filter. Cached for a few seconds."""
+    """Aggregates the predictions matching a filter. Cached like
+    GetRiskDistribution: never older than the caller's acknowledged writes.
+    """
     PurgePredictions: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.PurgePredictionsRequest, _prediction_service_pb2.PurgePredictionsResponse]
     """Retention: permanently deletes the predictions whose predict_time is older
     than now - older_than, in chunks of at most 10000 rows per transaction.
@@ -191,11 +194,14 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     the call deadline (DEADLINE_EXCEEDED ends the stream).
     """
     GetRiskDistribution: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.GetRiskDistributionRequest, _prediction_service_pb2.RiskDistribution]  # type: ignore[assignment]
-    """Counts the predictions matching a filter per risk level. Cached for a few
-    seconds.
+    """Counts the predictions matching a filter per risk level. Served from a
+    cache that every prediction write invalidates before it returns, so a
+    caller never reads counts older than its own acknowledged writes.
     """
     GetPredictionStatistics: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.GetPredictionStatisticsRequest, _prediction_service_pb2.PredictionStatistics]  # type: ignore[assignment]
-    """Aggregates the predictions matching a filter. Cached for a few seconds."""
+    """Aggregates the predictions matching a filter. Cached like
+    GetRiskDistribution: never older than the caller's acknowledged writes.
+    """
     PurgePredictions: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.PurgePredictionsRequest, _prediction_service_pb2.PurgePredictionsResponse]  # type: ignore[assignment]
     """Retention: permanently deletes the predictions whose predict_time is older
     than now - older_than, in chunks of at most 10000 rows per transaction.
@@ -320,8 +326,9 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _prediction_service_pb2.GetRiskDistributionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_prediction_service_pb2.RiskDistribution, _abc.Awaitable[_prediction_service_pb2.RiskDistribution]]:
-        """Counts the predictions matching a filter per risk level. Cached for a few
-        seconds.
+        """Counts the predictions matching a filter per risk level. Served from a
+        cache that every prediction write invalidates before it returns, so a
+        caller never reads counts older than its own acknowledged writes.
         """
 
     @_abc_1.abstractmethod
@@ -330,7 +337,9 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _prediction_service_pb2.GetPredictionStatisticsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_prediction_service_pb2.PredictionStatistics, _abc.Awaitable[_prediction_service_pb2.PredictionStatistics]]:
-        """Aggregates the predictions matching a filter. Cached for a few seconds."""
+        """Aggregates the predictions matching a filter. Cached like
+        GetRiskDistribution: never older than the caller's acknowledged writes.
+        """
 
     @_abc_1.abstractmethod
     def PurgePredictions(
