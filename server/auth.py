@@ -7,6 +7,8 @@ configured public key), or the static FERRULE_ADMIN_TOKEN for bootstrap and oper
 from __future__ import annotations
 
 import hmac
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,7 @@ import jwt
 
 ALL_ORGANIZATIONS = "*"
 SCOPES = frozenset({"read", "write", "admin"})
+VERIFIED_TOKENS_MAX = 10_000
 
 
 class AuthenticationError(Exception):
@@ -61,6 +64,9 @@ class Authenticator:
         self._admin_token = admin_token.encode() if admin_token else None
         self._audience = audience
         self._issuer = issuer
+        # Services reuse one token for many calls: verifying its signature once per token
+        # (not per call) saves a few percent of a point read. Bounded; entries end at `exp`.
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -71,9 +77,19 @@ class Authenticator:
             raise AuthenticationError("authorization metadata must be 'Bearer <token>'")
         if self._admin_token is not None and hmac.compare_digest(token.encode(), self._admin_token):
             return ADMIN_PRINCIPAL
-        return self._from_jwt(token)
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, expires = cached
+            if time.time() < expires:
+                return principal
+            del self._verified[token]
+        principal, expires = self._from_jwt(token)
+        self._verified[token] = (principal, expires)
+        if len(self._verified) > VERIFIED_TOKENS_MAX:
+            self._verified.popitem(last=False)
+        return principal
 
-    def _from_jwt(self, token: str) -> Principal:
+    def _from_jwt(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -104,4 +120,5 @@ class Authenticator:
         scopes = frozenset(scope.split())
         if not scopes <= SCOPES:
             raise AuthenticationError(f"unknown scopes: {sorted(scopes - SCOPES)}")
-        return Principal(subject=subject, organization=organization, scopes=scopes)
+        principal = Principal(subject=subject, organization=organization, scopes=scopes)
+        return principal, float(claims["exp"])

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     database_pool_timeout: float = Field(5.0, gt=0)
     database_pool_recycle: float = Field(1800.0, gt=0)
     database_pool_pre_ping: bool = True
+    database_pool_ping_idle_seconds: float = Field(
+        2.0, ge=0, description="pre-ping only connections idle at least this long"
+    )
     database_statement_cache_size: int = Field(
         100, ge=0, description="0 disables prepared statements (PgBouncer transaction mode)"
     )
@@ -60,6 +63,9 @@ class Settings(BaseSettings):
     ferrule_cache_stats_ttl_seconds: float = Field(30.0, gt=0)
     ferrule_cache_timeout_ms: int = Field(50, ge=1)
     ferrule_cache_local_max_entries: int = Field(10_000, ge=1)
+    ferrule_cache_enabled: bool = Field(
+        True, description="false: every read goes to the database (benchmarks, debugging)"
+    )
     ferrule_cache_prefix: str = Field(
         "ferrule", pattern=r"^[A-Za-z0-9_.-]+$", description="namespace of every Redis key"
     )
@@ -150,6 +156,7 @@ class Settings(BaseSettings):
             pool_timeout=self.database_pool_timeout,
             pool_recycle=self.database_pool_recycle,
             pool_pre_ping=self.database_pool_pre_ping,
+            pool_ping_idle_seconds=self.database_pool_ping_idle_seconds,
             statement_cache_size=self.database_statement_cache_size,
             app_role=self.database_app_role,
         )

@@ -97,8 +97,8 @@ def prediction_stats_generation(organization_id: uuid.UUID) -> str:
 
 
 def cache_of(deps: Dependencies) -> Cache | None:
-    cache = getattr(deps, "cache", None)
-    return cache if isinstance(cache, Cache) else None
+    """The cache, or None when FERRULE_CACHE_ENABLED=false (every read hits the database)."""
+    return deps.cache if deps.settings.ferrule_cache_enabled else None
 
 
 def primary_read(deps: Dependencies, tenant: Tenant) -> AbstractAsyncContextManager[AsyncSession]:

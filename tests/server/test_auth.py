@@ -127,3 +127,13 @@ def test_scopes_per_rpc() -> None:
     with pytest.raises(PermissionDeniedError):
         check_organization(reader, "22222222-2222-2222-2222-222222222222")
     check_organization(reader, "11111111-1111-1111-1111-111111111111")
+
+
+def test_a_verified_token_is_refused_once_it_expires() -> None:
+    auth = hs_auth()
+    token = jwt.encode(claims(exp=int(time.time()) + 1), SECRET, algorithm="HS256")
+    assert auth.authenticate(f"Bearer {token}").subject == "svc-a"
+    assert auth.authenticate(f"Bearer {token}").subject == "svc-a"  # from the verified cache
+    time.sleep(1.5)
+    with pytest.raises(AuthenticationError):
+        auth.authenticate(f"Bearer {token}")
