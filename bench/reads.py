@@ -4,9 +4,7 @@ Two server subprocesses on one fresh database holding ``--reads-users`` users:
 
 * **cache on**: ``REDIS_URL`` set (the shared Redis, keys under a unique
   ``FERRULE_CACHE_PREFIX``, deleted afterwards);
-* **cache off**: no ``REDIS_URL`` and ``FERRULE_CACHE_LOCAL_MAX_ENTRIES=1``: the
-  in-process LRU holds one entry, so almost every read goes to PostgreSQL (the server has
-  no switch to disable the cache; its hit rate is reported so the residue is visible).
+* **cache off**: ``FERRULE_CACHE_ENABLED=false``: every read goes to PostgreSQL.
 
 The load: one client process (this one, through ``AsyncFerruleClient`` with its
 interceptors) keeps ``--reads-concurrency`` GetUser calls in flight on one channel,
@@ -139,7 +137,7 @@ async def run(args: argparse.Namespace) -> Figures:
     prefix = f"ferrule-bench-{uuid.uuid4().hex[:10]}"
     role = {"DATABASE_APP_ROLE": args.reads_app_role} if args.reads_app_role else {}
     cached_env = {"REDIS_URL": REDIS_URL, "FERRULE_CACHE_PREFIX": prefix, **role}
-    uncached_env = {"FERRULE_CACHE_LOCAL_MAX_ENTRIES": "1", **role}
+    uncached_env = {"FERRULE_CACHE_ENABLED": "false", **role}
     figures: Figures = {
         "users": users,
         "zipf_s": s,

@@ -78,7 +78,7 @@ async def run(args: argparse.Namespace) -> Figures:
     cache = (
         {"REDIS_URL": REDIS_URL, "FERRULE_CACHE_PREFIX": prefix}
         if args.tracing_cache == "redis"
-        else {"FERRULE_CACHE_LOCAL_MAX_ENTRIES": "1"}
+        else {"FERRULE_CACHE_ENABLED": "false"}
     )
     base = {"DATABASE_APP_ROLE": "ferrule_app", "OTEL_METRICS_EXPORTER": "none", **cache}
     rounds: dict[str, list[LoadResult]] = {mode: [] for mode in MODES}
