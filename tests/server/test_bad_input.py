@@ -516,7 +516,7 @@ async def call(
 
     On a client stream, a write that races the server's refusal makes grpc.aio report a
     local INTERNAL without the server's details (see ferrule.client.ingest): that call is
-    repeated with its first message only, a few times at most, to see the status the server really sent.
+    repeated with its first message only, a few times at most, to see the server's status.
     """
     code, received, from_server = await _call_once(client, attribute, method, requests)
     for _ in range(5):
@@ -739,15 +739,15 @@ async def _raw_call(
     try:
         if method.client_streaming:
             stream_stream: Any = channel.stream_stream(path)
-            async for _ in stream_stream(iter([payload]), metadata=metadata, timeout=20):
+            async for _ in stream_stream(iter([payload]), metadata=metadata, timeout=5):
                 pass
         elif method.server_streaming:
             unary_stream: Any = channel.unary_stream(path)
-            async for _ in unary_stream(payload, metadata=metadata, timeout=20):
+            async for _ in unary_stream(payload, metadata=metadata, timeout=5):
                 pass
         else:
             unary_unary: Any = channel.unary_unary(path)
-            await unary_unary(payload, metadata=metadata, timeout=20)
+            await unary_unary(payload, metadata=metadata, timeout=5)
     except grpc.aio.AioRpcError as error:
         return error.code()
     return grpc.StatusCode.OK
@@ -769,6 +769,7 @@ async def test_messages_above_the_size_limit_are_resource_exhausted(
     await assert_serving(world.server.target)
 
 
+@pytest.mark.timeout(90)
 @pytest.mark.xfail(
     strict=True,
     reason="known gap: grpc.aio answers a request it cannot deserialize with UNKNOWN "
@@ -776,17 +777,11 @@ async def test_messages_above_the_size_limit_are_resource_exhausted(
     "deserializer wrapper at service registration",
 )
 async def test_malformed_bytes_are_refused_deliberately(world: World) -> None:
-    async def body(payload: bytes) -> None:
-        async with grpc.aio.insecure_channel(world.server.target) as channel:
+    # Not protobuf: a truncated varint, an invalid wire type, a length past the end.
+    payloads = [b"\xff\xff\xff", b"\x0f", b"\x0a\x7fab"]
+    async with grpc.aio.insecure_channel(world.server.target) as channel:
+        for payload in payloads:
             for _, method in METHODS:
                 code = await _raw_call(channel, method, payload)
                 assert code not in FORBIDDEN, (method.full_name, payload, code)
-
-    @settings(max_examples=3, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(payload=st.binary(min_size=1, max_size=64))
-    def check(payload: bytes) -> None:
-        on_loop(loop, body(payload))
-
-    loop = asyncio.get_running_loop()
-    await asyncio.to_thread(check)
     await assert_serving(world.server.target)
