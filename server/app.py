@@ -22,6 +22,7 @@ from server.health import HealthProbe
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.call_context import CallContextInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
+from server.interceptors.malformed import MalformedRequestInterceptor
 from server.interceptors.tracing import TracingInterceptor
 from server.page_tokens import PageTokenCodec
 from server.request_log import RequestLogEntry, RequestLogInterceptor, RequestLogWriter
@@ -159,7 +160,11 @@ class FerruleApp:
         ]
         if self.settings.ferrule_request_log:
             chain.append(RequestLogInterceptor(self.request_log))
-        chain += [ErrorMappingInterceptor(), AuthInterceptor(build_authenticator(self.settings))]
+        chain += [
+            ErrorMappingInterceptor(),
+            AuthInterceptor(build_authenticator(self.settings)),
+            MalformedRequestInterceptor(),  # innermost: authenticate before parsing complaints
+        ]
         return chain
 
     async def start(self) -> int:
