@@ -13,7 +13,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Select, bindparam, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute, joinedload
 
@@ -96,6 +96,81 @@ class UserStatistics:
     by_auth_provider: Mapping[AuthProvider, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class ProfileRecord:
+    """A user's profile as read by :meth:`UsersRepository.get_user_record`."""
+
+    bio: str | None
+    avatar_uri: str | None
+    locale: str | None
+    time_zone: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """A read-only user with its profile: the columns of :class:`User` under the same
+    names (``profile`` as on the model), without ORM identity or instrumentation.
+
+    ``profile`` comes first so the columns can follow it positionally, in select order."""
+
+    profile: ProfileRecord | None
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    email: str
+    username: str
+    full_name: str | None
+    role: UserRole
+    status: UserStatus
+    auth_provider: AuthProvider
+    password_hash: str | None
+    last_login_time: datetime | None
+    create_time: datetime
+    update_time: datetime
+    delete_time: datetime | None
+    create_by: str | None
+    update_by: str | None
+    delete_by: str | None
+    version: int
+
+
+_USERS = User.__table__
+_PROFILES = UserProfile.__table__
+_RECORD_COLUMNS = tuple(_USERS.c[name] for name in list(UserRecord.__dataclass_fields__)[1:])
+_PROFILE_COLUMNS = (
+    _PROFILES.c.user_id,
+    _PROFILES.c.bio,
+    _PROFILES.c.avatar_uri,
+    _PROFILES.c.locale,
+    _PROFILES.c.time_zone,
+)
+_RECORD_WIDTH = len(_RECORD_COLUMNS)
+
+
+def _build_record_select(scope: str, show_deleted: bool) -> Select[Any]:
+    """One Core statement per tenant shape, built once: SQLAlchemy memoizes the cache key
+    of a statement object, so executing it again skips building and compiling it."""
+    stmt = (
+        select(*_RECORD_COLUMNS, *_PROFILE_COLUMNS)
+        .select_from(_USERS.outerjoin(_PROFILES, _PROFILES.c.user_id == _USERS.c.id))
+        .where(_USERS.c.id == bindparam("user_id"))
+    )
+    # The same scoping as scope_to_tenant, with the organization as a parameter.
+    if scope == "organization":
+        stmt = stmt.where(_USERS.c.organization_id == bindparam("organization_id"))
+    elif scope == "none":
+        stmt = stmt.where(false())
+    if not show_deleted:
+        stmt = stmt.where(_USERS.c.delete_time.is_(None))
+    return stmt
+
+
+_RECORD_SELECTS = {
+    (scope, show_deleted): _build_record_select(scope, show_deleted)
+    for scope in ("all", "organization", "none")
+    for show_deleted in (False, True)
+}
+
+
 class UsersRepository(Repository[User]):
     model = User
     resource_type = "User"
@@ -123,6 +198,28 @@ class UsersRepository(Repository[User]):
         return await self.get(
             user_id, show_deleted=show_deleted, options=(joinedload(User.profile),)
         )
+
+    async def get_user_record(self, user_id: uuid.UUID, *, show_deleted: bool = True) -> UserRecord:
+        """:meth:`get_user` for reads that only convert the row: one prebuilt Core
+        statement on the session's connection, no ORM identity map or loading."""
+        tenant = self.tenant
+        params: dict[str, Any] = {"user_id": user_id}
+        if tenant.all_organizations:
+            scope = "all"
+        elif tenant.organization_id is None:
+            scope = "none"
+        else:
+            scope = "organization"
+            params["organization_id"] = tenant.organization_id
+        connection = await self.session.connection()
+        result = await connection.execute(_RECORD_SELECTS[scope, show_deleted], params)
+        row = result.first()
+        if row is None:
+            raise self.not_found(user_id)
+        profile = None
+        if row[_RECORD_WIDTH] is not None:
+            profile = ProfileRecord(*row[_RECORD_WIDTH + 1 :])
+        return UserRecord(profile, *row[:_RECORD_WIDTH])
 
     async def create(
         self,

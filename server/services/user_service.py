@@ -12,7 +12,7 @@ import contextlib
 import uuid
 from datetime import timedelta
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from argon2.exceptions import VerificationError
@@ -275,8 +275,10 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
 
         async def load() -> pb.User:
             async with cr.primary_read(self.deps, tenant) as session:
-                row = await UserQueries(session, tenant).get_user(user_id)
-                return cv.user_to_proto(row)
+                record = await UserQueries(session, tenant).get_user_record(user_id)
+            # A UserRecord has every attribute of User that user_to_proto reads, under
+            # the same names (db/repositories/users.py), so the two reads convert alike.
+            return cv.user_to_proto(cast(User, record))
 
         return await cr.cached_get(self.deps, cr.USER, organization_id, user_id, pb.User, load)
 
