@@ -19,13 +19,24 @@ def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime | None) -> No
         target.FromDatetime(value)
 
 
-def to_datetime(value: timestamp_pb2.Timestamp) -> datetime:
-    return value.ToDatetime(tzinfo=UTC)
+def to_datetime(value: timestamp_pb2.Timestamp, path: str) -> datetime:
+    """An aware datetime; INVALID_ARGUMENT naming `path` outside years 1..9999."""
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise ValidationError(
+            [FieldViolation(path, "not a valid timestamp (years 1 to 9999)")]
+        ) from None
 
 
-def optional_datetime(message: Any, field: str) -> datetime | None:
-    """The Timestamp `field` of `message` as an aware datetime, or None when unset."""
-    return to_datetime(getattr(message, field)) if message.HasField(field) else None
+def optional_datetime(message: Any, field: str, path: str | None = None) -> datetime | None:
+    """The Timestamp `field` of `message` as an aware datetime, or None when unset.
+
+    `path` is the field's full path in the request, for the error (default: `field`).
+    """
+    if not message.HasField(field):
+        return None
+    return to_datetime(getattr(message, field), path or field)
 
 
 def set_duration_ms(target: duration_pb2.Duration, milliseconds: float | None) -> None:

@@ -96,8 +96,8 @@ def time_range(
     if not holder.HasField(field):
         return None, None
     value: common_pb2.TimeRange = getattr(holder, field)
-    start = optional_datetime(value, "start_time")
-    end = optional_datetime(value, "end_time")
+    start = v.call(lambda: optional_datetime(value, "start_time", f"{field}.start_time"))
+    end = v.call(lambda: optional_datetime(value, "end_time", f"{field}.end_time"))
     if start is not None and end is not None and end < start:
         v.add(f"{field}.end_time", "must not be before start_time")
     return start, end
@@ -250,11 +250,13 @@ def new_model_performance(
     v: Violations, record: pb.ModelPerformance, prefix: str
 ) -> NewModelPerformance | None:
     before = len(v.items)
-    start = optional_datetime(record, "window_start_time")
-    end = optional_datetime(record, "window_end_time")
-    if start is None:
+    start = v.call(
+        lambda: optional_datetime(record, "window_start_time", prefix + "window_start_time")
+    )
+    end = v.call(lambda: optional_datetime(record, "window_end_time", prefix + "window_end_time"))
+    if not record.HasField("window_start_time"):
         v.add(prefix + "window_start_time", "required")
-    if end is None:
+    if not record.HasField("window_end_time"):
         v.add(prefix + "window_end_time", "required")
     if start is None or end is None:
         return None

@@ -577,7 +577,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             )
             expire_time = now + ttl
         elif which == "expire_time":
-            expire_time = to_datetime(spec.expire_time)
+            expire_time = to_datetime(spec.expire_time, "user_session.expire_time")
             v.check(
                 now < expire_time <= now + MAX_SESSION_TTL,
                 "user_session.expire_time",

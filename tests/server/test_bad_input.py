@@ -41,6 +41,7 @@ from db.migrate import upgrade_to_head
 from ferrule.client import AsyncFerruleClient, FerruleError, InvalidArgument
 from ferrule.v1 import (
     analysis_service_pb2,
+    common_pb2,
     health_service_pb2,
     prediction_service_pb2,
     user_service_pb2,
@@ -779,3 +780,37 @@ async def test_malformed_bytes_are_refused_deliberately(world: World) -> None:
                 code = await _raw_call(channel, method, payload)
                 assert code == grpc.StatusCode.INVALID_ARGUMENT, (method.full_name, payload, code)
     await assert_serving(world.server.target)
+
+
+async def test_timestamps_outside_years_1_to_9999_are_invalid_argument(world: World) -> None:
+    """Timestamp.ToDatetime raises for them; every RPC must name the field instead."""
+    far = timestamp_pb2.Timestamp(seconds=253402300800)  # year 10000
+    client = world.clients["a"]
+    calls: list[Any] = [
+        client.analyses.ListAnalyses(
+            analysis_service_pb2.ListAnalysesRequest(
+                parent=world.a.parent,
+                create_time_range=common_pb2.TimeRange(end_time=far),
+            )
+        ),
+        client.analyses.CreateModelPerformance(
+            analysis_service_pb2.CreateModelPerformanceRequest(
+                parent=world.a.parent,
+                model_performance=analysis_service_pb2.ModelPerformance(
+                    model_name="m", model_version="1", window_start_time=far, window_end_time=far
+                ),
+            )
+        ),
+        client.predictions.ListPredictions(
+            prediction_service_pb2.ListPredictionsRequest(
+                parent=world.a.parent,
+                filter=prediction_service_pb2.PredictionFilter(
+                    predict_time_range=common_pb2.TimeRange(start_time=far)
+                ),
+            )
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument) as info:
+            await call
+        assert any("time" in field for field, _ in info.value.field_violations)
