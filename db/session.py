@@ -40,10 +40,14 @@ async def _apply_postgres_settings(
         "statement_timeout": str(max(int(timeout_ms), 1)) if timeout_ms else "0",
         "read_only": "on" if read_only else "off",
     }
+    # On the session's connection (which begins the session's transaction): the same
+    # statement and transaction without the ORM's per-execute machinery.
+    connection = await session.connection()
     if app_role:
-        await session.execute(_SET_TENANT_AND_ROLE, {**params, "role": app_role})
+        params["role"] = app_role
+        await connection.execute(_SET_TENANT_AND_ROLE, params)
     else:
-        await session.execute(_SET_TENANT, params)
+        await connection.execute(_SET_TENANT, params)
 
 
 @asynccontextmanager
