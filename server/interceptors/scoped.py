@@ -77,6 +77,62 @@ def wrap_handler(handler: Handler, scope: ScopeFactory) -> Handler:
     )
 
 
+def wrap_handler_before(handler: Handler, before: Callable[[Context, Any], None]) -> Handler:
+    """Like :func:`wrap_handler` for a step that only runs before the behaviour (no exit
+    work): a plain call instead of an async context manager around it. Exceptions
+    ``before`` raises propagate exactly as if raised on entering a scope."""
+    if handler.unary_unary is not None:
+        inner_uu: Any = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Context) -> Any:
+            before(context, request)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        inner_us: Any = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            before(context, request)
+            async for response in inner_us(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_unary is not None:
+        inner_su: Any = handler.stream_unary
+
+        async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
+            before(context, None)
+            return await inner_su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    inner_ss: Any = handler.stream_stream
+    assert inner_ss is not None
+
+    async def stream_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        before(context, None)
+        async for response in inner_ss(requests, context):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_stream,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class ScopedInterceptor(grpc.aio.ServerInterceptor):
     """Subclasses implement `scope`; `applies` lets them skip some methods cheaply."""
 
