@@ -39,6 +39,14 @@ def optional_datetime(message: Any, field: str, path: str | None = None) -> date
     return to_datetime(getattr(message, field), path or field)
 
 
+def to_timedelta(value: duration_pb2.Duration, path: str) -> timedelta:
+    """A timedelta; INVALID_ARGUMENT naming `path` beyond what a timedelta holds."""
+    try:
+        return value.ToTimedelta()
+    except (ValueError, OverflowError):
+        raise ValidationError([FieldViolation(path, "duration out of range")]) from None
+
+
 def set_duration_ms(target: duration_pb2.Duration, milliseconds: float | None) -> None:
     if milliseconds is not None:
         target.FromTimedelta(timedelta(milliseconds=milliseconds))

@@ -7,12 +7,9 @@ servicer opens a transaction, so an invalid request never touches the database.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
-from db.errors import FieldViolation, ValidationError
 from db.models.analyses import ModelPerformanceRecord, TextAnalysis
 from db.models.enums import AnalysisState, AnalysisType, OptimizationTier
 from db.repositories.analyses import MAX_RESULT_BYTES, NewAnalysis, field_violations
@@ -31,40 +28,9 @@ from server.convert import (
     struct_to_dict,
 )
 from server.etags import etag_of
+from server.violations import Violations
 
 T = TypeVar("T")
-
-
-class Violations:
-    """Collects field violations across a whole request; raises them together."""
-
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-
-    def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
-
-    def extend(self, violations: list[FieldViolation]) -> None:
-        self.items.extend(violations)
-
-    @contextmanager
-    def collect(self) -> Iterator[None]:
-        try:
-            yield
-        except ValidationError as exc:
-            self.items.extend(exc.violations)
-
-    def call(self, fn: Callable[[], T]) -> T | None:
-        """``fn()``, or None with its violations recorded."""
-        try:
-            return fn()
-        except ValidationError as exc:
-            self.items.extend(exc.violations)
-            return None
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise ValidationError(list(self.items))
 
 
 # --- names ----------------------------------------------------------------------------

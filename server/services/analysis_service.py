@@ -38,7 +38,7 @@ from server.listing import page_request
 from server.scoping import authorize, authorize_organization, caller_subject, transaction
 from server.services import analysis_convert as cv
 from server.services import cached_reads as cr
-from server.services.analysis_convert import Violations
+from server.violations import Violations
 
 if TYPE_CHECKING:
     from server.app import Dependencies

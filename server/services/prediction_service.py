@@ -38,7 +38,7 @@ from ferrule.v1 import prediction_service_pb2 as pb
 from server import names
 from server.authorization import PermissionDeniedError
 from server.call_context import current_call
-from server.convert import set_duration_ms, set_timestamp
+from server.convert import set_duration_ms, set_timestamp, to_timedelta
 from server.idempotency import idempotent
 from server.listing import page_request
 from server.names import parse_resource_id
@@ -478,7 +478,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         tenant = _authorize_admin_parent(request.parent)
         if not request.HasField("older_than"):
             raise ValidationError([FieldViolation("older_than", "required")])
-        age = request.older_than.ToTimedelta()
+        age = to_timedelta(request.older_than, "older_than")
         if age.total_seconds() <= 0:
             raise ValidationError([FieldViolation("older_than", "must be positive")])
         try:

@@ -9,14 +9,12 @@ from __future__ import annotations
 import ipaddress
 import re
 import zoneinfo
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from functools import cache
 from typing import Any
 from urllib.parse import urlsplit
 
-from db.errors import FieldViolation, ValidationError
+from db.errors import ValidationError
 from db.models import (
     AuthProvider,
     Organization,
@@ -31,6 +29,7 @@ from ferrule.v1 import user_service_pb2 as pb
 from server import names
 from server.convert import enum_from_proto, enum_to_proto, set_timestamp
 from server.etags import etag_of
+from server.violations import Violations
 
 MAX_DISPLAY_NAME = 200
 MAX_FULL_NAME = 200
@@ -43,32 +42,6 @@ _USERNAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 # BCP-47 shape (language, then script/region/variant subtags); not a registry lookup.
 _LOCALE = re.compile(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*")
 _MAX_LOCALE = 35
-
-
-class Violations:
-    """Collects field violations; `raise_if_any` raises them together."""
-
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-
-    def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
-
-    def check(self, ok: bool, field: str, description: str) -> None:
-        if not ok:
-            self.add(field, description)
-
-    @contextmanager
-    def collect(self) -> Iterator[None]:
-        """Record a ValidationError raised in the block instead of propagating it."""
-        try:
-            yield
-        except ValidationError as exc:
-            self.items.extend(exc.violations)
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise ValidationError(list(self.items))
 
 
 # --- validation of single fields ---------------------------------------------------

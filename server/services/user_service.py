@@ -28,7 +28,7 @@ from ferrule.v1 import user_service_pb2 as pb
 from ferrule.v1 import user_service_pb2_grpc
 from server import names
 from server.authorization import PermissionDeniedError
-from server.convert import duration_ms, to_datetime
+from server.convert import to_datetime, to_timedelta
 from server.etags import expected_version
 from server.field_masks import resolve_update_mask
 from server.idempotency import idempotent
@@ -42,7 +42,7 @@ from server.scoping import (
 )
 from server.services import cached_reads as cr
 from server.services import user_convert as cv
-from server.services.user_convert import Violations
+from server.violations import Violations
 
 if TYPE_CHECKING:
     from server.app import Dependencies
@@ -569,13 +569,14 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         expire_time = now + DEFAULT_SESSION_TTL
         which = spec.WhichOneof("expiration")
         if which == "ttl":
-            ttl = timedelta(milliseconds=duration_ms(spec.ttl))
-            v.check(
-                MIN_SESSION_TTL <= ttl <= MAX_SESSION_TTL,
-                "user_session.ttl",
-                "1 minute to 30 days",
-            )
-            expire_time = now + ttl
+            ttl = v.call(lambda: to_timedelta(spec.ttl, "user_session.ttl"))
+            if ttl is not None:
+                v.check(
+                    MIN_SESSION_TTL <= ttl <= MAX_SESSION_TTL,
+                    "user_session.ttl",
+                    "1 minute to 30 days",
+                )
+                expire_time = now + min(ttl, MAX_SESSION_TTL)
         elif which == "expire_time":
             expire_time = to_datetime(spec.expire_time, "user_session.expire_time")
             v.check(

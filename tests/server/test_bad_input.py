@@ -29,7 +29,7 @@ import asyncpg
 import grpc
 import jwt
 import pytest
-from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -814,3 +814,20 @@ async def test_timestamps_outside_years_1_to_9999_are_invalid_argument(world: Wo
         with pytest.raises(InvalidArgument) as info:
             await call
         assert any("time" in field for field, _ in info.value.field_violations)
+
+
+async def test_durations_beyond_a_timedelta_are_invalid_argument(world: World) -> None:
+    huge = duration_pb2.Duration(seconds=2**62)
+    user = world.a.names[1]  # the first seeded user
+    with pytest.raises(InvalidArgument) as info:
+        await world.clients["a"].users.CreateUserSession(
+            user_service_pb2.CreateUserSessionRequest(
+                parent=user, user_session=user_service_pb2.UserSession(ttl=huge)
+            )
+        )
+    assert [field for field, _ in info.value.field_violations] == ["user_session.ttl"]
+    with pytest.raises(InvalidArgument) as info:
+        await world.clients["admin"].predictions.PurgePredictions(
+            prediction_service_pb2.PurgePredictionsRequest(parent=world.a.parent, older_than=huge)
+        )
+    assert [field for field, _ in info.value.field_violations] == ["older_than"]
