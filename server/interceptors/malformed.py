@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from db.errors import FieldViolation, ValidationError
-from server.interceptors.scoped import Context, Continuation, Handler
+from server.interceptors.scoped import Context, Continuation, Handler, rebuild, shape_of
 
 
 class _Malformed:
@@ -54,40 +54,37 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 def _wrap(handler: Handler) -> Handler:
     deserialize = _tolerant(handler.request_deserializer)
-    serialize = handler.response_serializer
-    if handler.unary_unary is not None:
-        inner_uu: Any = handler.unary_unary
+    shape = shape_of(handler)
+    inner: Any = getattr(handler, shape)
+    if shape == "unary_unary":
 
         async def unary_unary(request: Any, context: Context) -> Any:
             if request is MALFORMED:
                 raise _refusal()
-            return await inner_uu(request, context)
+            return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
-    if handler.unary_stream is not None:
-        inner_us: Any = handler.unary_stream
+        return rebuild(handler, unary_unary, deserialize)
+    if shape == "unary_stream":
 
         async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
             if request is MALFORMED:
                 raise _refusal()
-            async for response in inner_us(request, context):
+            async for response in inner(request, context):
                 yield response
 
-        return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
-    if handler.stream_unary is not None:
-        inner_su: Any = handler.stream_unary
+        return rebuild(handler, unary_stream, deserialize)
+    if shape == "stream_unary":
 
         async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
-            return await inner_su(_checked(requests), context)
+            return await inner(_checked(requests), context)
 
-        return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
-    inner_ss: Any = handler.stream_stream
+        return rebuild(handler, stream_unary, deserialize)
 
     async def stream_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-        async for response in inner_ss(_checked(requests), context):
+        async for response in inner(_checked(requests), context):
             yield response
 
-    return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
+    return rebuild(handler, stream_stream, deserialize)
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):

@@ -20,117 +20,110 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 
+_CONSTRUCTORS = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def shape_of(handler: Handler) -> str:
+    """Which of the four RPC shapes `handler` serves ("unary_stream", ...)."""
+    for shape in _CONSTRUCTORS:
+        if getattr(handler, shape) is not None:
+            return shape
+    raise ValueError("handler serves no RPC shape")
+
+
+def rebuild(
+    handler: Handler,
+    behaviour: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> Handler:
+    """A handler of the same shape and serializers as `handler`, with a new behaviour."""
+    constructor: Any = _CONSTRUCTORS[shape_of(handler)]
+    result: Handler = constructor(
+        behaviour,
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    return result
+
+
 def wrap_handler(handler: Handler, scope: ScopeFactory) -> Handler:
     """Return a copy of `handler` whose behaviour runs inside `scope(context, request)`.
 
     `request` is the request message for unary-request RPCs and None for streaming ones.
     """
-    if handler.unary_unary is not None:
-        inner_uu: Any = handler.unary_unary
+    shape = shape_of(handler)
+    inner: Any = getattr(handler, shape)
+    if shape == "unary_unary":
 
         async def unary_unary(request: Any, context: Context) -> Any:
             async with scope(context, request):
-                return await inner_uu(request, context)
+                return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.unary_stream is not None:
-        inner_us: Any = handler.unary_stream
+        return rebuild(handler, unary_unary)
+    if shape == "unary_stream":
 
         async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
             async with scope(context, request):
-                async for response in inner_us(request, context):
+                async for response in inner(request, context):
                     yield response
 
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.stream_unary is not None:
-        inner_su: Any = handler.stream_unary
+        return rebuild(handler, unary_stream)
+    if shape == "stream_unary":
 
         async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
             async with scope(context, None):
-                return await inner_su(requests, context)
+                return await inner(requests, context)
 
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    inner_ss: Any = handler.stream_stream
-    assert inner_ss is not None
+        return rebuild(handler, stream_unary)
 
     async def stream_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
         async with scope(context, None):
-            async for response in inner_ss(requests, context):
+            async for response in inner(requests, context):
                 yield response
 
-    return grpc.stream_stream_rpc_method_handler(
-        stream_stream,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return rebuild(handler, stream_stream)
 
 
 def wrap_handler_before(handler: Handler, before: Callable[[Context, Any], None]) -> Handler:
     """Like :func:`wrap_handler` for a step that only runs before the behaviour (no exit
     work): a plain call instead of an async context manager around it. Exceptions
     ``before`` raises propagate exactly as if raised on entering a scope."""
-    if handler.unary_unary is not None:
-        inner_uu: Any = handler.unary_unary
+    shape = shape_of(handler)
+    inner: Any = getattr(handler, shape)
+    if shape == "unary_unary":
 
         async def unary_unary(request: Any, context: Context) -> Any:
             before(context, request)
-            return await inner_uu(request, context)
+            return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.unary_stream is not None:
-        inner_us: Any = handler.unary_stream
+        return rebuild(handler, unary_unary)
+    if shape == "unary_stream":
 
         async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
             before(context, request)
-            async for response in inner_us(request, context):
+            async for response in inner(request, context):
                 yield response
 
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.stream_unary is not None:
-        inner_su: Any = handler.stream_unary
+        return rebuild(handler, unary_stream)
+    if shape == "stream_unary":
 
         async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
             before(context, None)
-            return await inner_su(requests, context)
+            return await inner(requests, context)
 
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    inner_ss: Any = handler.stream_stream
-    assert inner_ss is not None
+        return rebuild(handler, stream_unary)
 
     async def stream_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
         before(context, None)
-        async for response in inner_ss(requests, context):
+        async for response in inner(requests, context):
             yield response
 
-    return grpc.stream_stream_rpc_method_handler(
-        stream_stream,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return rebuild(handler, stream_stream)
 
 
 class ScopedInterceptor(grpc.aio.ServerInterceptor):
