@@ -39,6 +39,32 @@ def optional_datetime(message: Any, field: str, path: str | None = None) -> date
     return to_datetime(getattr(message, field), path or field)
 
 
+def time_range(
+    value: Any, path: str, *, misordered_path: str | None = None
+) -> tuple[datetime | None, datetime | None]:
+    """A ferrule.v1.TimeRange as a half-open [start, end); either bound may be unset.
+
+    INVALID_ARGUMENT (every problem at once) for a bound out of range or end before start;
+    the latter is reported on `misordered_path` (default: the range's end_time).
+    """
+    violations: list[FieldViolation] = []
+    bounds: list[datetime | None] = []
+    for part in ("start_time", "end_time"):
+        try:
+            bounds.append(optional_datetime(value, part, f"{path}.{part}"))
+        except ValidationError as exc:
+            violations.extend(exc.violations)
+            bounds.append(None)
+    start, end = bounds
+    if start is not None and end is not None and end < start:
+        violations.append(
+            FieldViolation(misordered_path or f"{path}.end_time", "must not be before start_time")
+        )
+    if violations:
+        raise ValidationError(violations)
+    return start, end
+
+
 def to_timedelta(value: duration_pb2.Duration, path: str) -> timedelta:
     """A timedelta; INVALID_ARGUMENT naming `path` beyond what a timedelta holds."""
     try:

@@ -16,7 +16,6 @@ from db.repositories.analyses import MAX_RESULT_BYTES, NewAnalysis, field_violat
 from db.repositories.batches import BatchProgress, BatchState, BatchView
 from db.repositories.model_performance import NewModelPerformance
 from ferrule.v1 import analysis_service_pb2 as pb
-from ferrule.v1 import common_pb2
 from server import names
 from server.convert import (
     duration_ms,
@@ -27,6 +26,7 @@ from server.convert import (
     set_timestamp,
     struct_to_dict,
 )
+from server.convert import time_range as convert_time_range
 from server.etags import etag_of
 from server.violations import Violations
 
@@ -61,12 +61,7 @@ def time_range(
     """The half-open [start, end) of an optional TimeRange field of ``holder``."""
     if not holder.HasField(field):
         return None, None
-    value: common_pb2.TimeRange = getattr(holder, field)
-    start = v.call(lambda: optional_datetime(value, "start_time", f"{field}.start_time"))
-    end = v.call(lambda: optional_datetime(value, "end_time", f"{field}.end_time"))
-    if start is not None and end is not None and end < start:
-        v.add(f"{field}.end_time", "must not be before start_time")
-    return start, end
+    return v.call(lambda: convert_time_range(getattr(holder, field), field)) or (None, None)
 
 
 # --- enums ----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from ferrule.v1 import prediction_service_pb2 as pb
 from server import names
 from server.authorization import PermissionDeniedError
 from server.call_context import current_call
-from server.convert import set_duration_ms, set_timestamp, to_timedelta
+from server.convert import set_duration_ms, set_timestamp, time_range, to_timedelta
 from server.idempotency import idempotent
 from server.listing import page_request
 from server.names import parse_resource_id
@@ -114,19 +114,11 @@ def _authorize_admin_parent(parent: str) -> Tenant:
 def _time_range(
     message: common_pb2.TimeRange, field: str, violations: list[FieldViolation]
 ) -> tuple[datetime | None, datetime | None]:
-    bounds: list[datetime | None] = []
-    for part in ("start_time", "end_time"):
-        value = None
-        if message.HasField(part):
-            try:
-                value = getattr(message, part).ToDatetime(tzinfo=UTC)
-            except (ValueError, OverflowError):
-                violations.append(FieldViolation(f"{field}.{part}", "not a valid timestamp"))
-        bounds.append(value)
-    start, end = bounds
-    if start is not None and end is not None and start > end:
-        violations.append(FieldViolation(field, "start_time must not be after end_time"))
-    return start, end
+    try:
+        return time_range(message, field, misordered_path=field)
+    except ValidationError as exc:
+        violations.extend(exc.violations)
+        return None, None
 
 
 def _prediction_filter(
