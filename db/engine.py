@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
+from db.point_reads import PointReader
 from db.session import open_transaction
 from db.tenancy import Tenant
 
@@ -197,6 +198,19 @@ class Database:
             app_role=self.config.app_role,
         ) as session:
             yield session
+
+    def point_reader(
+        self,
+        tenant: Tenant,
+        *,
+        timeout_ms: int | None = None,
+        engine: AsyncEngine | None = None,
+    ) -> PointReader:
+        """Single-row reads for ``tenant`` outside a session (:mod:`db.point_reads`), on
+        ``engine`` (default: the primary, so cache loaders never store a replica's lag)."""
+        if timeout_ms is None:
+            timeout_ms = self.config.default_statement_timeout_ms
+        return PointReader(self, tenant, timeout_ms, engine or self.engine)
 
     async def ping(self) -> PingResult:
         """Round-trip latency and server version; raises a db error when unreachable."""

@@ -11,6 +11,7 @@ import asyncio
 import re
 import sqlite3
 
+import asyncpg
 from sqlalchemy import exc as sa_exc
 
 from db.errors import (
@@ -179,6 +180,10 @@ def translate_error(exc: BaseException) -> DomainError | None:
         if mapped is None and exc.connection_invalidated:
             mapped = DatabaseUnavailableError("the database connection was lost")
         return mapped
+    if isinstance(exc, asyncpg.PostgresError):  # raised on the driver (db.point_reads)
+        return _from_postgres(exc)
+    if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
+        return DatabaseUnavailableError("the database connection was lost")
     if isinstance(exc, sa_exc.DisconnectionError | ConnectionError | OSError):
         return DatabaseUnavailableError("the database could not be reached")
     if isinstance(exc, TimeoutError):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.observability import bind_statement_tenant
+from db.point_reads import PointReader
 from db.tenancy import Tenant
 from server.authorization import check_organization
 from server.call_context import current_call
@@ -77,3 +78,10 @@ async def transaction(
     finally:
         if not read_only:
             await router.wrote(caller)  # after commit (or failure): the next read must see it
+
+
+def primary_point_reader(deps: Dependencies, tenant: Tenant) -> PointReader:
+    """Single-row reads on the primary within the RPC's deadline (cache loaders: a
+    lagging replica's value stored in the shared cache would outlive the write)."""
+    timeout_ms = current_call().remaining_ms(deps.settings.ferrule_default_statement_timeout_ms)
+    return deps.database.point_reader(tenant, timeout_ms=timeout_ms)

@@ -50,7 +50,9 @@ class Settings(BaseSettings):
         100, ge=0, description="0 disables prepared statements (PgBouncer transaction mode)"
     )
     database_app_role: str | None = Field(
-        None, description="PostgreSQL role each transaction switches to (subject to RLS)"
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$",
+        description="PostgreSQL role each transaction switches to (subject to RLS)",
     )
     ferrule_migrate_on_start: bool = False
     ferrule_default_statement_timeout_ms: int = Field(

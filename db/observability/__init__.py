@@ -11,7 +11,13 @@ from db.observability.context import (
     set_statement_context,
     statement_context,
 )
-from db.observability.hooks import UNOBSERVED, QueryObservers, install_statement_observers
+from db.observability.hooks import (
+    UNOBSERVED,
+    EngineObserver,
+    QueryObservers,
+    install_statement_observers,
+    observer_of,
+)
 from db.observability.normalize import comment_for, normalize_statement, operation_of
 from db.observability.stats import (
     QueryStatistics,
@@ -23,6 +29,7 @@ from db.observability.stats import (
 
 __all__ = [
     "UNOBSERVED",
+    "EngineObserver",
     "QueryObservers",
     "QueryStatistics",
     "QueryStatisticsSnapshot",
@@ -35,6 +42,7 @@ __all__ = [
     "current_statement_context",
     "install_statement_observers",
     "normalize_statement",
+    "observer_of",
     "operation_of",
     "reset_statement_context",
     "set_statement_context",

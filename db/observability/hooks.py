@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ from db.observability.context import StatementContext, current_statement_context
 from db.observability.normalize import comment_for, normalize_statement, operation_of
 from db.observability.stats import QueryStatistics, SlowQueryDigest
 
-__all__ = ["QueryObservers", "install_statement_observers"]
+__all__ = ["EngineObserver", "QueryObservers", "install_statement_observers", "observer_of"]
 
 log = logging.getLogger("ferrule.db.observability")
 slow_log = logging.getLogger("ferrule.db.slow_query")
@@ -46,6 +47,8 @@ _POOL_WAIT = "ferrule.pool_wait_s"
 UNOBSERVED = "ferrule_unobserved"
 _EXPLAINABLE = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "VALUES", "MERGE"})
 _MAX_PARAM_CHARS = 256
+
+_OBSERVED: weakref.WeakKeyDictionary[Engine, EngineObserver] = weakref.WeakKeyDictionary()
 
 
 class _Pending:
@@ -71,6 +74,13 @@ class _Pending:
         self.started = time.perf_counter()
 
 
+def observer_of(engine: AsyncEngine | Engine) -> EngineObserver | None:
+    """The observer of ``engine``, for code that runs statements on the driver connection
+    (bypassing SQLAlchemy's events) and must still be commented, traced and timed."""
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    return _OBSERVED.get(sync_engine)
+
+
 def _flatten_parameters(parameters: Any) -> dict[str, str]:
     """``db.query.parameter.<key>`` attributes (only when parameter tracing is on)."""
     if isinstance(parameters, Mapping):
@@ -87,7 +97,7 @@ def _hex_trace_id(span: Span) -> str | None:
     return trace.format_trace_id(span_context.trace_id) if span_context.is_valid else None
 
 
-class _EngineObserver:
+class EngineObserver:
     """The listeners on one engine (the primary, or a replica)."""
 
     def __init__(self, owner: QueryObservers, engine: Engine) -> None:
@@ -120,6 +130,7 @@ class _EngineObserver:
         for target, name, fn, kwargs in self._listeners:
             event.listen(target, name, fn, **kwargs)
         self._wrap_pool(engine.pool)
+        _OBSERVED[engine] = self
 
     # --- pool wait ------------------------------------------------------------------
     def _wrap_pool(self, pool: Pool) -> None:
@@ -172,6 +183,18 @@ class _EngineObserver:
     ) -> tuple[str, Any]:
         if context is None or context.execution_options.get(UNOBSERVED):
             return statement, parameters
+        commented, pending = self.start(statement, parameters, conn.info, executemany)
+        setattr(context, _PENDING, pending)
+        return commented, parameters
+
+    def start(
+        self, statement: str, parameters: Any, info: dict[Any, Any], executemany: bool = False
+    ) -> tuple[str, _Pending]:
+        """Open ``statement``'s observation: the text to send (with the RPC comment) and
+        what :meth:`finish` takes. ``info`` is the pooled connection's info (pool wait).
+
+        The SQLAlchemy listeners call this, and so do reads that run on the driver
+        connection directly (:mod:`db.point_reads`), so both are observed alike."""
         owner = self.owner
         sctx = current_statement_context()
         parent = trace.get_current_span()
@@ -195,7 +218,7 @@ class _EngineObserver:
                 attributes["db.operation.batch.size"] = len(parameters)
             if owner.trace_params:
                 attributes.update(_flatten_parameters(parameters))
-            waited = conn.info.pop(_POOL_WAIT, None)
+            waited = info.pop(_POOL_WAIT, None)
             if waited is not None:
                 attributes["db.client.connection.wait_time_ms"] = waited * 1000
             span = owner._tracer.start_span(
@@ -203,10 +226,14 @@ class _EngineObserver:
                 kind=SpanKind.CLIENT,
                 attributes=attributes,
             )
-        setattr(context, _PENDING, _Pending(statement, parameters, executemany, sctx, parent, span))
+        pending = _Pending(statement, parameters, executemany, sctx, parent, span)
         if sctx is not None and sctx.rpc_method:
             statement = self.comment(sctx.rpc_method) + statement
-        return statement, parameters
+        return statement, pending
+
+    def finish(self, pending: _Pending, rowcount: int, error: BaseException | None) -> None:
+        """Close an observation opened by :meth:`start` (rowcount -1 when unknown)."""
+        self.owner._finish(self, pending, time.perf_counter() - pending.started, rowcount, error)
 
     def after_cursor_execute(
         self,
@@ -221,12 +248,11 @@ class _EngineObserver:
         if pending is None:
             return
         setattr(context, _PENDING, None)
-        elapsed = time.perf_counter() - pending.started
         try:
             rowcount = int(cursor.rowcount)
         except Exception:  # some drivers raise once the cursor is closed
             rowcount = -1
-        self.owner._finish(self, pending, elapsed, rowcount, None)
+        self.finish(pending, rowcount, None)
 
     def handle_error(self, exception_context: Any) -> None:
         context = exception_context.execution_context
@@ -234,8 +260,7 @@ class _EngineObserver:
         if pending is None:
             return
         setattr(context, _PENDING, None)
-        elapsed = time.perf_counter() - pending.started
-        self.owner._finish(self, pending, elapsed, -1, exception_context.original_exception)
+        self.finish(pending, -1, exception_context.original_exception)
 
     # --- EXPLAIN ----------------------------------------------------------------------
     def explain_engine(self) -> AsyncEngine:
@@ -307,6 +332,8 @@ class _EngineObserver:
             await conn.exec_driver_sql(f"DEALLOCATE {name}")
 
     def remove(self) -> None:
+        if _OBSERVED.get(self.engine) is self:
+            del _OBSERVED[self.engine]
         for target, name, fn, _ in self._listeners:
             if event.contains(target, name, fn):
                 event.remove(target, name, fn)
@@ -394,12 +421,12 @@ class QueryObservers:
         self._explain_engine = explain_engine
         self._explained: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._observers: list[_EngineObserver] = []
+        self._observers: list[EngineObserver] = []
 
     def attach(self, engine: AsyncEngine | Engine) -> None:
         """Observe another engine (e.g. a read replica) into the same statistics."""
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-        self._observers.append(_EngineObserver(self, sync_engine))
+        self._observers.append(EngineObserver(self, sync_engine))
 
     def _attributes(self, system: str, operation: str, failed: bool) -> dict[str, str]:
         key = (system, operation, failed)
@@ -414,7 +441,7 @@ class QueryObservers:
 
     def _finish(
         self,
-        observer: _EngineObserver,
+        observer: EngineObserver,
         pending: _Pending,
         elapsed: float,
         rowcount: int,
@@ -457,7 +484,7 @@ class QueryObservers:
 
     def _slow(
         self,
-        observer: _EngineObserver,
+        observer: EngineObserver,
         pending: _Pending,
         operation: str,
         duration_ms: float,
@@ -499,7 +526,7 @@ class QueryObservers:
             self._schedule_explain(observer, normalized, operation, pending)
 
     def _schedule_explain(
-        self, observer: _EngineObserver, normalized: str, operation: str, pending: _Pending
+        self, observer: EngineObserver, normalized: str, operation: str, pending: _Pending
     ) -> None:
         if observer.system != "postgresql" or operation not in _EXPLAINABLE:
             return

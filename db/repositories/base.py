@@ -61,6 +61,11 @@ async def domain_errors(
         raise
 
 
+def resource_name(tenant: Tenant, collection: str, resource_id: uuid.UUID | str) -> str:
+    """``organizations/{org}/{collection}/{id}`` (``-`` for the organization when unknown)."""
+    return f"organizations/{tenant.organization_id or '-'}/{collection}/{resource_id}"
+
+
 class Repository(Generic[M]):
     """Base of a repository over one tenant-owned model.
 
@@ -100,9 +105,7 @@ class Repository(Generic[M]):
         return self.live(self.scoped(select(self._model)), show_deleted=show_deleted)
 
     def resource_name(self, resource_id: uuid.UUID | str) -> str:
-        """``organizations/{org}/{collection}/{id}`` (``-`` for the organization when unknown)."""
-        org = self.tenant.organization_id or "-"
-        return f"organizations/{org}/{self.collection}/{resource_id}"
+        return resource_name(self.tenant, self.collection, resource_id)
 
     def not_found(self, resource_id: uuid.UUID | str) -> NotFoundError:
         return NotFoundError(self.resource_type, self.resource_name(resource_id))

@@ -17,10 +17,11 @@ from sqlalchemy import Select, bindparam, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute, joinedload
 
-from db.errors import FieldViolation, ValidationError
+from db.errors import FieldViolation, NotFoundError, ValidationError
 from db.models import AuthProvider, User, UserProfile, UserRole, UserStatus, utcnow
 from db.pagination import JSONValue, Page, SortKey, paginate, parse_order_by
-from db.repositories.base import Repository, domain_errors, scope_to_tenant
+from db.point_reads import PointRead, PointReader
+from db.repositories.base import Repository, domain_errors, resource_name, scope_to_tenant
 from db.tenancy import Tenant
 
 #: argon2id with the library's recommended parameters (RFC 9106 low-memory profile).
@@ -165,10 +166,40 @@ def _build_record_select(scope: str, show_deleted: bool) -> Select[Any]:
 
 
 _RECORD_SELECTS = {
-    (scope, show_deleted): _build_record_select(scope, show_deleted)
+    (scope, show_deleted): PointRead(_build_record_select(scope, show_deleted))
     for scope in ("all", "organization", "none")
     for show_deleted in (False, True)
 }
+
+
+def _record_scope(tenant: Tenant, user_id: uuid.UUID) -> tuple[str, dict[str, Any]]:
+    params: dict[str, Any] = {"user_id": user_id}
+    if tenant.all_organizations:
+        return "all", params
+    if tenant.organization_id is None:
+        return "none", params
+    params["organization_id"] = tenant.organization_id
+    return "organization", params
+
+
+def _user_record(row: Sequence[Any] | None, tenant: Tenant, user_id: uuid.UUID) -> UserRecord:
+    if row is None:
+        raise NotFoundError("User", resource_name(tenant, "users", user_id))
+    profile = None
+    if row[_RECORD_WIDTH] is not None:
+        profile = ProfileRecord(*row[_RECORD_WIDTH + 1 :])
+    return UserRecord(profile, *row[:_RECORD_WIDTH])
+
+
+async def read_user_record(
+    reader: PointReader, user_id: uuid.UUID, *, show_deleted: bool = True
+) -> UserRecord:
+    """:meth:`UsersRepository.get_user_record` outside a session, for cache loaders: the
+    same statement through :class:`~db.point_reads.PointReader` (about a quarter of the
+    CPU, see :mod:`db.point_reads`)."""
+    scope, params = _record_scope(reader.tenant, user_id)
+    row = await reader.fetch_row(_RECORD_SELECTS[scope, show_deleted], params)
+    return _user_record(row, reader.tenant, user_id)
 
 
 class UsersRepository(Repository[User]):
@@ -202,24 +233,10 @@ class UsersRepository(Repository[User]):
     async def get_user_record(self, user_id: uuid.UUID, *, show_deleted: bool = True) -> UserRecord:
         """:meth:`get_user` for reads that only convert the row: one prebuilt Core
         statement on the session's connection, no ORM identity map or loading."""
-        tenant = self.tenant
-        params: dict[str, Any] = {"user_id": user_id}
-        if tenant.all_organizations:
-            scope = "all"
-        elif tenant.organization_id is None:
-            scope = "none"
-        else:
-            scope = "organization"
-            params["organization_id"] = tenant.organization_id
+        scope, params = _record_scope(self.tenant, user_id)
         connection = await self.session.connection()
-        result = await connection.execute(_RECORD_SELECTS[scope, show_deleted], params)
-        row = result.first()
-        if row is None:
-            raise self.not_found(user_id)
-        profile = None
-        if row[_RECORD_WIDTH] is not None:
-            profile = ProfileRecord(*row[_RECORD_WIDTH + 1 :])
-        return UserRecord(profile, *row[:_RECORD_WIDTH])
+        result = await connection.execute(_RECORD_SELECTS[scope, show_deleted].statement, params)
+        return _user_record(result.first(), self.tenant, user_id)
 
     async def create(
         self,

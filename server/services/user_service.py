@@ -22,7 +22,12 @@ from db.errors import FailedPreconditionError, NotFoundError
 from db.models import AuthProvider, User, UserStatus, new_id, utcnow
 from db.repositories.organizations import OrganizationsRepository
 from db.repositories.user_queries import OrganizationQueries, SessionQueries, UserQueries
-from db.repositories.users import DEFAULT_PASSWORD_HASHER, ProfileFields, UserFilter
+from db.repositories.users import (
+    DEFAULT_PASSWORD_HASHER,
+    ProfileFields,
+    UserFilter,
+    read_user_record,
+)
 from db.tenancy import Tenant
 from ferrule.v1 import user_service_pb2 as pb
 from ferrule.v1 import user_service_pb2_grpc
@@ -38,6 +43,7 @@ from server.scoping import (
     authorize,
     caller_subject,
     caller_tenant,
+    primary_point_reader,
     transaction,
 )
 from server.services import cached_reads as cr
@@ -274,8 +280,8 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         tenant = Tenant.of(organization_id)
 
         async def load() -> pb.User:
-            async with cr.primary_read(self.deps, tenant) as session:
-                record = await UserQueries(session, tenant).get_user_record(user_id)
+            reader = primary_point_reader(self.deps, tenant)
+            record = await read_user_record(reader, user_id)
             # A UserRecord has every attribute of User that user_to_proto reads, under
             # the same names (db/repositories/users.py), so the two reads convert alike.
             return cv.user_to_proto(cast(User, record))

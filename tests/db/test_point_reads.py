@@ -1,0 +1,165 @@
+"""Point reads (db/point_reads.py): the session's answers, RLS, deadlines, cancellation and
+observability, on the driver connection instead of an ORM session."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+
+import asyncpg
+import pytest
+from argon2 import PasswordHasher
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import bindparam, func, literal, select
+
+from db.engine import Database
+from db.errors import NotFoundError, StatementTimeoutError
+from db.models import Organization, User, UserRole
+from db.observability import install_statement_observers, statement_context
+from db.point_reads import PointRead
+from db.repositories.users import ProfileFields, UserRecord, UsersRepository, read_user_record
+from db.tenancy import Tenant
+
+METHOD = "ferrule.v1.UserService/GetUser"
+# Deliberately no organization filter: only row-level security stands between tenants.
+USER_ID_ONLY = PointRead(select(User.__table__.c.id).where(User.__table__.c.id == bindparam("u")))
+SLEEP = PointRead(select(func.pg_sleep(literal(2.0))))
+
+
+async def _user(database: Database, tenant: Tenant, hasher: PasswordHasher) -> uuid.UUID:
+    async with database.transaction(tenant) as session:
+        user = await UsersRepository(session, tenant, password_hasher=hasher).create(
+            email=f"{uuid.uuid4().hex[:8]}@example.com",
+            username="ada",
+            full_name="Ada L",
+            role=UserRole.ADMIN,
+            password="correct horse battery",
+            profile=ProfileFields(bio="hello", locale="en-GB"),
+        )
+        return user.id
+
+
+def _types(record: UserRecord) -> list[type]:
+    return [type(getattr(record, f.name)) for f in dataclasses.fields(record)]
+
+
+async def test_a_point_read_returns_what_the_session_read_returns(
+    database: Database, tenant_a: Tenant, cheap_hasher: PasswordHasher
+) -> None:
+    user_id = await _user(database, tenant_a, cheap_hasher)
+    async with database.transaction(tenant_a, read_only=True) as session:
+        through_session = await UsersRepository(session, tenant_a).get_user_record(user_id)
+    through_driver = await read_user_record(database.point_reader(tenant_a), user_id)
+    assert through_driver == through_session
+    # Same Python types, not just equal values (asyncpg alone returns str for the enum).
+    assert _types(through_driver) == _types(through_session)
+    assert type(through_driver.role) is UserRole
+    assert through_driver.profile is not None and through_driver.profile.bio == "hello"
+
+
+async def test_another_organizations_user_is_not_found(
+    database: Database, tenant_a: Tenant, tenant_b: Tenant, cheap_hasher: PasswordHasher
+) -> None:
+    user_id = await _user(database, tenant_a, cheap_hasher)
+    with pytest.raises(NotFoundError):
+        await read_user_record(database.point_reader(tenant_b), user_id)
+    with pytest.raises(NotFoundError):
+        await read_user_record(database.point_reader(Tenant(None)), user_id)
+
+
+@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+async def test_row_level_security_applies_to_point_reads(
+    database: Database, tenant_a: Tenant, tenant_b: Tenant, cheap_hasher: PasswordHasher
+) -> None:
+    user_id = await _user(database, tenant_a, cheap_hasher)
+    assert await database.point_reader(tenant_a).fetch_row(USER_ID_ONLY, {"u": user_id}) == (
+        user_id,
+    )
+    assert await database.point_reader(tenant_b).fetch_row(USER_ID_ONLY, {"u": user_id}) is None
+
+
+def _pg(database: Database) -> str:
+    return database.config.url.replace("+asyncpg", "")
+
+
+async def _open_transactions(database: Database) -> int:
+    watcher = await asyncpg.connect(_pg(database))
+    try:
+        count: int = await watcher.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'"
+        )
+        return count
+    finally:
+        await watcher.close()
+
+
+@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+async def test_the_deadline_cancels_the_statement(database: Database, org_a: Organization) -> None:
+    reader = database.point_reader(Tenant.of(org_a.id), timeout_ms=50)
+    with pytest.raises(StatementTimeoutError):
+        await reader.fetch_row(SLEEP, {})
+    assert database.pool_status().checked_out == 0
+    assert await _open_transactions(database) == 0
+
+
+@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+async def test_cancelled_reads_return_their_connections_clean(
+    database: Database, tenant_a: Tenant, cheap_hasher: PasswordHasher
+) -> None:
+    user_id = await _user(database, tenant_a, cheap_hasher)
+    reader = database.point_reader(tenant_a)
+    for delay in (0.0, 0.001, 0.005, 0.02, 0.1):
+        tasks = [asyncio.create_task(reader.fetch_row(SLEEP, {})) for _ in range(3)]
+        await asyncio.sleep(delay)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    await asyncio.sleep(0.05)
+    assert database.pool_status().checked_out == 0
+    assert await _open_transactions(database) == 0
+    # Every pooled connection still answers in step.
+    records = await asyncio.gather(*(read_user_record(reader, user_id) for _ in range(10)))
+    assert {r.id for r in records} == {user_id}
+
+
+@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+async def test_point_reads_are_traced_commented_and_digested(
+    database: Database, tenant_a: Tenant, cheap_hasher: PasswordHasher
+) -> None:
+    user_id = await _user(database, tenant_a, cheap_hasher)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    observers = install_statement_observers(
+        database.engine, slow_query_ms=50, tracer_provider=provider
+    )
+    try:
+        tracer = provider.get_tracer("test")
+        with statement_context(METHOD, tenant=str(tenant_a.organization_id)):
+            with tracer.start_as_current_span("rpc"):
+                await read_user_record(database.point_reader(tenant_a), user_id)
+            # Slow: in the digest under its normalized text.
+            await database.point_reader(tenant_a, timeout_ms=5000).fetch_row(
+                PointRead(select(func.pg_sleep(literal(0.1)))), {}
+            )
+    finally:
+        observers.close()
+        provider.shutdown()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    statement = next(s for name, s in spans.items() if name.startswith("SELECT"))
+    assert statement.parent is not None
+    assert statement.parent.span_id == spans["rpc"].context.span_id
+    attributes = dict(statement.attributes or {})
+    assert attributes["db.rows_affected"] == 1
+    assert attributes["ferrule.rpc.method"] == METHOD
+    assert str(user_id) not in " ".join(str(v) for v in attributes.values())
+    assert "FROM users" in str(attributes["db.query.text"])
+    assert observers.statistics.snapshot().total == 2
+    (slow,) = observers.slow_queries.top(5)
+    assert "pg_sleep" in slow.statement
+    assert slow.rpc_methods == ((METHOD, 1),)
