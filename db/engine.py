@@ -48,6 +48,10 @@ class DatabaseConfig:
     statement_cache_size: int = 100
     #: PostgreSQL role each transaction switches to (``ferrule_app``: no BYPASSRLS, not owner).
     app_role: str | None = None
+    #: Connections kept for point reads (:mod:`db.point_reads`); 0 turns that pool off.
+    #: Never used behind PgBouncer (``statement_cache_size`` 0), which cannot keep the
+    #: session state those connections carry.
+    point_read_pool_size: int = 4
     #: statement_timeout for transactions that do not pass one (None: no limit).
     default_statement_timeout_ms: int | None = None
     sqlite_busy_timeout_ms: int = 5000
@@ -119,6 +123,38 @@ def create_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
     return engine
 
 
+def create_point_read_engine(url: str, config: DatabaseConfig) -> AsyncEngine | None:
+    """The pool that only point reads use (see :mod:`db.point_reads`), or None where
+    it cannot be used: SQLite, PgBouncer in transaction mode, or switched off.
+
+    Its connections are read-only for their whole session (``default_transaction_read_only``),
+    so whatever runs on them can never write."""
+    if (
+        make_url(url).get_backend_name() != "postgresql"
+        or config.statement_cache_size == 0
+        or config.point_read_pool_size <= 0
+    ):
+        return None
+    server_settings = {"default_transaction_read_only": "on"}
+    if config.default_statement_timeout_ms:
+        server_settings["statement_timeout"] = str(config.default_statement_timeout_ms)
+    engine = create_async_engine(
+        url,
+        echo=config.echo,
+        pool_size=config.point_read_pool_size,
+        max_overflow=0,
+        pool_timeout=config.pool_timeout,
+        pool_recycle=config.pool_recycle,
+        connect_args={
+            "prepared_statement_cache_size": config.statement_cache_size,
+            "server_settings": server_settings,
+        },
+    )
+    if config.pool_pre_ping:
+        _ping_idle_connections(engine, config.pool_ping_idle_seconds)
+    return engine
+
+
 def _ping_idle_connections(engine: AsyncEngine, idle_seconds: float) -> None:
     """Pre-ping, but only connections that sat idle in the pool for ``idle_seconds``.
 
@@ -153,12 +189,19 @@ class Database:
         self.config = config
         self.engine = create_engine(config.url, config)
         self.replica_engines = tuple(create_engine(url, config) for url in config.replica_urls)
+        self.point_read_engine = create_point_read_engine(config.url, config)
         self._replicas = itertools.cycle(self.replica_engines) if self.replica_engines else None
         self._sessions = async_sessionmaker(expire_on_commit=False, class_=AsyncSession)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Database:
         return cls(DatabaseConfig(url=url, **options))
+
+    @property
+    def engines(self) -> tuple[AsyncEngine, ...]:
+        """Every engine (primary first, replicas, the point-read pool), for observers."""
+        extra = (self.point_read_engine,) if self.point_read_engine is not None else ()
+        return (self.engine, *self.replica_engines, *extra)
 
     @property
     def dialect_name(self) -> str:
@@ -233,3 +276,5 @@ class Database:
     async def dispose(self) -> None:
         for engine in (self.engine, *self.replica_engines):
             await engine.dispose()
+        if self.point_read_engine is not None:
+            await self.point_read_engine.dispose()

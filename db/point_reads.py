@@ -1,24 +1,29 @@
 """Single-row reads on the pooled connection's driver, without an ORM session.
 
-Why: a Get by name is the hottest read (every cache miss is one), and through an
-``AsyncSession`` it cost 1,094 us of CPU per read against 257 us this way (measured in one
-process, 16 concurrent readers, PostgreSQL on loopback). The session path pays the ORM
-session, a greenlet hop per statement and four round trips (BEGIN, the settings
-statement, the SELECT, COMMIT); this path pays three on asyncpg directly:
+Why: a Get by name is the hottest read (every cache miss is one). Through an
+``AsyncSession`` it cost 1,094 us of CPU per read: the ORM session, a greenlet hop per
+statement, and four round trips (BEGIN, the settings statement, the SELECT, COMMIT). On
+this machine a loopback round trip alone costs about 110 us of CPU in ``send``, so the
+round trips matter as much as the Python. Two paths, both on asyncpg directly:
 
-1. one simple-query batch: ``BEGIN READ ONLY`` plus the same transaction-local settings
-   :mod:`db.session` sets (tenant for row-level security, statement timeout, role);
-2. the SELECT, as an asyncpg prepared statement (cached per connection, or unnamed when
-   the statement cache is off for PgBouncer);
-3. ``COMMIT``.
+* **Session-scoped (one round trip)**, on the primary when the engine's point-read pool
+  exists (:func:`db.engine.create_point_read_engine`): connections that serve nothing
+  but point reads, read-only for their whole session, carry the tenant and role as
+  *session* settings. A read sends just the SELECT (autocommit); the settings statement
+  runs only when the connection last served another tenant (tracked on the pooled
+  connection), so one hot tenant pays it once per connection. The RPC deadline bounds
+  the statement through asyncpg's timeout, which cancels it on the server.
+* **Transaction-scoped (three round trips)** everywhere else (replicas, PgBouncer in
+  transaction mode, where session state would leak to other clients): ``BEGIN READ
+  ONLY`` plus the same transaction-local settings :mod:`db.session` sets in one
+  simple-query batch, the SELECT, ``COMMIT``.
 
 What stays the same: SQLAlchemy builds every statement (a Core select compiled once per
 dialect, its bind and result processors applied, so rows carry the same Python types as
-through a session); the connection comes from the engine's pool (pre-ping, pool-wait
-timing); the statement is commented, traced, timed and digested by the engine's
-:class:`~db.observability.EngineObserver`; errors leave as :mod:`db.errors` types; RLS
-and the tenant filter in the select both apply. SQLite has no such shortcut to take and
-runs the same select in an ordinary transaction.
+through a session); row-level security applies and the select filters by organization
+as well; statements are commented, traced, timed and digested by the engine's
+:class:`~db.observability.EngineObserver`; errors leave as :mod:`db.errors` types. SQLite
+has no such shortcut to take and runs the select in an ordinary transaction.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Select
+from sqlalchemy.util import greenlet_spawn
 
 from db.error_translation import translate_error
+from db.errors import StatementTimeoutError
 from db.observability import observer_of
 from db.tenancy import Tenant
 
@@ -43,9 +50,18 @@ if TYPE_CHECKING:
 
 Processor = Callable[[Any], Any] | None
 
-# A role name is inlined into the settings batch (a simple query cannot take parameters);
-# settings validate it against this as well, so it can never carry SQL.
+# A role name is inlined into the transaction-scoped settings batch (a simple query takes
+# no parameters); settings validate it against this as well, so it can never carry SQL.
 ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+# Session-scoped settings, on point-read connections only (they serve nothing else).
+_SESSION_SETTINGS = (
+    "SELECT set_config('ferrule.organization_id', $1, false),"
+    " set_config('ferrule.all_organizations', $2, false)"
+)
+_SESSION_SETTINGS_AND_ROLE = _SESSION_SETTINGS + ", set_config('role', $3, false)"
+#: Key in the pooled connection's info: the (organization, all, role) it is set for.
+_SESSION_TENANT = "ferrule.point_read_tenant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +150,13 @@ class PointReader:
                 strict=True,
             )
         ]
-        record = await self._fetch_on_driver(compiled.sql, args)
+        try:
+            record = await self._fetch_on_driver(compiled.sql, args)
+        except Exception as exc:
+            mapped = translate_error(exc)
+            if mapped is not None and mapped is not exc:
+                raise mapped from exc
+            raise
         if record is None:
             return None
         return tuple(
@@ -155,37 +177,80 @@ class PointReader:
             return row
 
     async def _fetch_on_driver(self, sql: str, args: list[Any]) -> Any:
-        batch = _settings_batch(self.tenant, self.timeout_ms, self.database.config.app_role)
-        observer = observer_of(self.engine)
+        session_scoped = self.database.point_read_engine
+        engine = self.engine
+        if session_scoped is not None and engine is self.database.engine:
+            engine = session_scoped
+        else:
+            session_scoped = None
+        observer = observer_of(engine)
+        # The pooled DBAPI connection itself, not an AsyncConnection around it: that
+        # wrapper's bookkeeping cost ~50 us per read and nothing here executes through it.
+        # Checkout and return still run the pool's events (pre-ping, wait timing).
+        pooled = await engine.raw_connection()
         try:
-            async with self.engine.connect() as connection:
-                pooled = await connection.get_raw_connection()
-                driver: Any = pooled.driver_connection
-                try:
-                    await driver.execute(batch)
-                    if observer is None:
-                        record = await driver.fetchrow(sql, *args)
-                    else:
-                        text, pending = observer.start(sql, args, connection.info)
-                        try:
-                            record = await driver.fetchrow(text, *args)
-                        except BaseException as exc:
-                            observer.finish(pending, -1, exc)
-                            raise
-                        observer.finish(pending, 0 if record is None else 1, None)
+            driver: Any = pooled.driver_connection
+            try:
+                if session_scoped is not None:
+                    await self._set_session_tenant(pooled, driver)
+                    timeout = self.timeout_ms / 1000 if self.timeout_ms else None
+                else:
+                    await driver.execute(
+                        _settings_batch(self.tenant, self.timeout_ms, self.database.config.app_role)
+                    )
+                    timeout = None  # statement_timeout is set in the transaction
+                if observer is None:
+                    record = await self._fetch(driver, sql, args, timeout)
+                else:
+                    text, pending = observer.start(sql, args, pooled.info)
+                    try:
+                        record = await self._fetch(driver, text, args, timeout)
+                    except BaseException as exc:
+                        observer.finish(pending, -1, exc)
+                        raise
+                    observer.finish(pending, 0 if record is None else 1, None)
+                if session_scoped is None:
                     await driver.execute("COMMIT")
-                except BaseException:
-                    await asyncio.shield(_end_or_discard(connection, driver))
-                    raise
-                return record
-        except Exception as exc:
-            mapped = translate_error(exc)
-            if mapped is not None and mapped is not exc:
-                raise mapped from exc
-            raise
+            except BaseException:
+                await asyncio.shield(_end_or_discard(pooled, driver))
+                raise
+        finally:
+            # With no transaction open, returning the connection never suspends, so a
+            # cancellation cannot land in the middle of it.
+            await greenlet_spawn(pooled.close)
+        return record
+
+    @staticmethod
+    async def _fetch(driver: Any, sql: str, args: list[Any], limit_s: float | None) -> Any:
+        try:
+            return await driver.fetchrow(sql, *args, timeout=limit_s)
+        except TimeoutError as exc:  # asyncpg cancelled the statement on the server
+            raise StatementTimeoutError(
+                "the statement ran past its deadline and was cancelled"
+            ) from exc
+
+    async def _set_session_tenant(self, pooled: Any, driver: Any) -> None:
+        """Point the connection's session settings at this tenant, unless they are."""
+        role = self.database.config.app_role
+        wanted = (
+            str(self.tenant.organization_id) if self.tenant.organization_id else "",
+            "on" if self.tenant.all_organizations else "off",
+            role or "",
+        )
+        info = pooled.info
+        if info.get(_SESSION_TENANT) == wanted:
+            return
+        # Forget the old value first: if this fails or is cancelled half-way, the next
+        # borrower sets the tenant again rather than trusting a stale record.
+        info.pop(_SESSION_TENANT, None)
+        if role:
+            await driver.execute(_SESSION_SETTINGS_AND_ROLE, *wanted)
+        else:
+            await driver.execute(_SESSION_SETTINGS, *wanted[:2])
+        info[_SESSION_TENANT] = wanted
 
 
-async def _end_or_discard(connection: Any, driver: Any) -> None:
+async def _end_or_discard(pooled: Any, driver: Any) -> None:
     """Roll back whatever is open; a connection that cannot is dropped from the pool, so
     no transaction (or half-read reply) ever reaches the next borrower."""
     try:
@@ -193,4 +258,4 @@ async def _end_or_discard(connection: Any, driver: Any) -> None:
             await driver.execute("ROLLBACK")
     except Exception:
         with contextlib.suppress(Exception):
-            await connection.invalidate()
+            await greenlet_spawn(pooled.invalidate)

@@ -116,8 +116,8 @@ class FerruleApp:
             tracer_provider=self.telemetry.tracer_provider,
             meter_provider=self.telemetry.meter_provider,
         )
-        for replica in self.database.replica_engines:
-            self.query_observers.attach(replica)
+        for engine in self.database.engines[1:]:
+            self.query_observers.attach(engine)
         self.telemetry.metrics.observe_pool(self.database.pool_status)
         # Redis when REDIS_URL is set, else a bounded in-process LRU with the same semantics.
         self.cache = create_cache(

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     database_replica_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     database_pool_size: int = Field(10, ge=1)
+    database_point_read_pool_size: int = Field(
+        4, ge=0, description="connections kept for single-row reads (0: off; unused via PgBouncer)"
+    )
     database_max_overflow: int = Field(10, ge=0)
     database_pool_timeout: float = Field(5.0, gt=0)
     database_pool_recycle: float = Field(1800.0, gt=0)
@@ -154,6 +157,7 @@ class Settings(BaseSettings):
             url=self.database_url,
             replica_urls=tuple(self.database_replica_urls),
             pool_size=self.database_pool_size,
+            point_read_pool_size=self.database_point_read_pool_size,
             max_overflow=self.database_max_overflow,
             pool_timeout=self.database_pool_timeout,
             pool_recycle=self.database_pool_recycle,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -13,20 +14,39 @@ from argon2 import PasswordHasher
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import bindparam, func, literal, select
+from sqlalchemy import bindparam, func, insert, literal, select
 
-from db.engine import Database
+from db.engine import Database, DatabaseConfig
 from db.errors import NotFoundError, StatementTimeoutError
 from db.models import Organization, User, UserRole
 from db.observability import install_statement_observers, statement_context
 from db.point_reads import PointRead
 from db.repositories.users import ProfileFields, UserRecord, UsersRepository, read_user_record
 from db.tenancy import Tenant
+from tests.db.conftest import APP_ROLE
 
 METHOD = "ferrule.v1.UserService/GetUser"
 # Deliberately no organization filter: only row-level security stands between tenants.
 USER_ID_ONLY = PointRead(select(User.__table__.c.id).where(User.__table__.c.id == bindparam("u")))
 SLEEP = PointRead(select(func.pg_sleep(literal(2.0))))
+
+
+@pytest.fixture(params=["session-scoped", "transaction-scoped"])
+async def database(migrated_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+    """Both PostgreSQL paths: the dedicated point-read pool (one connection, so tenants
+    take turns on it) and the transaction-scoped batch used without it (PgBouncer)."""
+    postgres = migrated_url.startswith("postgresql")
+    db = Database(
+        DatabaseConfig(
+            url=migrated_url,
+            app_role=APP_ROLE if postgres else None,
+            pool_size=5,
+            point_read_pool_size=1 if request.param == "session-scoped" else 0,
+        )
+    )
+    assert (db.point_read_engine is not None) == (postgres and request.param == "session-scoped")
+    yield db
+    await db.dispose()
 
 
 async def _user(database: Database, tenant: Tenant, hasher: PasswordHasher) -> uuid.UUID:
@@ -138,6 +158,8 @@ async def test_point_reads_are_traced_commented_and_digested(
     observers = install_statement_observers(
         database.engine, slow_query_ms=50, tracer_provider=provider
     )
+    for engine in database.engines[1:]:
+        observers.attach(engine)
     try:
         tracer = provider.get_tracer("test")
         with statement_context(METHOD, tenant=str(tenant_a.organization_id)):
@@ -163,3 +185,43 @@ async def test_point_reads_are_traced_commented_and_digested(
     (slow,) = observers.slow_queries.top(5)
     assert "pg_sleep" in slow.statement
     assert slow.rpc_methods == ((METHOD, 1),)
+
+
+@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+async def test_tenants_taking_turns_on_one_connection_each_see_only_their_rows(
+    database: Database, tenant_a: Tenant, tenant_b: Tenant, cheap_hasher: PasswordHasher
+) -> None:
+    a_user = await _user(database, tenant_a, cheap_hasher)
+    b_user = await _user(database, tenant_b, cheap_hasher)
+    a, b = database.point_reader(tenant_a), database.point_reader(tenant_b)
+    for _ in range(3):
+        assert await a.fetch_row(USER_ID_ONLY, {"u": a_user}) == (a_user,)
+        assert await a.fetch_row(USER_ID_ONLY, {"u": b_user}) is None
+        assert await b.fetch_row(USER_ID_ONLY, {"u": b_user}) == (b_user,)
+        assert await b.fetch_row(USER_ID_ONLY, {"u": a_user}) is None
+    none = database.point_reader(Tenant(None))
+    assert await none.fetch_row(USER_ID_ONLY, {"u": a_user}) is None
+    everyone = database.point_reader(Tenant.all())
+    assert await everyone.fetch_row(USER_ID_ONLY, {"u": b_user}) == (b_user,)
+    role = await a.fetch_row(PointRead(select(func.current_user())), {})
+    assert role == (APP_ROLE,)
+
+
+@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+async def test_point_reads_cannot_write(database: Database, tenant_a: Tenant) -> None:
+    # A data-modifying CTE is still a SELECT statement to the driver.
+    organizations = Organization.__table__
+    inserted = (
+        insert(organizations)
+        .values(
+            id=uuid.uuid4(),
+            display_name="sneaky",
+            create_time=func.now(),
+            update_time=func.now(),
+            version=1,
+        )
+        .returning(organizations.c.id)
+        .cte()
+    )
+    with pytest.raises(Exception, match="read-only transaction"):
+        await database.point_reader(Tenant.all()).fetch_row(PointRead(select(inserted.c.id)), {})
