@@ -210,9 +210,8 @@ async def test_tenants_taking_turns_on_one_connection_each_see_only_their_rows(
 @pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
 async def test_point_reads_cannot_write(database: Database, tenant_a: Tenant) -> None:
     # A data-modifying CTE is still a SELECT statement to the driver.
-    organizations = Organization.__table__
     inserted = (
-        insert(organizations)
+        insert(Organization)
         .values(
             id=uuid.uuid4(),
             display_name="sneaky",
@@ -220,7 +219,7 @@ async def test_point_reads_cannot_write(database: Database, tenant_a: Tenant) ->
             update_time=func.now(),
             version=1,
         )
-        .returning(organizations.c.id)
+        .returning(Organization.id)
         .cte()
     )
     with pytest.raises(Exception, match="read-only transaction"):
