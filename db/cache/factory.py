@@ -18,21 +18,19 @@ def create_cache(
     local_max_entries: int,
     breaker_failures: int = 5,
     breaker_cooldown_s: float = 2.0,
-    max_connections: int = 64,
     lease_ms: int = 2_000,
     lock_wait_ms: int = 250,
     tracer_provider: trace.TracerProvider | None = None,
 ) -> Cache:
     """Redis when ``redis_url`` is set, else the in-process LRU (the embedded default).
 
-    No connection is made here (redis-py connects lazily), so this is safe to call
+    No connection is made here (the first call connects), so this is safe to call
     before the event loop runs; call it in each worker process after the fork.
     """
     if redis_url:
         backend: RedisBackend | LocalBackend = RedisBackend(
             redis_url,
             timeout_ms=timeout_ms,
-            max_connections=max_connections,
             breaker=CircuitBreaker(
                 failure_threshold=breaker_failures, cooldown_s=breaker_cooldown_s
             ),
