@@ -23,10 +23,14 @@ def free_port() -> int:
 
 
 class RedisProcess:
-    """A redis-server this test owns: it may kill, pause and restart it (by its pid)."""
+    """A redis-server this test owns: it may kill, pause and restart it (by its pid).
 
-    def __init__(self) -> None:
+    ``extra_args`` are added to its command line (e.g. a TLS port next to the plain one).
+    """
+
+    def __init__(self, *extra_args: str) -> None:
         self.port = free_port()
+        self._extra_args = extra_args
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
 
@@ -38,7 +42,12 @@ class RedisProcess:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not on PATH"
         self._proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", *_NO_PERSISTENCE],
+            [
+                binary,
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *_NO_PERSISTENCE,
+                *self._extra_args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
