@@ -109,10 +109,10 @@ class EngineObserver:
         database = url.database or ""
         self.namespace = os.path.basename(database) if self.system == "sqlite" else database
         self.double_percent = engine.dialect.paramstyle in ("format", "pyformat")
-        self.base_attributes: dict[str, str | int] = {
-            "db.system": self.system,
-            "db.system.name": self.system,
-        }
+        # Only what the parent RPC span does not already say: every attribute costs
+        # ~2.6 us per span to record (measured) and more to export. The RPC method and
+        # tenant are on the SERVER span, and in the slow-query log and digest.
+        self.base_attributes: dict[str, str | int] = {"db.system": self.system}
         if self.namespace:
             self.base_attributes["db.namespace"] = self.namespace
         if url.host:
@@ -209,11 +209,6 @@ class EngineObserver:
                 "db.operation.name": operation,
                 "db.query.text": normalize_statement(statement),
             }
-            if sctx is not None:
-                if sctx.rpc_method:
-                    attributes["ferrule.rpc.method"] = sctx.rpc_method
-                if sctx.tenant:
-                    attributes["ferrule.tenant"] = sctx.tenant
             if executemany:
                 attributes["db.operation.batch.size"] = len(parameters)
             if owner.trace_params:

@@ -53,16 +53,12 @@ def peer_attributes(peer: str | None) -> dict[str, str | int]:
     kind, _, address = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
         host, _, port = address.rpartition(":")
-        attributes: dict[str, str | int] = {
-            "network.peer.address": host.strip("[]"),
-            "network.type": kind,
-            "network.transport": "tcp",
-        }
+        attributes: dict[str, str | int] = {"network.peer.address": host.strip("[]")}
         if port.isdigit():
             attributes["network.peer.port"] = int(port)
         return attributes
     if kind == "unix":
-        return {"network.peer.address": address, "network.transport": "unix"}
+        return {"network.peer.address": address}
     return {"network.peer.address": peer}
 
 
@@ -143,7 +139,6 @@ class TracingInterceptor(ScopedInterceptor):
             elapsed = time.perf_counter() - started
             if span.is_recording():
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
-                span.set_attribute("rpc.response.status_code", code.name)
                 tenant = call.organization_id if call is not None else None
                 if tenant:
                     span.set_attribute("ferrule.tenant", tenant)

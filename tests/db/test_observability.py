@@ -98,8 +98,8 @@ async def test_statement_spans_are_children_of_the_current_span_in_order(
     assert update.attributes is not None
     assert first.attributes["db.system"] == "postgresql"
     assert first.attributes["db.query.text"] == "INSERT INTO secrets VALUES (?, ...)"
-    assert first.attributes["ferrule.rpc.method"] == METHOD
-    assert first.attributes["ferrule.tenant"] == "org-1"
+    # Method and tenant are the RPC span's; the statement's comment names the method.
+    assert "ferrule.rpc.method" not in first.attributes
     assert update.attributes["db.rows_affected"] == 1
     # The first statement after a checkout carries the pool wait; later ones do not.
     assert "db.client.connection.wait_time_ms" in first.attributes

@@ -178,7 +178,7 @@ async def test_point_reads_are_traced_commented_and_digested(
     assert statement.parent.span_id == spans["rpc"].context.span_id
     attributes = dict(statement.attributes or {})
     assert attributes["db.rows_affected"] == 1
-    assert attributes["ferrule.rpc.method"] == METHOD
+    assert attributes["db.system"] == "postgresql"
     assert str(user_id) not in " ".join(str(v) for v in attributes.values())
     assert "FROM users" in str(attributes["db.query.text"])
     assert observers.statistics.snapshot().total == 2
