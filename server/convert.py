@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -14,9 +15,19 @@ from db.errors import FieldViolation, ValidationError
 E = TypeVar("E", bound=enum.StrEnum)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime | None) -> None:
-    if value is not None:
-        target.FromDatetime(value)
+    """``Timestamp.FromDatetime`` for aware datetimes, at a quarter of its cost (every
+    response carries several timestamps); naive ones are taken as UTC, as it does."""
+    if value is None:
+        return
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    delta = value - _EPOCH
+    target.seconds = delta.days * 86_400 + delta.seconds
+    target.nanos = delta.microseconds * 1000
 
 
 def to_datetime(value: timestamp_pb2.Timestamp, path: str) -> datetime:
@@ -117,6 +128,11 @@ def enum_from_proto(
 def enum_to_proto(proto_enum: Any, value: enum.StrEnum | None) -> int:
     if value is None:
         return 0
+    return _enum_number(proto_enum, value)
+
+
+@functools.cache
+def _enum_number(proto_enum: Any, value: enum.StrEnum) -> int:
     return int(proto_enum.Value(_enum_prefix(proto_enum) + value.value))
 
 

@@ -6,6 +6,7 @@ before any lookup (server/tenancy.py), so a malformed or foreign name never reac
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from dataclasses import dataclass
@@ -13,6 +14,14 @@ from dataclasses import dataclass
 from db.errors import FieldViolation, ValidationError
 
 _SEGMENT = r"([^/]+)"
+_PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
+
+
+@functools.cache
+def _format_string(template: str) -> str:
+    """``organizations/{organization}/users/{user}`` -> ``organizations/{}/users/{}``:
+    str.format then fills a name in ~1 us (every response names its resource)."""
+    return _PLACEHOLDER.sub("{}", template)
 
 
 @dataclass(frozen=True)
@@ -27,8 +36,7 @@ class Pattern:
         return _compiled(self.template)
 
     def format(self, *ids: uuid.UUID | str) -> str:
-        parts = iter(str(i) for i in ids)
-        return re.sub(r"\{[a-z_]+\}", lambda _: next(parts), self.template)
+        return _format_string(self.template).format(*ids)
 
     def parse(self, name: str, field: str = "name") -> tuple[uuid.UUID, ...]:
         """Every id in the name as a UUID, or INVALID_ARGUMENT naming the field."""
