@@ -41,7 +41,7 @@ def test_set_timestamp_leaves_the_field_unset_for_none() -> None:
 def test_enum_numbers_round_trip() -> None:
     for role in UserRole:
         number = enum_to_proto(pb.UserRole, role)
-        assert pb.UserRole.Name(number) == f"USER_ROLE_{role.value}"
+        assert pb.UserRole.Name(pb.UserRole.ValueType(number)) == f"USER_ROLE_{role.value}"
         assert enum_from_proto(pb.UserRole, number, UserRole, "role") is role
     assert enum_to_proto(pb.UserRole, None) == 0
 
