@@ -25,6 +25,9 @@ has not arrived in that time means Redis is hung (e.g. SIGSTOP) or the link is d
 every later command is queued behind that reply, so the connection is aborted: every
 pending caller fails at once and the next call reconnects, instead of futures piling up
 on a dead socket. The number of pending replies is also capped, so memory is bounded.
+
+Never send blocking commands (BLPOP, WAIT, ...) or SUBSCRIBE/MONITOR here: every caller
+shares the connection, so one would hold up, or break, every other caller's replies.
 """
 
 from __future__ import annotations
