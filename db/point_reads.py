@@ -35,9 +35,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Float, Numeric, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Select
+from sqlalchemy.types import TypeEngine
 from sqlalchemy.util import greenlet_spawn
 
 from db.error_translation import translate_error
@@ -93,7 +95,7 @@ class PointRead:
                 for name in names
             )
             results = tuple(
-                column.type.dialect_impl(dialect).result_processor(dialect, None)
+                _result_processor(column.type, dialect)
                 for column in self.statement.selected_columns
             )
             defaults = {
@@ -104,6 +106,31 @@ class PointRead:
             found = _Compiled(str(compiled), names, defaults, binds, results)
             self._compiled[dialect.name] = found
         return found
+
+
+# PostgreSQL type OIDs, for result processors that ask what the server sent.
+_FLOAT8_OID = 701
+_NUMERIC_OID = 1700
+
+
+def _result_processor(type_: TypeEngine[Any], dialect: Dialect) -> Processor:
+    """The processor SQLAlchemy would apply to a column of ``type_``.
+
+    SQLAlchemy passes the driver's reported column type (``cursor.description``), which a
+    bare ``fetchrow`` does not give; only the numeric types look at it (a float8 or a
+    numeric from the server decides whether a value needs converting to float or
+    Decimal). Their server type follows from the SQLAlchemy type for a column or a cast:
+    float4/float8 for ``Float`` and its kinds, numeric for other ``Numeric`` types."""
+    impl = type_.dialect_impl(dialect)
+    underlying: TypeEngine[Any] = impl
+    while isinstance(underlying, TypeDecorator):
+        underlying = underlying.impl_instance
+    coltype = None
+    if isinstance(underlying, Float):
+        coltype = _FLOAT8_OID
+    elif isinstance(underlying, Numeric):
+        coltype = _NUMERIC_OID
+    return impl.result_processor(dialect, coltype)
 
 
 def _settings_batch(tenant: Tenant, timeout_ms: int | None, role: str | None) -> str:

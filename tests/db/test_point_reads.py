@@ -14,7 +14,18 @@ from argon2 import PasswordHasher
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import bindparam, func, insert, literal, select
+from sqlalchemy import (
+    Double,
+    Float,
+    Integer,
+    Numeric,
+    bindparam,
+    cast,
+    func,
+    insert,
+    literal,
+    select,
+)
 
 from db.engine import Database, DatabaseConfig
 from db.errors import NotFoundError, StatementTimeoutError
@@ -115,6 +126,33 @@ async def _open_transactions(database: Database) -> int:
         return count
     finally:
         await watcher.close()
+
+
+@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+async def test_numbers_come_back_as_through_a_session(database: Database, tenant_a: Tenant) -> None:
+    # The numeric result processors depend on the type the server sends (float or numeric).
+    read = PointRead(
+        select(
+            cast(literal(1.5), Double),
+            cast(literal(1.5), Float(asdecimal=True)),
+            cast(literal("1.25"), Numeric(10, 2)),
+            cast(literal("1.25"), Numeric(10, 2, asdecimal=False)),
+            cast(literal(2), Integer),
+        )
+    )
+    async with database.transaction(tenant_a, read_only=True) as session:
+        through_session = (await session.execute(read.statement)).one()
+    through_driver = await database.point_reader(tenant_a).fetch_row(read, {})
+    assert through_driver is not None
+    assert tuple(through_driver) == tuple(through_session)
+    assert [type(v) for v in through_driver] == [type(v) for v in through_session]
+    assert [type(v).__name__ for v in through_driver] == [
+        "float",
+        "Decimal",
+        "Decimal",
+        "float",
+        "int",
+    ]
 
 
 @pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
