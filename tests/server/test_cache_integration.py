@@ -2,8 +2,9 @@
 only through the client.
 
 Each Redis-backed test uses its own key prefix (never FLUSHDB: the Redis is shared), and
-statements are counted with an SQLAlchemy event on the server's primary engine, so a
-"hit" is proven by the database not being asked, not by the cache's own counters.
+statements are counted with an SQLAlchemy event on the server's primary engine (and, for
+the point reads that bypass its events, on the driver connection), so a "hit" is proven
+by the database not being asked, not by the cache's own counters.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest import mock
 
 import asyncpg
 import pytest
@@ -27,6 +29,7 @@ from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from sqlalchemy import event
 
+from db.point_reads import PointReader
 from ferrule.client import (
     AsyncFerruleClient,
     Cancelled,
@@ -48,7 +51,8 @@ NOW = datetime.now(UTC)
 @contextlib.contextmanager
 def statements(server: RunningServer, table: str) -> Iterator[list[str]]:
     """Every statement the server sends to the primary that reads ``table`` (FROM/JOIN),
-    while the block runs."""
+    while the block runs: through SQLAlchemy, and as point reads on the driver connection
+    (cache loaders, db/point_reads.py), which SQLAlchemy's events do not see."""
     pattern = re.compile(rf"\b(FROM|JOIN)\s+{re.escape(table)}\b", re.IGNORECASE)
     seen: list[str] = []
 
@@ -56,10 +60,18 @@ def statements(server: RunningServer, table: str) -> Iterator[list[str]]:
         if pattern.search(statement):
             seen.append(statement)
 
+    on_driver = PointReader._fetch_on_driver
+
+    async def point_read(reader: PointReader, sql: str, args: list[Any]) -> Any:
+        if reader.database is server.app.database and pattern.search(sql):
+            seen.append(sql)
+        return await on_driver(reader, sql, args)
+
     engine = server.app.database.engine.sync_engine
     event.listen(engine, "before_cursor_execute", before)
     try:
-        yield seen
+        with mock.patch.object(PointReader, "_fetch_on_driver", point_read):
+            yield seen
     finally:
         event.remove(engine, "before_cursor_execute", before)
 
