@@ -34,7 +34,8 @@ from db.models.analyses import TextAnalysis
 from db.models.base import new_id
 from db.models.enums import AnalysisState, AnalysisType, OptimizationTier
 from db.pagination import JSONValue, Page, SortKey, paginate, parse_order_by
-from db.repositories.base import Repository, domain_errors
+from db.point_reads import PointReader
+from db.repositories.base import RecordRead, Repository, domain_errors, not_found_in
 from db.repositories.batches import BatchesRepository
 
 S = TypeVar("S", bound=Select[*tuple[Any, ...]])
@@ -176,6 +177,35 @@ class AnalysisFilter:
     create_time_from: datetime | None = None
     create_time_to: datetime | None = None
     show_deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisRecord:
+    """A read-only analysis: the columns of :class:`TextAnalysis` under the same names,
+    without ORM identity or instrumentation."""
+
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    text: str
+    content_hash: str
+    analysis_type: AnalysisType
+    optimization_tier: OptimizationTier
+    state: AnalysisState
+    sentiment_score: float | None
+    quality_score: float | None
+    emotion_scores: dict[str, Any] | None
+    result: dict[str, Any] | None
+    processing_ms: float | None
+    model_used: str | None
+    error_message: str | None
+    batch_id: uuid.UUID | None
+    create_time: datetime
+    update_time: datetime
+    delete_time: datetime | None
+    create_by: str | None
+    update_by: str | None
+    delete_by: str | None
+    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,3 +566,18 @@ class AnalysesRepository(Repository[TextAnalysis]):
     ) -> TextAnalysis:
         """Undelete; AlreadyExistsError if it is live or a live analysis has its text+type."""
         return await self.undelete(analysis_id, update_by=update_by)
+
+
+_ANALYSIS_RECORD = RecordRead.of_columns(
+    TextAnalysis.__table__,
+    AnalysisRecord,
+    not_found=not_found_in(AnalysesRepository.resource_type, AnalysesRepository.collection),
+)
+
+
+async def read_analysis_record(
+    reader: PointReader, analysis_id: uuid.UUID, *, show_deleted: bool = True
+) -> AnalysisRecord:
+    """:meth:`AnalysesRepository.get` for cache loaders: a prebuilt select through
+    :class:`~db.point_reads.PointReader` into a plain record (:class:`RecordRead`)."""
+    return await _ANALYSIS_RECORD.read(reader, analysis_id, show_deleted=show_deleted)

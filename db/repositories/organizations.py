@@ -4,16 +4,41 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import InstrumentedAttribute
 
-from db.errors import FieldViolation, ValidationError
+from db.errors import FieldViolation, NotFoundError, ValidationError
 from db.models import Organization, utcnow
 from db.pagination import JSONValue, Page, SortKey, paginate
-from db.repositories.base import Repository
+from db.point_reads import PointReader
+from db.repositories.base import RecordRead, Repository
+from db.tenancy import Tenant
 
 UPDATABLE_FIELDS = frozenset({"display_name"})
+
+
+def organization_name(organization_id: uuid.UUID | str) -> str:
+    """``organizations/{id}``: an organization's resource name (it has no parent)."""
+    return f"organizations/{organization_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class OrganizationRecord:
+    """A read-only organization: the columns of :class:`Organization` under the same
+    names, without ORM identity or instrumentation."""
+
+    id: uuid.UUID
+    display_name: str
+    create_time: datetime
+    update_time: datetime
+    delete_time: datetime | None
+    create_by: str | None
+    update_by: str | None
+    delete_by: str | None
+    version: int
 
 
 def _check_display_name(display_name: str) -> str:
@@ -32,7 +57,7 @@ class OrganizationsRepository(Repository[Organization]):
         return Organization.id  # an organization is its own tenant
 
     def resource_name(self, resource_id: uuid.UUID | str) -> str:
-        return f"organizations/{resource_id}"
+        return organization_name(resource_id)
 
     async def create(
         self,
@@ -81,3 +106,21 @@ class OrganizationsRepository(Repository[Organization]):
             organization_id, values, expected_version=expected_version, deleted=False
         )
         return await self.get(organization_id, populate_existing=True)
+
+
+def _not_found(tenant: Tenant, organization_id: uuid.UUID) -> NotFoundError:
+    return NotFoundError(OrganizationsRepository.resource_type, organization_name(organization_id))
+
+
+# Scoped by ``id``, as OrganizationsRepository scopes every statement.
+_ORGANIZATION_RECORD = RecordRead.of_columns(
+    Organization.__table__, OrganizationRecord, not_found=_not_found, organization_column="id"
+)
+
+
+async def read_organization_record(
+    reader: PointReader, organization_id: uuid.UUID, *, show_deleted: bool = True
+) -> OrganizationRecord:
+    """:meth:`OrganizationsRepository.get` for cache loaders: a prebuilt select through
+    :class:`~db.point_reads.PointReader` into a plain record (:class:`RecordRead`)."""
+    return await _ORGANIZATION_RECORD.read(reader, organization_id, show_deleted=show_deleted)

@@ -30,7 +30,8 @@ from db.pagination import (
     paginate,
     parse_order_by,
 )
-from db.repositories.base import Repository, domain_errors
+from db.point_reads import PointReader
+from db.repositories.base import RecordRead, Repository, domain_errors, not_found_in
 from db.tenancy import Tenant
 
 #: A select of any columns (the filters apply to entity and aggregate selects alike).
@@ -50,7 +51,9 @@ PURGE_CHUNK_ROWS = 10_000
 
 @dataclass(frozen=True, slots=True)
 class PredictionValues:
-    """One validated row, ready to insert (built by ``server/services/prediction_rows.py``)."""
+    """One row's values: every column of :class:`Prediction` under the same names. Built
+    validated and ready to insert by ``server/services/prediction_rows.py``, or read back
+    by :func:`read_prediction_record`."""
 
     id: uuid.UUID
     organization_id: uuid.UUID
@@ -335,3 +338,17 @@ async def purge_older_than(
         total += deleted
         if deleted < chunk_size:
             return total
+
+
+# Predictions are never soft-deleted: show_deleted changes nothing, as in Repository.live.
+_PREDICTION_RECORD = RecordRead.of_columns(
+    Prediction.__table__,
+    PredictionValues,
+    not_found=not_found_in(PredictionsRepository.resource_type, PredictionsRepository.collection),
+)
+
+
+async def read_prediction_record(reader: PointReader, prediction_id: uuid.UUID) -> PredictionValues:
+    """:meth:`PredictionsRepository.get` for cache loaders: a prebuilt select through
+    :class:`~db.point_reads.PointReader` into a plain record (:class:`RecordRead`)."""
+    return await _PREDICTION_RECORD.read(reader, prediction_id)

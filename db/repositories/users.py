@@ -13,15 +13,22 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Select, bindparam, false, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute, joinedload
 
-from db.errors import FieldViolation, NotFoundError, ValidationError
+from db.errors import FieldViolation, ValidationError
 from db.models import AuthProvider, User, UserProfile, UserRole, UserStatus, utcnow
 from db.pagination import JSONValue, Page, SortKey, paginate, parse_order_by
-from db.point_reads import PointRead, PointReader
-from db.repositories.base import Repository, domain_errors, resource_name, scope_to_tenant
+from db.point_reads import PointReader
+from db.repositories.base import (
+    RecordRead,
+    Repository,
+    domain_errors,
+    not_found_in,
+    record_columns,
+    scope_to_tenant,
+)
 from db.tenancy import Tenant
 
 #: argon2id with the library's recommended parameters (RFC 9106 low-memory profile).
@@ -136,7 +143,7 @@ class UserRecord:
 
 _USERS = User.__table__
 _PROFILES = UserProfile.__table__
-_RECORD_COLUMNS = tuple(_USERS.c[name] for name in list(UserRecord.__dataclass_fields__)[1:])
+_RECORD_COLUMNS = record_columns(_USERS, UserRecord, skip=1)
 _PROFILE_COLUMNS = (
     _PROFILES.c.user_id,
     _PROFILES.c.bio,
@@ -147,59 +154,11 @@ _PROFILE_COLUMNS = (
 _RECORD_WIDTH = len(_RECORD_COLUMNS)
 
 
-def _build_record_select(scope: str, show_deleted: bool) -> Select[Any]:
-    """One Core statement per tenant shape, built once: SQLAlchemy memoizes the cache key
-    of a statement object, so executing it again skips building and compiling it."""
-    stmt = (
-        select(*_RECORD_COLUMNS, *_PROFILE_COLUMNS)
-        .select_from(_USERS.outerjoin(_PROFILES, _PROFILES.c.user_id == _USERS.c.id))
-        .where(_USERS.c.id == bindparam("user_id"))
-    )
-    # The same scoping as scope_to_tenant, with the organization as a parameter.
-    if scope == "organization":
-        stmt = stmt.where(_USERS.c.organization_id == bindparam("organization_id"))
-    elif scope == "none":
-        stmt = stmt.where(false())
-    if not show_deleted:
-        stmt = stmt.where(_USERS.c.delete_time.is_(None))
-    return stmt
-
-
-_RECORD_SELECTS = {
-    (scope, show_deleted): PointRead(_build_record_select(scope, show_deleted))
-    for scope in ("all", "organization", "none")
-    for show_deleted in (False, True)
-}
-
-
-def _record_scope(tenant: Tenant, user_id: uuid.UUID) -> tuple[str, dict[str, Any]]:
-    params: dict[str, Any] = {"user_id": user_id}
-    if tenant.all_organizations:
-        return "all", params
-    if tenant.organization_id is None:
-        return "none", params
-    params["organization_id"] = tenant.organization_id
-    return "organization", params
-
-
-def _user_record(row: Sequence[Any] | None, tenant: Tenant, user_id: uuid.UUID) -> UserRecord:
-    if row is None:
-        raise NotFoundError("User", resource_name(tenant, "users", user_id))
+def _user_record(row: Sequence[Any]) -> UserRecord:
     profile = None
     if row[_RECORD_WIDTH] is not None:
         profile = ProfileRecord(*row[_RECORD_WIDTH + 1 :])
     return UserRecord(profile, *row[:_RECORD_WIDTH])
-
-
-async def read_user_record(
-    reader: PointReader, user_id: uuid.UUID, *, show_deleted: bool = True
-) -> UserRecord:
-    """:meth:`UsersRepository.get_user_record` outside a session, for cache loaders: the
-    same statement through :class:`~db.point_reads.PointReader` (about a quarter of the
-    CPU, see :mod:`db.point_reads`)."""
-    scope, params = _record_scope(reader.tenant, user_id)
-    row = await reader.fetch_row(_RECORD_SELECTS[scope, show_deleted], params)
-    return _user_record(row, reader.tenant, user_id)
 
 
 class UsersRepository(Repository[User]):
@@ -233,10 +192,9 @@ class UsersRepository(Repository[User]):
     async def get_user_record(self, user_id: uuid.UUID, *, show_deleted: bool = True) -> UserRecord:
         """:meth:`get_user` for reads that only convert the row: one prebuilt Core
         statement on the session's connection, no ORM identity map or loading."""
-        scope, params = _record_scope(self.tenant, user_id)
-        connection = await self.session.connection()
-        result = await connection.execute(_RECORD_SELECTS[scope, show_deleted].statement, params)
-        return _user_record(result.first(), self.tenant, user_id)
+        return await _USER_RECORD.read_in(
+            self.session, self.tenant, user_id, show_deleted=show_deleted
+        )
 
     async def create(
         self,
@@ -490,3 +448,22 @@ class UsersRepository(Repository[User]):
         return UserStatistics(
             total=total, by_role=by_role, by_status=by_status, by_auth_provider=by_provider
         )
+
+
+_USER_RECORD: RecordRead[UserRecord] = RecordRead(
+    select(*_RECORD_COLUMNS, *_PROFILE_COLUMNS).select_from(
+        _USERS.outerjoin(_PROFILES, _PROFILES.c.user_id == _USERS.c.id)
+    ),
+    _USERS,
+    record=_user_record,
+    not_found=not_found_in(UsersRepository.resource_type, UsersRepository.collection),
+)
+
+
+async def read_user_record(
+    reader: PointReader, user_id: uuid.UUID, *, show_deleted: bool = True
+) -> UserRecord:
+    """:meth:`UsersRepository.get_user_record` outside a session, for cache loaders: the
+    same statement through :class:`~db.point_reads.PointReader` (about a quarter of the
+    CPU, see :mod:`db.point_reads`)."""
+    return await _USER_RECORD.read(reader, user_id, show_deleted=show_deleted)

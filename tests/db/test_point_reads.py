@@ -1,12 +1,15 @@
 """Point reads (db/point_reads.py): the session's answers, RLS, deadlines, cancellation and
-observability, on the driver connection instead of an ORM session."""
+observability, on the driver connection instead of an ORM session; and every cached
+Get's record read (db/repositories/base.py RecordRead) against its session Get."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -29,9 +32,19 @@ from sqlalchemy import (
 
 from db.engine import Database, DatabaseConfig
 from db.errors import NotFoundError, StatementTimeoutError
-from db.models import Organization, User, UserRole
+from db.models import Organization, RiskLevel, User, UserRole, new_id
+from db.models.enums import AnalysisType, OptimizationTier
 from db.observability import install_statement_observers, statement_context
-from db.point_reads import PointRead
+from db.point_reads import PointRead, PointReader
+from db.repositories.analyses import AnalysesRepository, NewAnalysis, read_analysis_record
+from db.repositories.base import Repository
+from db.repositories.batches import BatchesRepository
+from db.repositories.organizations import OrganizationsRepository, read_organization_record
+from db.repositories.predictions import (
+    PredictionsRepository,
+    PredictionValues,
+    read_prediction_record,
+)
 from db.repositories.users import ProfileFields, UserRecord, UsersRepository, read_user_record
 from db.tenancy import Tenant
 from tests.db.conftest import APP_ROLE
@@ -262,3 +275,156 @@ async def test_point_reads_cannot_write(database: Database, tenant_a: Tenant) ->
     )
     with pytest.raises(Exception, match="read-only transaction"):
         await database.point_reader(Tenant.all()).fetch_row(PointRead(select(inserted.c.id)), {})
+
+
+# --- every cached Get's record read against its session Get --------------------------
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One record read: how to make a row, its repository and its read."""
+
+    repository: Callable[[Any, Tenant], Repository[Any]]
+    #: Creates a row of ``tenant`` (whose organization is ``organization``); its id.
+    make: Callable[[Database, Tenant, Organization], Awaitable[uuid.UUID]]
+    read: Callable[[PointReader, uuid.UUID, bool], Awaitable[Any]]
+    soft_deletes: bool = True
+
+
+async def _organization(database: Database, tenant: Tenant, org: Organization) -> uuid.UUID:
+    return org.id
+
+
+async def _analysis(database: Database, tenant: Tenant, org: Organization) -> uuid.UUID:
+    async with database.transaction(tenant) as session:
+        batch = await BatchesRepository(session, tenant).create("b", create_by="tester")
+        created = await AnalysesRepository(session, tenant).create(
+            NewAnalysis(
+                uuid.uuid4().hex,  # never deduplicated
+                AnalysisType.SENTIMENT,
+                optimization_tier=OptimizationTier.FAST,
+                sentiment_score=-0.25,
+                quality_score=0.5,
+                emotion_scores={"joy": 0.75},
+                result={"label": "neutral", "spans": [1, 2], "nested": {"ok": True}},
+                processing_ms=12.5,
+                model_used="m1",
+                error_message="none",
+                batch_id=batch.batch.id,
+            ),
+            create_by="tester",
+        )
+        return created.analysis.id
+
+
+async def _prediction(database: Database, tenant: Tenant, org: Organization) -> uuid.UUID:
+    values = PredictionValues(
+        id=new_id(),
+        organization_id=org.id,
+        subject_id="emp-1",
+        probability=0.625,
+        risk_level=RiskLevel.HIGH,
+        model_name="attrition",
+        model_version="v1",
+        features={"age": 41, "dept": "sales", "scores": [0.5, 1]},
+        predict_time=datetime(2026, 1, 1, 12, 30, 0, 123456, tzinfo=UTC),
+        request_id="req-1",
+        create_time=datetime.now(UTC),
+        create_by="tester",
+    )
+    async with database.transaction(tenant) as session:
+        assert await PredictionsRepository(session, tenant).insert_many([values]) == {values.id}
+    return values.id
+
+
+async def _read_prediction(reader: PointReader, prediction_id: uuid.UUID, _: bool) -> Any:
+    return await read_prediction_record(reader, prediction_id)
+
+
+KINDS = {
+    "organization": Kind(
+        OrganizationsRepository,
+        _organization,
+        lambda reader, i, show_deleted: read_organization_record(
+            reader, i, show_deleted=show_deleted
+        ),
+    ),
+    "analysis": Kind(
+        AnalysesRepository,
+        _analysis,
+        lambda reader, i, show_deleted: read_analysis_record(reader, i, show_deleted=show_deleted),
+    ),
+    "prediction": Kind(PredictionsRepository, _prediction, _read_prediction, soft_deletes=False),
+}
+
+
+async def _session_get(
+    database: Database, kind: Kind, tenant: Tenant, resource_id: uuid.UUID, show_deleted: bool
+) -> Any:
+    async with database.transaction(tenant, read_only=True) as session:
+        return await kind.repository(session, tenant).get(resource_id, show_deleted=show_deleted)
+
+
+def _assert_same_columns(record: Any, row: Any) -> None:
+    """The record carries every column of the row's table, equal in value and type."""
+    names = [f.name for f in dataclasses.fields(record)]
+    assert sorted(names) == sorted(type(row).__table__.c.keys())
+    for name in names:
+        ours, theirs = getattr(record, name), getattr(row, name)
+        assert ours == theirs, name
+        assert type(ours) is type(theirs), name
+
+
+async def _not_found_both_ways(
+    database: Database, kind: Kind, tenant: Tenant, resource_id: uuid.UUID, show_deleted: bool
+) -> None:
+    """Both reads raise NotFoundError, and the same one."""
+    with pytest.raises(NotFoundError) as by_session:
+        await _session_get(database, kind, tenant, resource_id, show_deleted)
+    with pytest.raises(NotFoundError) as by_record:
+        await kind.read(database.point_reader(tenant), resource_id, show_deleted)
+    assert (by_record.value.resource_type, by_record.value.resource_name) == (
+        by_session.value.resource_type,
+        by_session.value.resource_name,
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS.values(), ids=KINDS.keys())
+async def test_a_record_read_returns_the_session_gets_columns(
+    database: Database, org_a: Organization, tenant_a: Tenant, kind: Kind
+) -> None:
+    resource_id = await kind.make(database, tenant_a, org_a)
+    for tenant in (tenant_a, Tenant.all()):
+        row = await _session_get(database, kind, tenant, resource_id, True)
+        for show_deleted in (True, False):
+            record = await kind.read(database.point_reader(tenant), resource_id, show_deleted)
+            _assert_same_columns(record, row)
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                record.id = uuid.uuid4()
+
+
+@pytest.mark.parametrize("kind", KINDS.values(), ids=KINDS.keys())
+async def test_another_organizations_record_is_not_found(
+    database: Database, org_a: Organization, tenant_a: Tenant, tenant_b: Tenant, kind: Kind
+) -> None:
+    resource_id = await kind.make(database, tenant_a, org_a)
+    for tenant in (tenant_b, Tenant(None)):
+        for show_deleted in (True, False):
+            await _not_found_both_ways(database, kind, tenant, resource_id, show_deleted)
+    await _not_found_both_ways(database, kind, tenant_a, uuid.uuid4(), True)
+
+
+@pytest.mark.parametrize(
+    "kind", [k for k in KINDS.values() if k.soft_deletes], ids=["organization", "analysis"]
+)
+async def test_soft_deleted_records_read_as_the_session_get_reads_them(
+    database: Database, org_a: Organization, tenant_a: Tenant, kind: Kind
+) -> None:
+    resource_id = await kind.make(database, tenant_a, org_a)
+    async with database.transaction(tenant_a) as session:
+        await kind.repository(session, tenant_a).soft_delete(resource_id, delete_by="deleter")
+    # Get answers for deleted rows by default (AIP-164) ...
+    row = await _session_get(database, kind, tenant_a, resource_id, True)
+    record = await kind.read(database.point_reader(tenant_a), resource_id, True)
+    assert record.delete_time is not None and record.delete_by == "deleter"
+    _assert_same_columns(record, row)
+    # ... and not when asked for live rows only.
+    await _not_found_both_ways(database, kind, tenant_a, resource_id, False)
