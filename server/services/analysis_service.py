@@ -8,11 +8,12 @@ field validation live in `analysis_convert`.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from db.models.analyses import TextAnalysis
 from db.models.enums import AnalysisState, AnalysisType
 from db.repositories import batches as batches_repo
 from db.repositories import model_performance as mp_repo
@@ -23,6 +24,7 @@ from db.repositories.analyses import (
     NewAnalysis,
     field_violations,
     order_keys,
+    read_analysis_record,
 )
 from db.repositories.batches import BatchesRepository, BatchFilter, batch_violations
 from db.repositories.model_performance import ModelPerformanceFilter, ModelPerformanceRepository
@@ -35,7 +37,13 @@ from server.etags import expected_version
 from server.field_masks import resolve_update_mask
 from server.idempotency import idempotent
 from server.listing import page_request
-from server.scoping import authorize, authorize_organization, caller_subject, transaction
+from server.scoping import (
+    authorize,
+    authorize_organization,
+    caller_subject,
+    primary_point_reader,
+    transaction,
+)
 from server.services import analysis_convert as cv
 from server.services import cached_reads as cr
 from server.violations import Violations
@@ -106,9 +114,11 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         tenant = Tenant.of(organization_id)
 
         async def load() -> pb.Analysis:
-            async with cr.primary_read(self.deps, tenant) as session:
-                row = await AnalysesRepository(session, tenant).get(analysis_id)
-                return cv.analysis_to_proto(row)
+            reader = primary_point_reader(self.deps, tenant)
+            record = await read_analysis_record(reader, analysis_id)
+            # An AnalysisRecord has every column of TextAnalysis under the same name
+            # (db/repositories/analyses.py), and analysis_to_proto reads only columns.
+            return cv.analysis_to_proto(cast(TextAnalysis, record))
 
         return await cr.cached_get(
             self.deps, cr.ANALYSIS, organization_id, analysis_id, pb.Analysis, load

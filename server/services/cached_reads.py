@@ -142,8 +142,9 @@ async def cached_get(
 ) -> M:
     """Get by name. ``generation`` (a counter name) for kinds kept fresh by a bump.
 
-    ``load`` must read through :func:`primary_read` and raise NotFound for absence
-    (absence is never cached)."""
+    ``load`` must read on the primary (a repository's ``read_*_record`` through
+    :func:`server.scoping.primary_point_reader`, or :func:`primary_read`) and raise
+    NotFound for absence (absence is never cached)."""
     cache = cache_of(deps)
     key: CacheKey | None = None
     if cache is not None:

@@ -30,6 +30,7 @@ from db.repositories.predictions import (
     PredictionFilter,
     PredictionsRepository,
     PredictionValues,
+    read_prediction_record,
 )
 from db.repositories.request_log import RequestLogFilter, RequestLogRepository
 from db.tenancy import Tenant
@@ -42,7 +43,13 @@ from server.convert import set_duration_ms, set_timestamp, time_range, to_timede
 from server.idempotency import idempotent
 from server.listing import page_request
 from server.names import parse_resource_id
-from server.scoping import authorize, caller_subject, caller_tenant, transaction
+from server.scoping import (
+    authorize,
+    caller_subject,
+    caller_tenant,
+    primary_point_reader,
+    transaction,
+)
 from server.services import cached_reads as cr
 from server.services.prediction_rows import (
     RowViolation,
@@ -350,9 +357,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         tenant = Tenant.of(organization_id)
 
         async def load() -> pb.Prediction:
-            async with cr.primary_read(self.deps, tenant) as session:
-                row = await PredictionsRepository(session, tenant).get(prediction_id)
-                return prediction_to_proto(row)
+            reader = primary_point_reader(self.deps, tenant)
+            # The row's columns as PredictionValues, which values_to_proto converts alike.
+            return values_to_proto(await read_prediction_record(reader, prediction_id))
 
         # Immutable rows: only the purge (which bumps this generation) makes one stale.
         return await cr.cached_get(

@@ -19,8 +19,8 @@ from argon2.exceptions import VerificationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.errors import FailedPreconditionError, NotFoundError
-from db.models import AuthProvider, User, UserStatus, new_id, utcnow
-from db.repositories.organizations import OrganizationsRepository
+from db.models import AuthProvider, Organization, User, UserStatus, new_id, utcnow
+from db.repositories.organizations import OrganizationsRepository, read_organization_record
 from db.repositories.user_queries import OrganizationQueries, SessionQueries, UserQueries
 from db.repositories.users import (
     DEFAULT_PASSWORD_HASHER,
@@ -143,9 +143,11 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         tenant = Tenant.of(organization_id)
 
         async def load() -> pb.Organization:
-            async with cr.primary_read(self.deps, tenant) as session:
-                row = await OrganizationsRepository(session, tenant).get(organization_id)
-                return cv.organization_to_proto(row)
+            reader = primary_point_reader(self.deps, tenant)
+            record = await read_organization_record(reader, organization_id)
+            # Every column of Organization under the same name (organization_to_proto
+            # reads only columns), as GetUser below.
+            return cv.organization_to_proto(cast(Organization, record))
 
         return await cr.cached_get(
             self.deps, cr.ORGANIZATION, organization_id, organization_id, pb.Organization, load
