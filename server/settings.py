@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     ferrule_listen: str = Field("127.0.0.1:50051", description="host:port the server binds")
     ferrule_workers: int = Field(1, ge=1, le=64, description="server processes on one port")
     ferrule_grace_seconds: float = Field(10.0, ge=0, description="SIGTERM drain period")
+    ferrule_event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="the server's event loop implementation"
+    )
     ferrule_max_concurrent_rpcs: int = Field(512, ge=1)
     ferrule_max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     ferrule_tls_cert_file: Path | None = None

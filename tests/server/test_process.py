@@ -169,3 +169,19 @@ async def test_workers_share_one_port(
         assert await asyncio.to_thread(proc.wait, 30) == 0
     finally:
         _stop(proc)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_event_loop_is_uvloop_unless_told_otherwise(tmp_path: Path, loop: str) -> None:
+    env = server_env(f"sqlite+aiosqlite:///{tmp_path}/loop.db", free_port())
+    if loop == "asyncio":
+        env["FERRULE_EVENT_LOOP"] = "asyncio"
+    proc = start_server_process(env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert b"serving on" in line, line
+        assert f"{loop} loop)".encode() in line
+        wait_serving(env["FERRULE_LISTEN"], timeout=30)
+    finally:
+        _stop(proc)
