@@ -102,8 +102,15 @@ def describe(label: str, result: LoadResult, ceiling: float | None = None) -> st
     return (
         f"{label:<28} {result.rps:>8,.0f} RPC/s{share}  p50 {result.p50_ms:.2f} ms"
         f"  p99 {result.p99_ms:.2f} ms  cpu server {result.server_cpu:.2f}"
-        f" client {result.client_cpu:.2f}  errors {result.errors}"
+        f" ({server_us_per_call(result):,.0f} us/call) client {result.client_cpu:.2f}"
+        f"  errors {result.errors}"
     )
+
+
+def server_us_per_call(result: LoadResult) -> float:
+    """Server CPU per call: steadier than the rate on a shared machine, where the rate
+    also moves with how much CPU the client and PostgreSQL got."""
+    return result.server_cpu / result.rps * 1e6 if result.rps else 0.0
 
 
 def result_figures(prefix: str, result: LoadResult) -> Figures:
@@ -113,6 +120,7 @@ def result_figures(prefix: str, result: LoadResult) -> Figures:
         f"{prefix}_p99_ms": round(result.p99_ms, 3),
         f"{prefix}_server_cpu": round(result.server_cpu, 2),
         f"{prefix}_client_cpu": round(result.client_cpu, 2),
+        f"{prefix}_server_us_per_call": round(server_us_per_call(result)),
     }
 
 
@@ -206,6 +214,13 @@ async def run(args: argparse.Namespace) -> Figures:
         {
             "cached_share_of_ceiling": round(best["getuser_cached"].rps / ceiling.rps, 3),
             "uncached_share_of_ceiling": round(best["getuser_uncached"].rps / ceiling.rps, 3),
+            # The same shares by server CPU per call (ceiling's cost / GetUser's cost).
+            "cached_cpu_share_of_ceiling": round(
+                server_us_per_call(ceiling) / server_us_per_call(best["getuser_cached"]), 3
+            ),
+            "uncached_cpu_share_of_ceiling": round(
+                server_us_per_call(ceiling) / server_us_per_call(best["getuser_uncached"]), 3
+            ),
             "hit_rate": round(hit_rate, 4),
             "uncached_hit_rate": round(off_hit_rate, 4),
             "cache_backend": counters_after.backend,
