@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     ferrule_event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="the server's event loop implementation"
     )
+    ferrule_gc_gen0_threshold: int = Field(
+        50_000, ge=1, description="allocations between young-generation collections"
+    )
     ferrule_max_concurrent_rpcs: int = Field(512, ge=1)
     ferrule_max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     ferrule_tls_cert_file: Path | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import signal
@@ -185,3 +186,17 @@ def test_the_event_loop_is_uvloop_unless_told_otherwise(tmp_path: Path, loop: st
         wait_serving(env["FERRULE_LISTEN"], timeout=30)
     finally:
         _stop(proc)
+
+
+def test_gc_is_tuned_after_start_up() -> None:
+    from server.__main__ import tune_gc
+    from server.settings import Settings
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(Settings(ferrule_gc_gen0_threshold=12_345))
+        assert gc.get_threshold() == (12_345, before[1], before[2])
+        assert gc.get_freeze_count() > 0  # start-up objects are out of the collector's reach
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
