@@ -9,7 +9,10 @@ scenario, cache as ``--tracing-cache`` says):
 * **otlp**: ``OTEL_TRACES_EXPORTER=otlp`` over gRPC (BatchSpanProcessor, the SDK's
   default batch settings) to a real OTLP endpoint in another process
   (``bench/_otlp_sink.py``, which counts and drops the spans; the count is reported
-  so the export is seen to happen). Metrics export stays off in all three.
+  so the export is seen to happen), encoded and sent by the server's span export
+  process (server/telemetry/span_process.py), as deployed by default;
+* **otlp_in_process**: the same with ``FERRULE_TRACE_EXPORT_PROCESS=false``: the SDK's
+  exporter encodes in the serving process. Metrics export stays off in all four.
 
 Rounds interleave the three servers (off, noop, otlp, off, ...), figures are medians,
 and the overhead is ``1 - rate / off rate``. Server CPU per call is also given: on a
@@ -33,7 +36,7 @@ from bench.reads import REDIS_URL, delete_prefix, describe, get_user_call, reade
 from bench.registry import Figures, Scenario
 from ferrule.v1 import user_service_pb2 as user_pb
 
-MODES = ("off", "noop", "otlp")
+MODES = ("off", "noop", "otlp", "otlp_in_process")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,45 +86,48 @@ async def run(args: argparse.Namespace) -> Figures:
     base = {"DATABASE_APP_ROLE": "ferrule_app", "OTEL_METRICS_EXPORTER": "none", **cache}
     rounds: dict[str, list[LoadResult]] = {mode: [] for mode in MODES}
     try:
-        async with (
-            otlp_sink() as (port, received),
-            fresh_database() as database_url,
-            server_process(database_url, **base) as off,
-            server_process(database_url, "bench._noop_tracing_server", **base) as noop,
-            server_process(
-                database_url,
-                OTEL_TRACES_EXPORTER="otlp",
-                OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"http://127.0.0.1:{port}",
-                OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc",
-                **base,
-            ) as otlp,
-        ):
-            organization = await off.create_organization("tracing")
-            ids = await seed_users(database_url, organization, users)
-            requests = [
-                user_pb.GetUserRequest(name=f"organizations/{organization}/users/{ids[k]}")
-                for k in zipf_indexes(users, 1.1, 200_000)
-            ]
-            token = org_token(organization, scope="read")
+        async with otlp_sink() as (port, received):
+            otlp_env = {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}",
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+            }
             async with (
-                reader(off, token) as c_off,
-                reader(noop, token) as c_noop,
-                reader(otlp, token) as c_otlp,
+                fresh_database() as database_url,
+                server_process(database_url, **base) as off,
+                server_process(database_url, "bench._noop_tracing_server", **base) as noop,
+                server_process(database_url, **otlp_env, **base) as otlp,
+                server_process(
+                    database_url, FERRULE_TRACE_EXPORT_PROCESS="false", **otlp_env, **base
+                ) as otlp_in_process,
             ):
-                plan = [
-                    ("off", get_user_call(c_off, requests), off.pid),
-                    ("noop", get_user_call(c_noop, requests), noop.pid),
-                    ("otlp", get_user_call(c_otlp, requests), otlp.pid),
+                organization = await off.create_organization("tracing")
+                ids = await seed_users(database_url, organization, users)
+                requests = [
+                    user_pb.GetUserRequest(name=f"organizations/{organization}/users/{ids[k]}")
+                    for k in zipf_indexes(users, 1.1, 200_000)
                 ]
-                for _, call, pid in plan:  # warm-up
-                    await run_load(call, seconds=1.0, concurrency=concurrency, server_pid=pid)
-                for number in range(args.tracing_rounds):
-                    for mode, call, pid in plan:
-                        result = await run_load(
-                            call, seconds=seconds, concurrency=concurrency, server_pid=pid
-                        )
-                        rounds[mode].append(result)
-                        print(f"[round {number + 1}] {describe(mode, result)}", flush=True)
+                token = org_token(organization, scope="read")
+                servers = {
+                    "off": off,
+                    "noop": noop,
+                    "otlp": otlp,
+                    "otlp_in_process": otlp_in_process,
+                }
+                async with contextlib.AsyncExitStack() as stack:
+                    plan = []
+                    for mode in MODES:
+                        client = await stack.enter_async_context(reader(servers[mode], token))
+                        plan.append((mode, get_user_call(client, requests), servers[mode].pid))
+                    for _, call, pid in plan:  # warm-up
+                        await run_load(call, seconds=1.0, concurrency=concurrency, server_pid=pid)
+                    for number in range(args.tracing_rounds):
+                        for mode, call, pid in plan:
+                            result = await run_load(
+                                call, seconds=seconds, concurrency=concurrency, server_pid=pid
+                            )
+                            rounds[mode].append(result)
+                            print(f"[round {number + 1}] {describe(mode, result)}", flush=True)
     finally:
         if args.tracing_cache == "redis":
             with contextlib.suppress(Exception):

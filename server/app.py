@@ -106,7 +106,9 @@ class FerruleApp:
         self.database = Database(settings.database)
         # Per process (after any fork): the OTLP gRPC exporter owns threads of its own.
         self.telemetry = telemetry or setup_telemetry(
-            metrics_port=settings.ferrule_metrics_port, metrics_host=settings.ferrule_metrics_host
+            metrics_port=settings.ferrule_metrics_port,
+            metrics_host=settings.ferrule_metrics_host,
+            export_process=settings.ferrule_trace_export_process,
         )
         self.query_observers = install_statement_observers(
             self.database.engine,

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     ferrule_event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="the server's event loop implementation"
     )
+    ferrule_trace_export_process: bool = Field(
+        True, description="encode and send OTLP spans from a child process"
+    )
     ferrule_gc_gen0_threshold: int = Field(
         50_000, ge=1, description="allocations between young-generation collections"
     )

@@ -39,6 +39,7 @@ from opentelemetry.sdk.trace.export import (
 )
 
 from server.telemetry.metrics import ServerMetrics, use_metrics
+from server.telemetry.span_process import ChildProcessSpanExporter
 
 __all__ = ["Telemetry", "TelemetryConfigError", "setup_telemetry"]
 
@@ -148,12 +149,15 @@ def setup_telemetry(
     set_global: bool = True,
     span_processors: Sequence[SpanProcessor] = (),
     metric_readers: Sequence[MetricReader] = (),
+    export_process: bool = True,
 ) -> Telemetry:
     """Install providers and exporters as the environment says; returns the handles.
 
     ``metrics_port`` (FERRULE_METRICS_PORT) serves Prometheus text on that port (0: any
     free port). ``span_processors`` / ``metric_readers`` add to what the environment
-    configures (tests, benchmarks). ``set_global`` makes the providers the process's
+    configures (tests, benchmarks). ``export_process`` (FERRULE_TRACE_EXPORT_PROCESS)
+    encodes and sends OTLP spans from a child process (server/telemetry/span_process.py).
+    ``set_global`` makes the providers the process's
     globals, which the interceptors and statement observers use by default.
     """
     env = os.environ if environ is None else environ
@@ -169,7 +173,12 @@ def setup_telemetry(
             if name == "console":
                 tracer_provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
             else:
-                exporter = _otlp_span_exporter(_otlp_protocol(env, "TRACES"))
+                protocol = _otlp_protocol(env, "TRACES")  # checked here, used by the child
+                exporter: SpanExporter = (
+                    ChildProcessSpanExporter({**os.environ, **env})
+                    if export_process
+                    else _otlp_span_exporter(protocol)
+                )
                 tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         for processor in span_processors:
             tracer_provider.add_span_processor(processor)
