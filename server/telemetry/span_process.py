@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 _LENGTH = struct.Struct(">I")
 #: Seconds between attempts to start a child after one died.
 RESTART_INTERVAL_S = 1.0
+#: Added to the child's niceness: exporting spans yields the CPU to serving RPCs.
+EXPORT_NICENESS = 10
 #: Seconds a batch may wait for the child to read it before the child is replaced.
 WRITE_TIMEOUT_S = 10.0
 
@@ -244,6 +246,10 @@ def main() -> int:
     """The child: frames from stdin to the OTLP exporter ``OTEL_*`` configures."""
     from server.telemetry.setup import _otlp_protocol, _otlp_span_exporter
 
+    # Background work: when the host is short of CPU, RPCs come first; the batch
+    # processor's bounded queue (and the write timeout) absorbs a child that lags.
+    with contextlib.suppress(OSError):
+        os.nice(EXPORT_NICENESS)
     stdin = sys.stdin.buffer
     first = _read_frame(stdin)
     if first is None:

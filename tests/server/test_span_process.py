@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from server.telemetry import setup_telemetry
-from server.telemetry.span_process import ChildProcessSpanExporter
+from server.telemetry.span_process import EXPORT_NICENESS, ChildProcessSpanExporter
 from tests.server.process_helpers import free_port
 
 
@@ -193,3 +193,17 @@ def test_a_stuck_child_fails_batches_in_bounded_time_and_never_blocks_shutdown(
         started = time.monotonic()
         exporter.shutdown()
         assert time.monotonic() - started < 15
+
+
+def test_the_export_child_yields_the_cpu_to_serving(collector: tuple[Collector, str]) -> None:
+    receiver, endpoint = collector
+    exporter = ChildProcessSpanExporter({**os.environ, **_environ(endpoint)})
+    try:
+        assert exporter.export(_spans(1)) is SpanExportResult.SUCCESS
+        receiver.wait_for(1)  # the child is past its start-up, niceness included
+        pid = exporter.child_pid
+        assert pid is not None
+        expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + EXPORT_NICENESS)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == expected
+    finally:
+        exporter.shutdown()
