@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
-from db.point_reads import PointReader
+from db.point_reads import ROLE_NAME, PointReader
 from db.session import open_transaction
 from db.tenancy import Tenant
 
@@ -56,6 +56,11 @@ class DatabaseConfig:
     default_statement_timeout_ms: int | None = None
     sqlite_busy_timeout_ms: int = 5000
     echo: bool = False
+
+    def __post_init__(self) -> None:
+        # Point reads inline the role into a simple query (no parameters there).
+        if self.app_role is not None and not ROLE_NAME.match(self.app_role):
+            raise ValueError(f"app_role must be a plain role name, not {self.app_role!r}")
 
 
 @dataclass(frozen=True, slots=True)

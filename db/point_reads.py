@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 Processor = Callable[[Any], Any] | None
 
 # A role name is inlined into the transaction-scoped settings batch (a simple query takes
-# no parameters); settings validate it against this as well, so it can never carry SQL.
+# no parameters); DatabaseConfig refuses any other, so it can never carry SQL.
 ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
 # Session-scoped settings, on point-read connections only (they serve nothing else).
@@ -146,8 +146,6 @@ def _settings_batch(tenant: Tenant, timeout_ms: int | None, role: str | None) ->
         f"set_config('statement_timeout', '{max(int(timeout_ms), 1) if timeout_ms else 0}', true)",
     ]
     if role:
-        if not ROLE_NAME.match(role):
-            raise ValueError(f"not a plain role name: {role!r}")
         settings.append(f"set_config('role', '{role}', true)")
     return "BEGIN READ ONLY; SELECT " + ", ".join(settings)
 
@@ -204,12 +202,12 @@ class PointReader:
             return row
 
     async def _fetch_on_driver(self, sql: str, args: list[Any]) -> Any:
-        session_scoped = self.database.point_read_engine
+        # The point-read pool serves the primary; replicas take the transaction batch.
         engine = self.engine
-        if session_scoped is not None and engine is self.database.engine:
-            engine = session_scoped
-        else:
-            session_scoped = None
+        point_pool = self.database.point_read_engine
+        session_scoped = point_pool is not None and engine is self.database.engine
+        if point_pool is not None and session_scoped:
+            engine = point_pool
         observer = observer_of(engine)
         # The pooled DBAPI connection itself, not an AsyncConnection around it: that
         # wrapper's bookkeeping cost ~50 us per read and nothing here executes through it.
@@ -218,7 +216,7 @@ class PointReader:
         try:
             driver: Any = pooled.driver_connection
             try:
-                if session_scoped is not None:
+                if session_scoped:
                     await self._set_session_tenant(pooled, driver)
                     timeout = self.timeout_ms / 1000 if self.timeout_ms else None
                 else:
@@ -236,7 +234,7 @@ class PointReader:
                         observer.finish(pending, -1, exc)
                         raise
                     observer.finish(pending, 0 if record is None else 1, None)
-                if session_scoped is None:
+                if not session_scoped:
                     await driver.execute("COMMIT")
             except BaseException:
                 await asyncio.shield(_end_or_discard(pooled, driver))

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from db.engine import DatabaseConfig
+from db.point_reads import ROLE_NAME
 from server.retention import RetentionPolicy
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./ferrule.db"
@@ -63,7 +64,7 @@ class Settings(BaseSettings):
     )
     database_app_role: str | None = Field(
         None,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$",
+        pattern=ROLE_NAME.pattern,
         description="PostgreSQL role each transaction switches to (subject to RLS)",
     )
     ferrule_migrate_on_start: bool = False

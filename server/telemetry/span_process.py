@@ -98,16 +98,12 @@ def _rebuild(values: Sequence[Any], resource: Resource) -> ReadableSpan:
     )
 
 
-def _write_frame(stream: IO[bytes], payload: Any, timeout_s: float | None = None) -> None:
-    """Write one frame; with ``timeout_s``, on a non-blocking pipe, raise TimeoutError if
-    the reader does not take it in time (a child stuck behind an unreachable collector
-    must not hold the exporting thread, or shutdown, for ever)."""
+def _write_frame(stream: IO[bytes], payload: Any, timeout_s: float) -> None:
+    """Write one frame to a non-blocking pipe; raise TimeoutError if the reader does not
+    take it within ``timeout_s`` (a child stuck behind an unreachable collector must not
+    hold the exporting thread, or shutdown, for ever)."""
     encoded = marshal.dumps(payload)
     data = memoryview(_LENGTH.pack(len(encoded)) + encoded)
-    if timeout_s is None:
-        stream.write(data)
-        stream.flush()
-        return
     deadline = time.monotonic() + timeout_s
     fd = stream.fileno()
     while data:

@@ -428,3 +428,10 @@ async def test_soft_deleted_records_read_as_the_session_get_reads_them(
     _assert_same_columns(record, row)
     # ... and not when asked for live rows only.
     await _not_found_both_ways(database, kind, tenant_a, resource_id, False)
+
+
+def test_a_role_name_that_is_not_plain_is_refused() -> None:
+    # It is inlined into the transaction-scoped settings batch, so it must never carry SQL.
+    with pytest.raises(ValueError, match="plain role name"):
+        DatabaseConfig(url="postgresql+asyncpg://x/y", app_role="app'; DROP TABLE users; --")
+    assert DatabaseConfig(url="postgresql+asyncpg://x/y", app_role="ferrule_app").app_role
