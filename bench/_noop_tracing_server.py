@@ -29,6 +29,7 @@ class NoOpTracedApp(FerruleApp):
         telemetry = telemetry or setup_telemetry(
             metrics_port=settings.ferrule_metrics_port,
             span_processors=[BatchSpanProcessor(DropExporter())],
+            fast_spans=settings.ferrule_fast_spans,
         )
         super().__init__(settings, telemetry=telemetry)
 

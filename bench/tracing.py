@@ -12,9 +12,14 @@ scenario, cache as ``--tracing-cache`` says):
   so the export is seen to happen), encoded and sent by the server's span export
   process (server/telemetry/span_process.py), as deployed by default;
 * **otlp_in_process**: the same with ``FERRULE_TRACE_EXPORT_PROCESS=false``: the SDK's
-  exporter encodes in the serving process. Metrics export stays off in all four.
+  exporter encodes in the serving process;
+* **otlp_sdk_spans**: **otlp** with ``FERRULE_FAST_SPANS=false``: spans recorded by the
+  SDK's own Tracer instead of Ferrule's (server/telemetry/span_recorder.py).
 
-Rounds interleave the three servers (off, noop, otlp, off, ...), figures are medians,
+Spans are recorded by Ferrule's tracer in every mode but the last. Metrics export stays
+off in all five.
+
+Rounds interleave the servers (off, noop, otlp, ..., off, ...), figures are medians,
 and the overhead is ``1 - rate / off rate``. Server CPU per call is also given: on a
 shared machine it moves less than the rates do.
 """
@@ -36,7 +41,7 @@ from bench.reads import REDIS_URL, delete_prefix, describe, get_user_call, reade
 from bench.registry import Figures, Scenario
 from ferrule.v1 import user_service_pb2 as user_pb
 
-MODES = ("off", "noop", "otlp", "otlp_in_process")
+MODES = ("off", "noop", "otlp", "otlp_in_process", "otlp_sdk_spans")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +105,9 @@ async def run(args: argparse.Namespace) -> Figures:
                 server_process(
                     database_url, FERRULE_TRACE_EXPORT_PROCESS="false", **otlp_env, **base
                 ) as otlp_in_process,
+                server_process(
+                    database_url, FERRULE_FAST_SPANS="false", **otlp_env, **base
+                ) as otlp_sdk_spans,
             ):
                 organization = await off.create_organization("tracing")
                 ids = await seed_users(database_url, organization, users)
@@ -113,6 +121,7 @@ async def run(args: argparse.Namespace) -> Figures:
                     "noop": noop,
                     "otlp": otlp,
                     "otlp_in_process": otlp_in_process,
+                    "otlp_sdk_spans": otlp_sdk_spans,
                 }
                 async with contextlib.AsyncExitStack() as stack:
                     plan = []

@@ -40,6 +40,7 @@ from opentelemetry.sdk.trace.export import (
 
 from server.telemetry.metrics import ServerMetrics, use_metrics
 from server.telemetry.span_process import ChildProcessSpanExporter
+from server.telemetry.span_recorder import FastTracerProvider
 
 __all__ = ["Telemetry", "TelemetryConfigError", "setup_telemetry"]
 
@@ -150,6 +151,7 @@ def setup_telemetry(
     span_processors: Sequence[SpanProcessor] = (),
     metric_readers: Sequence[MetricReader] = (),
     export_process: bool = True,
+    fast_spans: bool = True,
 ) -> Telemetry:
     """Install providers and exporters as the environment says; returns the handles.
 
@@ -157,6 +159,9 @@ def setup_telemetry(
     free port). ``span_processors`` / ``metric_readers`` add to what the environment
     configures (tests, benchmarks). ``export_process`` (FERRULE_TRACE_EXPORT_PROCESS)
     encodes and sends OTLP spans from a child process (server/telemetry/span_process.py).
+    ``fast_spans`` (FERRULE_FAST_SPANS) records spans with Ferrule's tracer
+    (server/telemetry/span_recorder.py) instead of the SDK's ``Tracer``; both feed the
+    same SDK processors and exporters.
     ``set_global`` makes the providers the process's
     globals, which the interceptors and statement observers use by default.
     """
@@ -168,7 +173,8 @@ def setup_telemetry(
     tracer_provider: TracerProvider | None = None
     trace_exporters = _exporter_names(env, "TRACES")
     if trace_exporters or span_processors:
-        tracer_provider = TracerProvider(resource=resource)
+        provider_class = FastTracerProvider if fast_spans else TracerProvider
+        tracer_provider = provider_class(resource=resource)
         for name in trace_exporters:
             if name == "console":
                 tracer_provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
