@@ -14,15 +14,24 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.json_format import MessageToDict
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from server.telemetry import setup_telemetry
-from server.telemetry.span_process import EXPORT_NICENESS, ChildProcessSpanExporter
+from server.telemetry.span_process import (
+    EXPORT_NICENESS,
+    ChildProcessSpanExporter,
+    _flatten,
+    encode_request,
+)
+from server.telemetry.span_recorder import FastTracerProvider
 from tests.server.process_helpers import free_port
 
 
@@ -207,3 +216,48 @@ def test_the_export_child_yields_the_cpu_to_serving(collector: tuple[Collector, 
         assert os.getpriority(os.PRIO_PROCESS, pid) == expected
     finally:
         exporter.shutdown()
+
+
+def _varied_spans(provider_class: type[TracerProvider]) -> tuple[ReadableSpan, ...]:
+    """Spans with every shape the encoder meets: the fast one and the SDK's fallbacks."""
+    memory = InMemorySpanExporter()
+    provider = provider_class(
+        resource=Resource({"service.name": "ferrule-test", "host.cores": 2}),
+        span_limits=SpanLimits(max_span_attributes=4),
+        shutdown_on_exit=False,
+    )
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    remote = TraceContextTextMapPropagator().extract(
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=value,other=2",
+        }
+    )
+    server = provider.get_tracer("ferrule.server", "1.0")
+    root = server.start_span("rpc", context=remote, kind=SpanKind.SERVER, attributes={"a": 1})
+    root.set_attributes({"b": True, "c": 2.5, "d": "text", "e": "over the limit"})
+    root.set_status(Status(StatusCode.ERROR, "UNAVAILABLE"))
+    inside = trace.set_span_in_context(root)
+    db = provider.get_tracer("ferrule.db")
+    db.start_span("plain", context=inside, kind=SpanKind.CLIENT, attributes={"n": 1}).end()
+    db.start_span("sequence", context=inside, attributes={"tags": ("a", "b")}).end()
+    with_event = db.start_span("event", context=inside, kind=SpanKind.PRODUCER)
+    with_event.add_event("slow_statement", {"duration_ms": 250.0})
+    with_event.end()
+    linked = db.start_span(
+        "linked", context=inside, kind=SpanKind.CONSUMER, links=[Link(root.get_span_context())]
+    )
+    linked.set_status(StatusCode.OK)
+    linked.end()
+    provider.get_tracer("other").start_span("root", kind=SpanKind.INTERNAL).end()
+    root.end()
+    return memory.get_finished_spans()
+
+
+@pytest.mark.parametrize("provider_class", [TracerProvider, FastTracerProvider])
+def test_flattened_spans_encode_as_the_sdk_encodes_them(
+    provider_class: type[TracerProvider],
+) -> None:
+    spans = _varied_spans(provider_class)
+    resource = spans[0].resource
+    assert encode_request([_flatten(span) for span in spans], resource) == encode_spans(spans)
