@@ -50,7 +50,7 @@ from opentelemetry.sdk.trace import (
     TracerProvider,
 )
 from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import Decision, Sampler
+from opentelemetry.sdk.trace.sampling import DEFAULT_ON, Decision, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
@@ -145,8 +145,8 @@ class RecordedSpan(trace_api.Span, ReadableSpan):
         limits = self._tracer.limits
         if type(value) not in _PRIMITIVES or (
             type(value) is str
-            and limits.max_span_attribute_length is not None
-            and len(value) > limits.max_span_attribute_length
+            and not self._tracer.unbounded_strings
+            and len(value) > limits.max_span_attribute_length  # type: ignore[operator]
         ):
             valid, value = _cleaned(value, limits.max_span_attribute_length)
             if not valid:
@@ -170,6 +170,21 @@ class RecordedSpan(trace_api.Span, ReadableSpan):
         attributes[key] = value
 
     def _set_items(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        stored = self._attributes
+        tracer = self._tracer
+        capacity = tracer.attribute_capacity
+        if tracer.unbounded_strings and (
+            capacity is None or len(stored) + len(attributes) <= capacity
+        ):
+            # No limit can apply: primitive values with plain keys are stored as they are.
+            for key, value in attributes.items():
+                if type(value) in _PRIMITIVES and type(key) is str and key:
+                    if key in stored:
+                        del stored[key]
+                    stored[key] = value
+                else:
+                    self._store(key, value)
+            return
         for key, value in attributes.items():
             self._store(key, value)
 
@@ -183,6 +198,17 @@ class RecordedSpan(trace_api.Span, ReadableSpan):
         if self._end_time is not None:
             log.warning("Setting attribute on ended span.")
             return
+        stored = self._attributes
+        tracer = self._tracer
+        if type(value) in _PRIMITIVES and tracer.unbounded_strings and type(key) is str and key:
+            if key in stored:
+                del stored[key]
+                stored[key] = value
+                return
+            capacity = tracer.attribute_capacity
+            if capacity is None or len(stored) < capacity:
+                stored[key] = value
+                return
         self._store(key, value)
 
     # --- events and links -----------------------------------------------------------------
@@ -338,6 +364,9 @@ class FastTracer(trace_api.Tracer):
         self.span_processor = span_processor
         self.id_generator = id_generator
         self.limits = limits
+        #: Attribute writes that cannot hit a limit take the short path in RecordedSpan.
+        self.attribute_capacity = limits.max_span_attributes
+        self.unbounded_strings = limits.max_span_attribute_length is None
         self.instrumentation_info = instrumentation_info
         self.instrumentation_scope = instrumentation_scope
 
@@ -361,15 +390,26 @@ class FastTracer(trace_api.Tracer):
         else:
             trace_id = parent.trace_id
             random = parent.trace_flags.random_trace_id
-        result = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+        if self.sampler is DEFAULT_ON:
+            # The SDK's default sampler, ParentBased(ALWAYS_ON), decided inline (its
+            # should_sample looks the parent up twice more and builds a SamplingResult):
+            # a parent's decision is kept, a root is sampled; the parent's state is kept.
+            sampled = recording = parent is None or parent.trace_flags.sampled
+            trace_state = parent.trace_state if parent is not None else None
+        else:
+            result = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+            sampled = result.decision is Decision.RECORD_AND_SAMPLE
+            recording = result.decision is not Decision.DROP
+            trace_state = result.trace_state
+            attributes = result.attributes
         span_context = SpanContext(
             trace_id,
             self.id_generator.generate_span_id(),
             is_remote=False,
-            trace_flags=_FLAGS[result.decision is Decision.RECORD_AND_SAMPLE, random],
-            trace_state=result.trace_state,
+            trace_flags=_FLAGS[sampled, random],
+            trace_state=trace_state,
         )
-        if result.decision is Decision.DROP:
+        if not recording:
             return trace_api.NonRecordingSpan(span_context)
         span = RecordedSpan(
             self,
@@ -377,7 +417,7 @@ class FastTracer(trace_api.Tracer):
             span_context,
             parent,
             kind,
-            result.attributes,
+            attributes,
             links,
             start_time,
             record_exception,

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
+    DEFAULT_ON,
     ParentBased,
     Sampler,
     TraceIdRatioBased,
@@ -96,7 +97,7 @@ def _run(
     provider_class: type[TracerProvider],
     scenario: Scenario,
     *,
-    sampler: Sampler = ALWAYS_ON,
+    sampler: Sampler = DEFAULT_ON,
     limits: SpanLimits | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, bool]]]:
     exporter = InMemorySpanExporter()
@@ -116,7 +117,7 @@ def _run(
 
 
 def _assert_same(
-    scenario: Scenario, *, sampler: Sampler = ALWAYS_ON, limits: SpanLimits | None = None
+    scenario: Scenario, *, sampler: Sampler = DEFAULT_ON, limits: SpanLimits | None = None
 ) -> list[dict[str, Any]]:
     sdk_spans, sdk_starts = _run(TracerProvider, scenario, sampler=sampler, limits=limits)
     fast_spans, fast_starts = _run(FastTracerProvider, scenario, sampler=sampler, limits=limits)
@@ -295,8 +296,13 @@ def test_links_and_limits_match() -> None:
     assert len(limited["links"]) == 1 and limited["dropped_links"] == 2
 
 
-def test_a_remote_parent_and_its_trace_state_are_continued() -> None:
-    spans = _assert_same(continued_trace, sampler=ParentBased(ALWAYS_ON))
+@pytest.mark.parametrize(
+    "sampler",
+    [DEFAULT_ON, ParentBased(ALWAYS_ON)],
+    ids=["default_decided_inline", "parent_based_through_the_sampler"],
+)
+def test_a_remote_parent_and_its_trace_state_are_continued(sampler: Sampler) -> None:
+    spans = _assert_same(continued_trace, sampler=sampler)
     child, continued = spans
     assert continued["context"][0] == 0x0AF7651916CD43DD8448EB211C80319C
     assert continued["parent"] == (continued["context"][0], 0xB7AD6B7169203331, True)
@@ -304,12 +310,16 @@ def test_a_remote_parent_and_its_trace_state_are_continued() -> None:
 
 
 @pytest.mark.parametrize(
-    "sampler", [ALWAYS_OFF, TraceIdRatioBased(0.5)], ids=["always_off", "ratio"]
+    "sampler",
+    [ALWAYS_OFF, ALWAYS_ON, TraceIdRatioBased(0.5)],
+    ids=["always_off", "always_on", "ratio"],
 )
 def test_sampling_decisions_match(sampler: Sampler) -> None:
     spans = _assert_same(many_roots, sampler=sampler)
     if sampler is ALWAYS_OFF:
         assert spans == []
+    elif sampler is ALWAYS_ON:
+        assert len(spans) == 80
     else:
         assert 0 < len(spans) < 80
 
