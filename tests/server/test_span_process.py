@@ -240,6 +240,9 @@ def _varied_spans(provider_class: type[TracerProvider]) -> tuple[ReadableSpan, .
     inside = trace.set_span_in_context(root)
     db = provider.get_tracer("ferrule.db")
     db.start_span("plain", context=inside, kind=SpanKind.CLIENT, attributes={"n": 1}).end()
+    # Equal as Python values, not as OTLP values (the encoder caches by value):
+    for value in (1, True, 0.0, -0.0, 1.0, "1"):
+        db.start_span("same value?", context=inside, attributes={"v": value}).end()
     db.start_span("sequence", context=inside, attributes={"tags": ("a", "b")}).end()
     with_event = db.start_span("event", context=inside, kind=SpanKind.PRODUCER)
     with_event.add_event("slow_statement", {"duration_ms": 250.0})
