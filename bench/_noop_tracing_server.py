@@ -1,6 +1,7 @@
 """``python -m bench._noop_tracing_server``: the server with tracing on and a no-op exporter.
 
-The SDK's TracerProvider is installed and every span is recorded (attributes, events,
+The tracer provider is installed as the server installs it (Ferrule's tracer, or the
+SDK's with ``FERRULE_FAST_SPANS=false``) and every span is recorded (attributes, events,
 the BatchSpanProcessor's queue and worker thread) but the exporter drops the batches:
 the cost of tracing itself, without encoding or sending. Everything else is
 ``python -m server``.
