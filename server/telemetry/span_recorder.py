@@ -82,6 +82,17 @@ def _cleaned(value: Any, max_length: int | None) -> tuple[bool, Any]:
     return True, holder["v"]
 
 
+def _append_bounded(items: list[Any], item: Any, maximum: int | None) -> int:
+    """Append as ``BoundedList`` does (the oldest goes when full); returns how many dropped."""
+    if maximum is None or len(items) < maximum:
+        items.append(item)
+        return 0
+    if maximum:
+        del items[0]
+        items.append(item)
+    return 1
+
+
 class RecordedSpan(trace_api.Span, ReadableSpan):
     """A recording span; once ended, the ``ReadableSpan`` the processors receive."""
 
@@ -142,49 +153,33 @@ class RecordedSpan(trace_api.Span, ReadableSpan):
 
     # --- attributes ---------------------------------------------------------------------
     def _store(self, key: str, value: Any) -> None:
-        limits = self._tracer.limits
+        tracer = self._tracer
+        # Primitive values (the common case) need no cleaning unless strings are bounded.
         if type(value) not in _PRIMITIVES or (
             type(value) is str
-            and not self._tracer.unbounded_strings
-            and len(value) > limits.max_span_attribute_length  # type: ignore[operator]
+            and not tracer.unbounded_strings
+            and len(value) > tracer.limits.max_span_attribute_length  # type: ignore[operator]
         ):
-            valid, value = _cleaned(value, limits.max_span_attribute_length)
+            valid, value = _cleaned(value, tracer.limits.max_span_attribute_length)
             if not valid:
                 self._dropped_attributes += 1
                 return
-        attributes = self._attributes
         if not key or type(key) is not str:
             log.warning("invalid attribute key %r: dropped", key)
             self._dropped_attributes += 1
             return
+        attributes = self._attributes
+        capacity = tracer.attribute_capacity
         if key in attributes:
             del attributes[key]  # re-inserted last, as BoundedAttributes does
-        elif (
-            limits.max_span_attributes is not None and len(attributes) >= limits.max_span_attributes
-        ):
-            if limits.max_span_attributes == 0:
-                self._dropped_attributes += 1
+        elif capacity is not None and len(attributes) >= capacity:
+            self._dropped_attributes += 1
+            if capacity == 0:
                 return
             del attributes[next(iter(attributes))]  # the oldest goes
-            self._dropped_attributes += 1
         attributes[key] = value
 
     def _set_items(self, attributes: Mapping[str, types.AnyValue]) -> None:
-        stored = self._attributes
-        tracer = self._tracer
-        capacity = tracer.attribute_capacity
-        if tracer.unbounded_strings and (
-            capacity is None or len(stored) + len(attributes) <= capacity
-        ):
-            # No limit can apply: primitive values with plain keys are stored as they are.
-            for key, value in attributes.items():
-                if type(value) in _PRIMITIVES and type(key) is str and key:
-                    if key in stored:
-                        del stored[key]
-                    stored[key] = value
-                else:
-                    self._store(key, value)
-            return
         for key, value in attributes.items():
             self._store(key, value)
 
@@ -198,17 +193,6 @@ class RecordedSpan(trace_api.Span, ReadableSpan):
         if self._end_time is not None:
             log.warning("Setting attribute on ended span.")
             return
-        stored = self._attributes
-        tracer = self._tracer
-        if type(value) in _PRIMITIVES and tracer.unbounded_strings and type(key) is str and key:
-            if key in stored:
-                del stored[key]
-                stored[key] = value
-                return
-            capacity = tracer.attribute_capacity
-            if capacity is None or len(stored) < capacity:
-                stored[key] = value
-                return
         self._store(key, value)
 
     # --- events and links -----------------------------------------------------------------
@@ -232,12 +216,7 @@ class RecordedSpan(trace_api.Span, ReadableSpan):
             ),
             timestamp=timestamp,
         )
-        if limits.max_events is not None and len(self._events) >= limits.max_events:
-            self._dropped_events += 1
-            if limits.max_events == 0:
-                return
-            del self._events[0]
-        self._events.append(event)
+        self._dropped_events += _append_bounded(self._events, event, limits.max_events)
 
     def _set_links(self, links: Sequence[Link]) -> None:
         for link in links:
@@ -258,12 +237,7 @@ class RecordedSpan(trace_api.Span, ReadableSpan):
                 immutable=True,
             ),
         )
-        if limits.max_links is not None and len(self._links) >= limits.max_links:
-            self._dropped_links += 1
-            if limits.max_links == 0:
-                return
-            del self._links[0]
-        self._links.append(link)
+        self._dropped_links += _append_bounded(self._links, link, limits.max_links)
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if self._end_time is not None:
