@@ -4,6 +4,11 @@ With FERRULE_WORKERS=N the parent migrates (or checks) the schema, then forks N 
 before any gRPC object exists (gRPC's multiprocessing example: gRPC's threads and
 fork do not mix), each binding the same port with SO_REUSEPORT. The parent forwards
 SIGTERM/SIGINT to the workers and exits with the first non-zero worker status.
+
+A stop signal is never lost and never kills a process half-started: the parent blocks
+SIGTERM/SIGINT before forking, each process installs its handling first and only then
+unblocks them, so a signal sent while a worker is still starting is held until the worker
+can answer it by draining (exit status 0).
 """
 
 from __future__ import annotations
@@ -72,14 +77,20 @@ def tune_gc(settings: Settings) -> None:
     gc.set_threshold(settings.ferrule_gc_gen0_threshold, second, third)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 async def serve(settings: Settings) -> None:
+    # The handlers exist before anything starts: a stop requested during start-up is
+    # answered by a clean shutdown right after it, not by the signal's default action.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     app = FerruleApp(settings)
     await app.start()
     tune_gc(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     loop_name = type(loop).__module__.split(".")[0]
     print(
         f"ferrule: serving on {settings.ferrule_listen} (pid {os.getpid()}, {loop_name} loop)",
@@ -112,7 +123,12 @@ def worker_settings(settings: Settings, index: int) -> Settings:
 
 
 def run_workers(settings: Settings) -> int:
+    """Fork the workers, forward stop signals to them, and exit with the first non-zero
+    worker status (0 when every worker drained)."""
     children: list[int] = []
+    # Held until each process has its handler: the workers inherit the blocked mask and
+    # unblock in serve(); the parent unblocks once `forward` is installed below.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     for index in range(settings.ferrule_workers):
         pid = os.fork()
         if pid == 0:
@@ -129,13 +145,20 @@ def run_workers(settings: Settings) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)
-        status = status or os.waitstatus_to_exitcode(code)
+        status = status or shell_status(os.waitstatus_to_exitcode(code))
     return status
+
+
+def shell_status(exit_code: int) -> int:
+    """A worker's status as the parent's exit status: killed by signal N is 128 + N, as a
+    shell reports it (a negative SystemExit would wrap around to an unrelated number)."""
+    return 128 - exit_code if exit_code < 0 else exit_code
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
 from opentelemetry.exporter.otlp.proto.common._internal import (
@@ -297,7 +297,8 @@ class ChildProcessSpanExporter(SpanExporter):
     """Hands batches to the child process (see the module docstring).
 
     ``environ`` is the child's environment (the OTLP exporter there reads ``OTEL_*``
-    from it); it defaults to this process's."""
+    from it); it defaults to this process's. ``clock`` paces restarts (a monotonic
+    clock in seconds; tests pass one they advance, so no test waits on the wall clock)."""
 
     def __init__(
         self,
@@ -305,7 +306,9 @@ class ChildProcessSpanExporter(SpanExporter):
         *,
         restart_interval_s: float = RESTART_INTERVAL_S,
         write_timeout_s: float = WRITE_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         self._environ = dict(os.environ if environ is None else environ)
         self._restart_interval = restart_interval_s
         self._write_timeout = write_timeout_s
@@ -320,7 +323,7 @@ class ChildProcessSpanExporter(SpanExporter):
         if self._child is not None and self._child.poll() is None:
             return self._child
         self._stop_child()
-        now = time.monotonic()
+        now = self._clock()
         if now < self._next_start:
             return None
         self._next_start = now + self._restart_interval

@@ -32,6 +32,7 @@ from server.telemetry.span_process import (
     encode_request,
 )
 from server.telemetry.span_recorder import FastTracerProvider
+from tests.polling import eventually_sync
 from tests.server.process_helpers import free_port
 
 
@@ -155,10 +156,21 @@ def _spans(count: int) -> tuple[ReadableSpan, ...]:
     return memory.get_finished_spans()
 
 
+class ManualClock:
+    """A monotonic clock the test moves forward itself."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_dead_child_costs_one_batch_and_is_replaced(collector: tuple[Collector, str]) -> None:
     receiver, endpoint = collector
+    clock = ManualClock()
     exporter = ChildProcessSpanExporter(
-        {**os.environ, **_environ(endpoint)}, restart_interval_s=1.0
+        {**os.environ, **_environ(endpoint)}, restart_interval_s=1.0, clock=clock
     )
     try:
         assert exporter.export(_spans(3)) is SpanExportResult.SUCCESS
@@ -166,12 +178,14 @@ def test_a_dead_child_costs_one_batch_and_is_replaced(collector: tuple[Collector
         pid = exporter.child_pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
+        # Until the kernel has ended it (reading child_pid reaps it).
+        eventually_sync(lambda: exporter.child_pid is None, what="the killed child's end")
         # Within the restart interval: the batch fails (dropped, as for a collector that
         # is down) and nothing raises into the serving process.
+        clock.now += 0.5
         assert exporter.export(_spans(2)) is SpanExportResult.FAILURE
         assert exporter.failed_batches == 1
-        time.sleep(1.0)
+        clock.now += 0.5  # the interval has passed: the next batch starts a new child
         assert exporter.export(_spans(4)) is SpanExportResult.SUCCESS
         assert exporter.child_pid not in (None, pid)
         assert len(receiver.wait_for(3 + 4)) == 3 + 4
