@@ -22,10 +22,10 @@ from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
-    create_async_engine,
 )
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
+from db.engine_factory import async_engine
 from db.point_reads import ROLE_NAME, PointReader
 from db.session import open_transaction
 from db.tenancy import Tenant
@@ -94,7 +94,7 @@ def create_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         in_memory = parsed.database in (None, "", ":memory:")
-        engine = create_async_engine(
+        engine = async_engine(
             url,
             echo=config.echo,
             # One shared connection keeps an in-memory database alive across sessions.
@@ -114,7 +114,7 @@ def create_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
         }
     else:
         connect_args = {"prepared_statement_cache_size": config.statement_cache_size}
-    engine = create_async_engine(
+    engine = async_engine(
         url,
         echo=config.echo,
         pool_size=config.pool_size,
@@ -143,7 +143,7 @@ def create_point_read_engine(url: str, config: DatabaseConfig) -> AsyncEngine | 
     server_settings = {"default_transaction_read_only": "on"}
     if config.default_statement_timeout_ms:
         server_settings["statement_timeout"] = str(config.default_statement_timeout_ms)
-    engine = create_async_engine(
+    engine = async_engine(
         url,
         echo=config.echo,
         pool_size=config.point_read_pool_size,

@@ -13,9 +13,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, pool
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import migrations
+from db.engine_factory import async_engine
 
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 
@@ -50,7 +51,7 @@ def _current(connection: Connection) -> str | None:
 
 async def upgrade_to_head(url: str) -> None:
     """Bring the database at ``url`` to the head revision (idempotent)."""
-    engine = create_async_engine(url, poolclass=pool.NullPool)
+    engine = async_engine(url, poolclass=pool.NullPool)
     try:
         async with engine.begin() as connection:
             await connection.run_sync(_upgrade, "head")
@@ -63,7 +64,7 @@ async def current_revision(url_or_engine: str | AsyncEngine) -> str | None:
     if isinstance(url_or_engine, AsyncEngine):
         async with url_or_engine.connect() as connection:
             return await connection.run_sync(_current)
-    engine = create_async_engine(url_or_engine, poolclass=pool.NullPool)
+    engine = async_engine(url_or_engine, poolclass=pool.NullPool)
     try:
         async with engine.connect() as connection:
             return await connection.run_sync(_current)

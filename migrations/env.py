@@ -13,9 +13,9 @@ from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy import Connection, pool
-from sqlalchemy.ext.asyncio import create_async_engine
 
 import db.models
+from db.engine_factory import async_engine
 from db.models import Base
 
 config = context.config
@@ -51,7 +51,7 @@ def _run_migrations(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_async_engine(_url(), poolclass=pool.NullPool)
+    engine = async_engine(_url(), poolclass=pool.NullPool)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run_migrations)

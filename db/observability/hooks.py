@@ -29,9 +29,10 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool, Pool
 
+from db.engine_factory import async_engine
 from db.observability.context import StatementContext, current_statement_context
 from db.observability.normalize import comment_for, normalize_statement, operation_of
 from db.observability.stats import QueryStatistics, SlowQueryDigest
@@ -263,7 +264,7 @@ class EngineObserver:
         if self.owner._explain_engine is not None:
             return self.owner._explain_engine
         if self._explain_engine is None:
-            self._explain_engine = create_async_engine(
+            self._explain_engine = async_engine(
                 self.url,
                 poolclass=NullPool,
                 # Unnamed statements only: safe behind PgBouncer in transaction mode.

@@ -16,7 +16,14 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from db.errors import FieldViolation, ValidationError
-from server.interceptors.scoped import Context, Continuation, Handler, rebuild, shape_of
+from server.interceptors.scoped import (
+    Context,
+    Continuation,
+    Handler,
+    rebuild,
+    shape_of,
+    yields_responses,
+)
 
 
 class _Malformed:
@@ -56,35 +63,38 @@ def _wrap(handler: Handler) -> Handler:
     deserialize = _tolerant(handler.request_deserializer)
     shape = shape_of(handler)
     inner: Any = getattr(handler, shape)
-    if shape == "unary_unary":
+    if shape.startswith("stream_"):
+        # Stream requests are checked as the behaviour reads them.
+        if shape == "stream_stream" and yields_responses(inner):
 
-        async def unary_unary(request: Any, context: Context) -> Any:
-            if request is MALFORMED:
-                raise _refusal()
-            return await inner(request, context)
+            async def stream_generator(
+                requests: AsyncIterator[Any], context: Context
+            ) -> AsyncIterator[Any]:
+                async for response in inner(_checked(requests), context):
+                    yield response
 
-        return rebuild(handler, unary_unary, deserialize)
-    if shape == "unary_stream":
+            return rebuild(handler, stream_generator, deserialize)
 
-        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+        async def stream_coroutine(requests: AsyncIterator[Any], context: Context) -> Any:
+            return await inner(_checked(requests), context)
+
+        return rebuild(handler, stream_coroutine, deserialize)
+    if shape == "unary_stream" and yields_responses(inner):
+
+        async def unary_generator(request: Any, context: Context) -> AsyncIterator[Any]:
             if request is MALFORMED:
                 raise _refusal()
             async for response in inner(request, context):
                 yield response
 
-        return rebuild(handler, unary_stream, deserialize)
-    if shape == "stream_unary":
+        return rebuild(handler, unary_generator, deserialize)
 
-        async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
-            return await inner(_checked(requests), context)
+    async def unary_coroutine(request: Any, context: Context) -> Any:
+        if request is MALFORMED:
+            raise _refusal()
+        return await inner(request, context)
 
-        return rebuild(handler, stream_unary, deserialize)
-
-    async def stream_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-        async for response in inner(_checked(requests), context):
-            yield response
-
-    return rebuild(handler, stream_stream, deserialize)
+    return rebuild(handler, unary_coroutine, deserialize)
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):

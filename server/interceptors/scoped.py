@@ -2,11 +2,14 @@
 
 grpc.aio interceptors only see the method name before the handler runs; to act on the
 request's context, its outcome and its exceptions we wrap the handler's behaviour, for
-all four RPC shapes, so that a streaming response is covered for its whole length.
+all four RPC shapes and both ways of streaming a response (an async generator, or a
+coroutine writing with ``context.write``), so that a response is covered for its whole
+length.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeAlias
@@ -51,42 +54,53 @@ def rebuild(
     return result
 
 
+def yields_responses(behaviour: Callable[..., Any]) -> bool:
+    """How a streaming-response behaviour sends: True for an async generator (yields
+    each response), False for a coroutine that writes with ``context.write`` (grpc.aio's
+    reader/writer API, which the standard health servicer's Watch uses).
+
+    grpc.aio picks the calling convention with these same ``inspect`` checks, so a
+    wrapper must be of the same kind as what it wraps: iterating a coroutine fails, and
+    an async generator around a writer never sends what the writer writes.
+    """
+    if inspect.isasyncgenfunction(behaviour):
+        return True
+    if inspect.iscoroutinefunction(behaviour):
+        return False
+    raise TypeError(f"{behaviour!r} is not an asyncio handler (coroutine or async generator)")
+
+
+def _check_unary_response(behaviour: Callable[..., Any]) -> None:
+    if not inspect.iscoroutinefunction(behaviour):
+        raise TypeError(f"{behaviour!r} is not an asyncio handler (coroutine function)")
+
+
 def wrap_handler(handler: Handler, scope: ScopeFactory) -> Handler:
     """Return a copy of `handler` whose behaviour runs inside `scope(context, request)`.
 
     `request` is the request message for unary-request RPCs and None for streaming ones.
+    Every handler kind keeps its kind: unary or streaming requests, and a response that
+    is returned, yielded by an async generator, or written by a coroutine.
     """
     shape = shape_of(handler)
     inner: Any = getattr(handler, shape)
-    if shape == "unary_unary":
+    request_streams = shape.startswith("stream_")
+    if shape.endswith("_stream") and yields_responses(inner):
 
-        async def unary_unary(request: Any, context: Context) -> Any:
-            async with scope(context, request):
-                return await inner(request, context)
-
-        return rebuild(handler, unary_unary)
-    if shape == "unary_stream":
-
-        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with scope(context, request):
+        async def generator(request: Any, context: Context) -> AsyncIterator[Any]:
+            async with scope(context, None if request_streams else request):
                 async for response in inner(request, context):
                     yield response
 
-        return rebuild(handler, unary_stream)
-    if shape == "stream_unary":
+        return rebuild(handler, generator)
+    if not shape.endswith("_stream"):
+        _check_unary_response(inner)
 
-        async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
-            async with scope(context, None):
-                return await inner(requests, context)
+    async def coroutine(request: Any, context: Context) -> Any:
+        async with scope(context, None if request_streams else request):
+            return await inner(request, context)
 
-        return rebuild(handler, stream_unary)
-
-    async def stream_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-        async with scope(context, None):
-            async for response in inner(requests, context):
-                yield response
-
-    return rebuild(handler, stream_stream)
+    return rebuild(handler, coroutine)
 
 
 def wrap_handler_before(handler: Handler, before: Callable[[Context, Any], None]) -> Handler:
@@ -95,35 +109,23 @@ def wrap_handler_before(handler: Handler, before: Callable[[Context, Any], None]
     ``before`` raises propagate exactly as if raised on entering a scope."""
     shape = shape_of(handler)
     inner: Any = getattr(handler, shape)
-    if shape == "unary_unary":
+    request_streams = shape.startswith("stream_")
+    if shape.endswith("_stream") and yields_responses(inner):
 
-        async def unary_unary(request: Any, context: Context) -> Any:
-            before(context, request)
-            return await inner(request, context)
-
-        return rebuild(handler, unary_unary)
-    if shape == "unary_stream":
-
-        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            before(context, request)
+        async def generator(request: Any, context: Context) -> AsyncIterator[Any]:
+            before(context, None if request_streams else request)
             async for response in inner(request, context):
                 yield response
 
-        return rebuild(handler, unary_stream)
-    if shape == "stream_unary":
+        return rebuild(handler, generator)
+    if not shape.endswith("_stream"):
+        _check_unary_response(inner)
 
-        async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
-            before(context, None)
-            return await inner(requests, context)
+    async def coroutine(request: Any, context: Context) -> Any:
+        before(context, None if request_streams else request)
+        return await inner(request, context)
 
-        return rebuild(handler, stream_unary)
-
-    async def stream_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-        before(context, None)
-        async for response in inner(requests, context):
-            yield response
-
-    return rebuild(handler, stream_stream)
+    return rebuild(handler, coroutine)
 
 
 class ScopedInterceptor(grpc.aio.ServerInterceptor):

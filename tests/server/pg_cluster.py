@@ -159,6 +159,33 @@ def primary_and_replica() -> Iterator[tuple[Cluster, Cluster]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def standalone_cluster() -> Iterator[Cluster]:
+    """One fresh cluster (no replica), running; the test may stop and start it at will."""
+    for name in ("initdb", "pg_ctl", "postgres"):
+        require_binary(PG_BIN / name, "postgresql-15")
+    base = _private_dir("ferrule-pg-standalone-")
+    cluster = Cluster(base / "data", free_port())
+    try:
+        _run(
+            PG_BIN / "initdb",
+            "-D",
+            cluster.data_dir,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
+        _configure(cluster.data_dir, cluster.port)
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @dataclass
 class PgBouncer:
     port: int

@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+import asyncpg
 import grpc
 import jwt
 import pytest
@@ -21,7 +22,8 @@ from ferrule.v1 import analysis_service_pb2 as apb
 from ferrule.v1 import health_service_pb2 as hpb
 from ferrule.v1 import prediction_service_pb2 as ppb
 from ferrule.v1 import user_service_pb2 as upb
-from tests.server.conftest import JWT_SECRET, RunningServer
+from tests.server import pg_cluster
+from tests.server.conftest import JWT_SECRET, RunningServer, StartServer
 
 FERRULE_SERVICES = {
     "ferrule.v1.UserService",
@@ -80,3 +82,47 @@ async def test_every_ferrule_service_refuses_missing_or_bad_credentials(
             await call
         assert info.value.reason == "UNAUTHENTICATED"
         assert info.value.domain == "ferrule"
+
+
+def _create_database(cluster: pg_cluster.Cluster, name: str) -> None:
+    async def create() -> None:
+        conn = await asyncpg.connect(cluster.dsn())
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+
+
+async def test_health_watch_streams_serving_then_not_serving_when_the_database_goes(
+    start_server: StartServer,
+) -> None:
+    """Client-side health checking and proxies use Watch: one stream, told of each change.
+
+    The database is a private cluster this test stops (never the shared PostgreSQL)."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    with pg_cluster.standalone_cluster() as cluster:
+        await asyncio.to_thread(_create_database, cluster, "ferrule")
+        server = await start_server(cluster.url("ferrule"), ferrule_health_probe_seconds=0.2)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            overall = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+            users = stub.Watch(health_pb2.HealthCheckRequest(service="ferrule.v1.UserService"))
+            for watch in (overall, users):
+                first = await asyncio.wait_for(watch.read(), 10)
+                assert first.status == serving
+
+            await asyncio.to_thread(cluster.stop)
+            # The same streams carry the change; no new call, no polling by the client.
+            for watch in (overall, users):
+                changed = await asyncio.wait_for(watch.read(), 30)
+                assert changed.status == not_serving
+
+            await asyncio.to_thread(cluster.start)
+            for watch in (overall, users):
+                back = await asyncio.wait_for(watch.read(), 30)
+                assert back.status == serving
+            overall.cancel()
+            users.cancel()

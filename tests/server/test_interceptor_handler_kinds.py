@@ -1,0 +1,166 @@
+"""Ferrule's interceptors serve every kind of grpc.aio handler, not only the kinds its
+own servicers happen to use.
+
+grpc.aio accepts six behaviours: a unary or streaming request, answered by a coroutine
+that returns, an async generator that yields, or a coroutine that writes with
+``context.write`` (the standard health servicer's Watch is one). Each is served here
+through the server's own interceptors, with a scope that records that it saw the whole
+call; the health Watch is then called on the real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.interceptors.malformed import MalformedRequestInterceptor
+from server.interceptors.scoped import Context, ScopedInterceptor
+from tests.server.conftest import RunningServer
+
+Behaviour = Callable[..., Any]
+
+
+async def unary_returns(request: bytes, context: Context) -> bytes:
+    return b"u:" + request
+
+
+async def unary_yields(request: bytes, context: Context) -> AsyncIterator[bytes]:
+    for i in range(3):
+        yield b"%d:" % i + request
+
+
+async def unary_writes(request: bytes, context: Context) -> None:
+    for i in range(3):
+        await context.write(b"%d:" % i + request)
+
+
+async def unary_writes_then_fails(request: bytes, context: Context) -> None:
+    await context.write(b"first")
+    raise LookupError("the writer failed after one response")
+
+
+async def stream_returns(requests: AsyncIterator[bytes], context: Context) -> bytes:
+    return b"+".join([r async for r in requests])
+
+
+async def stream_yields(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+    async for request in requests:
+        yield b"echo:" + request
+
+
+async def stream_writes(requests: AsyncIterator[bytes], context: Context) -> None:
+    async for request in requests:
+        await context.write(b"echo:" + request)
+
+
+HANDLERS: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+    "UnaryReturns": grpc.unary_unary_rpc_method_handler(unary_returns),
+    "UnaryYields": grpc.unary_stream_rpc_method_handler(unary_yields),
+    "UnaryWrites": grpc.unary_stream_rpc_method_handler(unary_writes),
+    "UnaryWritesThenFails": grpc.unary_stream_rpc_method_handler(unary_writes_then_fails),
+    "StreamReturns": grpc.stream_unary_rpc_method_handler(stream_returns),
+    "StreamYields": grpc.stream_stream_rpc_method_handler(stream_yields),
+    "StreamWrites": grpc.stream_stream_rpc_method_handler(stream_writes),
+}
+
+
+class RecordingScope(ScopedInterceptor):
+    """Records each call's entry and exit, and the exception that left the behaviour."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str | None]] = []
+
+    @asynccontextmanager
+    async def scope(self, method: str, context: Context, request: Any) -> AsyncIterator[None]:
+        name = method.rsplit("/", 1)[-1]
+        self.events.append(("enter", name, None))
+        try:
+            yield
+        except Exception as exc:
+            self.events.append(("exit", name, type(exc).__name__))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "mapped by the scope")
+        else:
+            self.events.append(("exit", name, None))
+
+
+@pytest.fixture
+async def kinds_server() -> AsyncIterator[tuple[str, RecordingScope]]:
+    recorder = RecordingScope()
+    server = grpc.aio.server(interceptors=[recorder, MalformedRequestInterceptor()])
+    generic = grpc.method_handlers_generic_handler("kinds.Kinds", HANDLERS)
+    server.add_generic_rpc_handlers((generic,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", recorder
+    finally:
+        await server.stop(None)
+
+
+def _method(channel: grpc.aio.Channel, kind: str, name: str) -> Any:
+    """The multicallable for one raw-bytes method (no serializers: requests are bytes)."""
+    return getattr(channel, kind)(f"/kinds.Kinds/{name}")
+
+
+async def _requests() -> AsyncIterator[bytes]:
+    for part in (b"a", b"b"):
+        yield part
+
+
+async def test_every_handler_kind_answers_through_the_interceptors(
+    kinds_server: tuple[str, RecordingScope],
+) -> None:
+    target, recorder = kinds_server
+    async with grpc.aio.insecure_channel(target) as channel:
+        assert await _method(channel, "unary_unary", "UnaryReturns")(b"x", timeout=5) == b"u:x"
+        for name in ("UnaryYields", "UnaryWrites"):
+            call = _method(channel, "unary_stream", name)(b"x", timeout=5)
+            assert [r async for r in call] == [b"0:x", b"1:x", b"2:x"], name
+        stream_unary = _method(channel, "stream_unary", "StreamReturns")
+        assert await stream_unary(_requests(), timeout=5) == b"a+b"
+        for name in ("StreamYields", "StreamWrites"):
+            call = _method(channel, "stream_stream", name)(_requests(), timeout=5)
+            assert [r async for r in call] == [b"echo:a", b"echo:b"], name
+    # Each call was inside its scope from start to end, one after the other.
+    expected: list[tuple[str, str, str | None]] = []
+    for name in HANDLERS:
+        if name != "UnaryWritesThenFails":
+            expected += [("enter", name, None), ("exit", name, None)]
+    assert recorder.events == expected
+
+
+async def test_a_writer_that_fails_is_mapped_by_the_scope(
+    kinds_server: tuple[str, RecordingScope],
+) -> None:
+    """The writer's exception reaches the scope (which maps it, as ErrorMappingInterceptor
+    does) after the response it wrote: nothing is lost or swallowed by a wrapper."""
+    target, recorder = kinds_server
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = _method(channel, "unary_stream", "UnaryWritesThenFails")(b"x", timeout=5)
+        assert await call.read() == b"first"
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await call.read()
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert recorder.events == [
+        ("enter", "UnaryWritesThenFails", None),
+        ("exit", "UnaryWritesThenFails", "LookupError"),
+    ]
+
+
+async def test_health_watch_answers_on_the_real_server(pg_server: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(pg_server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await asyncio.wait_for(watch.read(), 10)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        unknown = stub.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"))
+        reply = await asyncio.wait_for(unknown.read(), 10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        watch.cancel()
+        unknown.cancel()
