@@ -9,7 +9,7 @@ the cursor as a list of plain JSON values; the server signs and encodes it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
@@ -22,6 +22,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 from db.errors import FieldViolation, ValidationError
 
 T = TypeVar("T")
+U = TypeVar("U")
 JSONValue = str | int | float | bool | None
 
 DEFAULT_PAGE_SIZE = 50
@@ -64,6 +65,31 @@ class Page(Generic[T]):
     next_cursor: list[JSONValue] | None
     #: Rows matching the filter across all pages, when asked for.
     total_size: int | None = None
+    #: The order the page was read in, and the rows (parallel to ``items``) the keys
+    #: read from: enough to continue after any item, for a caller that sends fewer.
+    keys: Sequence[SortKey] = ()
+    rows: Sequence[Any] = ()
+
+    def cursor_after(self, count: int) -> list[JSONValue] | None:
+        """The cursor that continues right after the first ``count`` items.
+
+        Computed only when asked: a caller that stops early (a response that would
+        outgrow its byte budget) pays for one cursor, not one per row."""
+        if count >= len(self.items):
+            return self.next_cursor
+        if count <= 0:
+            raise ValueError("a page continues after at least one item")
+        return [encode_value(key.value_of(self.rows[count - 1])) for key in self.keys]
+
+    def map(self, view: Callable[[T], U]) -> Page[U]:
+        """The same page with each item seen through ``view`` (same cursors)."""
+        return Page(
+            [view(item) for item in self.items],
+            self.next_cursor,
+            self.total_size,
+            self.keys,
+            self.rows,
+        )
 
 
 def _invalid(field: str, description: str) -> ValidationError:
@@ -195,4 +221,4 @@ async def paginate(
         rows = rows[:size]
         last = rows[-1]
         next_cursor = [encode_value(k.value_of(last)) for k in keys]
-    return Page(items=rows, next_cursor=next_cursor, total_size=total)
+    return Page(items=rows, next_cursor=next_cursor, total_size=total, keys=keys, rows=rows)

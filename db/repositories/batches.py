@@ -225,11 +225,7 @@ class BatchesRepository(Repository[AnalysisBatch]):
             include_total=include_total,
         )
         progress = await self.progress(b.id for b in page.items)
-        return Page(
-            items=[BatchView(b, progress[b.id]) for b in page.items],
-            next_cursor=page.next_cursor,
-            total_size=page.total_size,
-        )
+        return page.map(lambda batch: BatchView(batch, progress[batch.id]))
 
     async def update(
         self,

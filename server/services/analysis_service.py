@@ -165,9 +165,10 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
                 order_by=request.order_by,
                 include_total=True,
             )
+        filled = page_req.fill(page, cv.analysis_to_proto)
         return pb.ListAnalysesResponse(
-            analyses=[cv.analysis_to_proto(row) for row in page.items],
-            next_page_token=page_req.next_page_token(page.next_cursor),
+            analyses=filled.items,
+            next_page_token=filled.next_page_token,
             total_size=page.total_size or 0,
         )
 
@@ -364,9 +365,10 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
                 order_by=request.order_by,
                 include_total=True,
             )
+        filled = page_req.fill(page, cv.batch_to_proto)
         return pb.ListBatchesResponse(
-            batches=[cv.batch_to_proto(view) for view in page.items],
-            next_page_token=page_req.next_page_token(page.next_cursor),
+            batches=filled.items,
+            next_page_token=filled.next_page_token,
             total_size=page.total_size or 0,
         )
 
@@ -472,9 +474,10 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
                 order_by=request.order_by,
                 include_total=True,
             )
+        filled = page_req.fill(page, cv.model_performance_to_proto)
         return pb.ListModelPerformancesResponse(
-            model_performances=[cv.model_performance_to_proto(row) for row in page.items],
-            next_page_token=page_req.next_page_token(page.next_cursor),
+            model_performances=filled.items,
+            next_page_token=filled.next_page_token,
             total_size=page.total_size or 0,
         )
 

@@ -41,7 +41,7 @@ from server.authorization import PermissionDeniedError
 from server.call_context import current_call
 from server.convert import set_duration_ms, set_timestamp, time_range, to_timedelta
 from server.idempotency import idempotent
-from server.listing import page_request
+from server.listing import fill_within, page_request, response_byte_budget
 from server.names import parse_resource_id
 from server.scoping import (
     authorize,
@@ -391,9 +391,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 order_by=request.order_by,
                 include_total=True,
             )
+        filled = paging.fill(page, prediction_to_proto)
         return pb.ListPredictionsResponse(
-            predictions=[prediction_to_proto(row) for row in page.items],
-            next_page_token=paging.next_page_token(page.next_cursor),
+            predictions=filled.items,
+            next_page_token=filled.next_page_token,
             total_size=page.total_size or 0,
         )
 
@@ -415,12 +416,13 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             order_by=request.order_by,
             chunk_size=chunk_size,
         )
+        budget = response_byte_budget(self.deps.settings.ferrule_max_message_bytes)
         # grpc.aio awaits each write, so a slow reader pauses the next read: memory stays
-        # at one chunk however large the result.
+        # at one chunk however large the result. A chunk of large rows goes as several
+        # messages, each within the byte budget.
         async for chunk in chunks:
-            yield pb.ExportPredictionsResponse(
-                predictions=[prediction_to_proto(row) for row in chunk]
-            )
+            for predictions in fill_within(chunk, prediction_to_proto, budget):
+                yield pb.ExportPredictionsResponse(predictions=predictions)
             _check_deadline()
 
     async def GetRiskDistribution(
@@ -535,9 +537,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 order_by=request.order_by,
                 include_total=True,
             )
+        filled = paging.fill(page, request_log_to_proto)
         return pb.ListRequestLogsResponse(
-            request_logs=[request_log_to_proto(row) for row in page.items],
-            next_page_token=paging.next_page_token(page.next_cursor),
+            request_logs=filled.items,
+            next_page_token=filled.next_page_token,
             total_size=page.total_size or 0,
         )
 

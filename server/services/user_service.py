@@ -165,9 +165,10 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
                 cursor=page.cursor,
                 show_deleted=request.show_deleted,
             )
+            filled = page.fill(result, cv.organization_to_proto)
             return pb.ListOrganizationsResponse(
-                organizations=[cv.organization_to_proto(o) for o in result.items],
-                next_page_token=page.next_page_token(result.next_cursor),
+                organizations=filled.items,
+                next_page_token=filled.next_page_token,
                 total_size=result.total_size or 0,
             )
 
@@ -322,9 +323,10 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
                 order_by=request.order_by or "create_time desc",
                 include_total=True,
             )
+            filled = page.fill(result, cv.user_to_proto)
             return pb.ListUsersResponse(
-                users=[cv.user_to_proto(u) for u in result.items],
-                next_page_token=page.next_page_token(result.next_cursor),
+                users=filled.items,
+                next_page_token=filled.next_page_token,
                 total_size=result.total_size or 0,
             )
 
@@ -486,9 +488,10 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             result = await UserQueries(session, tenant).search_by_email(
                 request.query, page_size=page.page_size, cursor=page.cursor
             )
+            filled = page.fill(result, cv.user_to_proto)
             return pb.SearchUsersResponse(
-                users=[cv.user_to_proto(u) for u in result.items],
-                next_page_token=page.next_page_token(result.next_cursor),
+                users=filled.items,
+                next_page_token=filled.next_page_token,
             )
 
     async def VerifyPassword(
@@ -652,9 +655,10 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
                 page_size=page.page_size,
                 cursor=page.cursor,
             )
+            filled = page.fill(result, lambda s: cv.session_to_proto(s, now))
             return pb.ListUserSessionsResponse(
-                user_sessions=[cv.session_to_proto(s, now) for s in result.items],
-                next_page_token=page.next_page_token(result.next_cursor),
+                user_sessions=filled.items,
+                next_page_token=filled.next_page_token,
                 total_size=result.total_size or 0,
             )
 

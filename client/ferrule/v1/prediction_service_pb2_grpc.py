@@ -178,8 +178,9 @@ class PredictionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportPredictions(self, request, context):
-        """Streams every prediction matching a filter in chunks of up to `chunk_size`,
-        for result sets too large to page through. Reads in keyset order, not a
+        """Streams every prediction matching a filter in chunks of up to `chunk_size`
+        (fewer when `chunk_size` rows would exceed half the server's message size
+        limit), for result sets too large to page through. Reads in keyset order, not a
         snapshot: rows inserted during the export may or may not appear. Honours
         the call deadline (DEADLINE_EXCEEDED ends the stream).
         """

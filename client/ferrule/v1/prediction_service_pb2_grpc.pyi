@@ -95,8 +95,9 @@ class PredictionServiceStub:
     ListPredictions: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.ListPredictionsRequest, _prediction_service_pb2.ListPredictionsResponse]
     """Lists predictions matching a filter."""
     ExportPredictions: _grpc.UnaryStreamMultiCallable[_prediction_service_pb2.ExportPredictionsRequest, _prediction_service_pb2.ExportPredictionsResponse]
-    """Streams every prediction matching a filter in chunks of up to `chunk_size`,
-    for result sets too large to page through. Reads in keyset order, not a
+    """Streams every prediction matching a filter in chunks of up to `chunk_size`
+    (fewer when `chunk_size` rows would exceed half the server's message size
+    limit), for result sets too large to page through. Reads in keyset order, not a
     snapshot: rows inserted during the export may or may not appear. Honours
     the call deadline (DEADLINE_EXCEEDED ends the stream).
     """
@@ -188,8 +189,9 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     ListPredictions: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.ListPredictionsRequest, _prediction_service_pb2.ListPredictionsResponse]  # type: ignore[assignment]
     """Lists predictions matching a filter."""
     ExportPredictions: _aio.UnaryStreamMultiCallable[_prediction_service_pb2.ExportPredictionsRequest, _prediction_service_pb2.ExportPredictionsResponse]  # type: ignore[assignment]
-    """Streams every prediction matching a filter in chunks of up to `chunk_size`,
-    for result sets too large to page through. Reads in keyset order, not a
+    """Streams every prediction matching a filter in chunks of up to `chunk_size`
+    (fewer when `chunk_size` rows would exceed half the server's message size
+    limit), for result sets too large to page through. Reads in keyset order, not a
     snapshot: rows inserted during the export may or may not appear. Honours
     the call deadline (DEADLINE_EXCEEDED ends the stream).
     """
@@ -314,8 +316,9 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _prediction_service_pb2.ExportPredictionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_prediction_service_pb2.ExportPredictionsResponse], _abc.AsyncIterator[_prediction_service_pb2.ExportPredictionsResponse]]:
-        """Streams every prediction matching a filter in chunks of up to `chunk_size`,
-        for result sets too large to page through. Reads in keyset order, not a
+        """Streams every prediction matching a filter in chunks of up to `chunk_size`
+        (fewer when `chunk_size` rows would exceed half the server's message size
+        limit), for result sets too large to page through. Reads in keyset order, not a
         snapshot: rows inserted during the export may or may not appear. Honours
         the call deadline (DEADLINE_EXCEEDED ends the stream).
         """

@@ -59,7 +59,10 @@ class UserServiceStub:
     negative is INVALID_ARGUMENT. `page_token` is opaque and signed; it is bound
     to the caller's organization and to the exact query (parent, filters,
     order_by, show_deleted): reusing it with another query is INVALID_ARGUMENT.
-    An empty `next_page_token` means there are no more pages. `order_by` is a
+    A page may hold fewer than `page_size` rows (a page also stops at half the
+    server's message size limit) with a `next_page_token` that continues right
+    after its last row: page until the token is empty, never until a short
+    page. An empty `next_page_token` means there are no more pages. `order_by` is a
     comma-separated list of fields each optionally followed by " desc"; unknown
     fields are INVALID_ARGUMENT. Pagination is keyset-based, so pages stay
     consistent under concurrent inserts.
@@ -218,7 +221,10 @@ class UserServiceServicer:
     negative is INVALID_ARGUMENT. `page_token` is opaque and signed; it is bound
     to the caller's organization and to the exact query (parent, filters,
     order_by, show_deleted): reusing it with another query is INVALID_ARGUMENT.
-    An empty `next_page_token` means there are no more pages. `order_by` is a
+    A page may hold fewer than `page_size` rows (a page also stops at half the
+    server's message size limit) with a `next_page_token` that continues right
+    after its last row: page until the token is empty, never until a short
+    page. An empty `next_page_token` means there are no more pages. `order_by` is a
     comma-separated list of fields each optionally followed by " desc"; unknown
     fields are INVALID_ARGUMENT. Pagination is keyset-based, so pages stay
     consistent under concurrent inserts.
@@ -557,7 +563,10 @@ class UserService:
     negative is INVALID_ARGUMENT. `page_token` is opaque and signed; it is bound
     to the caller's organization and to the exact query (parent, filters,
     order_by, show_deleted): reusing it with another query is INVALID_ARGUMENT.
-    An empty `next_page_token` means there are no more pages. `order_by` is a
+    A page may hold fewer than `page_size` rows (a page also stops at half the
+    server's message size limit) with a `next_page_token` that continues right
+    after its last row: page until the token is empty, never until a short
+    page. An empty `next_page_token` means there are no more pages. `order_by` is a
     comma-separated list of fields each optionally followed by " desc"; unknown
     fields are INVALID_ARGUMENT. Pagination is keyset-based, so pages stay
     consistent under concurrent inserts.
