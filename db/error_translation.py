@@ -3,6 +3,11 @@
 Both drivers are covered: asyncpg reports SQLSTATEs and constraint names; sqlite3 reports
 extended error names and a message naming the table, column or constraint. Nothing of
 the SQL text or parameter values is carried into the domain error.
+
+Data errors are the backstop behind the input boundary (server/input_boundary.py): a value
+the database cannot hold (PostgreSQL's SQLSTATE class 22, asyncpg refusing to encode a
+parameter, sqlite3 refusing to bind one) is the caller's bad input, INVALID_ARGUMENT,
+never INTERNAL. Each driver's section maps its codes onto :func:`_data_error`.
 """
 
 from __future__ import annotations
@@ -54,6 +59,28 @@ _CHECK_FIELDS: dict[str, str] = {
 
 _UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "53400"})
 _CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def _data_error(description: str, column: str | None = None) -> ValidationError:
+    """A value the database refused as data; the field is the column when the driver names
+    it, else the request as a whole (the boundary names fields; this is its backstop)."""
+    return ValidationError([FieldViolation(column or "request", description)])
+
+
+#: SQLSTATE class 22 (data exception) subclasses worth their own words; the rest of the
+#: class gets the generic description.
+_PG_DATA_DESCRIPTIONS: dict[str, str] = {
+    "22001": "a text value is longer than its column allows",
+    "22003": "a number is out of the range its column holds",
+    "22007": "a date or time value is not valid",
+    "22008": "a date or time value is out of range",
+    "22021": "a text value contains a character the database cannot store (such as U+0000)",
+    "22P05": "a text value contains a character the database cannot store (such as U+0000)",
+    "22P02": "a value is not valid for its type",
+    "2202E": "an array index is out of range",
+    "22012": "a division by zero",
+}
+_DATA_ERROR = "a value cannot be stored or compared by the database"
 
 
 def _sqlstate(orig: BaseException) -> str | None:
@@ -118,6 +145,12 @@ def _from_postgres(orig: BaseException) -> DomainError | None:
             _pg_detail(orig, "table_name"),
             _pg_detail(orig, "column_name"),
         )
+    if state.startswith("22"):
+        # asyncpg's own encoding errors arrive as SQLSTATE 22000 and name the parameter's
+        # value in their text: only the fixed description is carried.
+        return _data_error(
+            _PG_DATA_DESCRIPTIONS.get(state, _DATA_ERROR), _pg_detail(orig, "column_name")
+        )
     if state == "57014":
         return StatementTimeoutError("the statement ran past its deadline and was cancelled")
     if state.startswith("08") or state in _UNAVAILABLE_SQLSTATES:
@@ -132,6 +165,13 @@ def _from_postgres(orig: BaseException) -> DomainError | None:
 _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (?:index '(?P<index>\w+)'|(?P<cols>.+))")
 _SQLITE_CHECK = re.compile(r"CHECK constraint failed: (?P<name>\w+)")
 _SQLITE_NOT_NULL = re.compile(r"NOT NULL constraint failed: (?P<table>\w+)\.(?P<column>\w+)")
+
+
+_SQLITE_DATA_DESCRIPTIONS: dict[str, str] = {
+    "SQLITE_TOOBIG": "a value is larger than the database accepts",
+    "SQLITE_MISMATCH": "a value does not match its column's type",
+    "SQLITE_RANGE": "a value is out of range",
+}
 
 
 def _from_sqlite(orig: sqlite3.Error) -> DomainError | None:
@@ -152,6 +192,10 @@ def _from_sqlite(orig: sqlite3.Error) -> DomainError | None:
         return _integrity("not_null", None, table, match.group("column") if match else None)
     if name == "SQLITE_CONSTRAINT_FOREIGNKEY":
         return _integrity("foreign_key", None, None, None)
+    if name in _SQLITE_DATA_DESCRIPTIONS:
+        return _data_error(_SQLITE_DATA_DESCRIPTIONS[name])
+    if isinstance(orig, sqlite3.DataError):
+        return _data_error(_DATA_ERROR)
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
         return DatabaseUnavailableError("the database is busy; retry")
     if name == "SQLITE_INTERRUPT":
@@ -182,6 +226,12 @@ def translate_error(exc: BaseException) -> DomainError | None:
         return mapped
     if isinstance(exc, asyncpg.PostgresError):  # raised on the driver (db.point_reads)
         return _from_postgres(exc)
+    # sqlite3 binds parameters itself and raises these unwrapped (SQLAlchemy wraps only
+    # DBAPI errors): a str with lone surrogates, an int beyond 64 bits.
+    if isinstance(exc, UnicodeEncodeError):
+        return _data_error("a text value is not valid UTF-8")
+    if isinstance(exc, OverflowError):
+        return _data_error("a number is out of the range the database holds")
     if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
         return DatabaseUnavailableError("the database connection was lost")
     if isinstance(exc, sa_exc.DisconnectionError | ConnectionError | OSError):

@@ -14,6 +14,8 @@ from typing import Any
 
 import jwt
 
+from server.input_boundary import is_organization_claim, subject_problem
+
 ALL_ORGANIZATIONS = "*"
 SCOPES = frozenset({"read", "write", "admin"})
 VERIFIED_TOKENS_MAX = 10_000
@@ -117,6 +119,13 @@ class Authenticator:
         subject, organization, scope = claims["sub"], claims["org"], claims["scope"]
         if not all(isinstance(v, str) and v for v in (subject, organization, scope)):
             raise AuthenticationError("claims sub, org and scope must be non-empty strings")
+        # The subject is recorded in audit columns and logs; the organization is parsed as a
+        # UUID by every scoped call: refuse what cannot be either here, not as INTERNAL later.
+        problem = subject_problem(subject)
+        if problem:
+            raise AuthenticationError(f"claim sub {problem}")
+        if not is_organization_claim(organization, ALL_ORGANIZATIONS):
+            raise AuthenticationError("claim org must be an organization id (UUID) or '*'")
         scopes = frozenset(scope.split())
         if not scopes <= SCOPES:
             raise AuthenticationError(f"unknown scopes: {sorted(scopes - SCOPES)}")

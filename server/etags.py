@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from db.errors import FieldViolation, ValidationError
 
+#: The row version is a 32-bit INTEGER column (db.models.base.VersionMixin).
+VERSION_MAX = 2**31 - 1
+
 
 def etag_of(version: int) -> str:
     return f'W/"{version}"'
@@ -14,6 +17,7 @@ def expected_version(etag: str, field: str = "etag") -> int | None:
     if not etag:
         return None
     inner = etag.removeprefix("W/").strip('"')
-    if not inner.isdigit():
+    # ASCII digits only ("²".isdigit() is true) and within the version column's INTEGER.
+    if not (inner.isascii() and inner.isdigit() and len(inner) <= 10 and int(inner) <= VERSION_MAX):
         raise ValidationError([FieldViolation(field, "is not an etag this server issued")])
     return int(inner)

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import grpc
 
 from server.call_context import current_call
+from server.input_boundary import loggable
 from server.interceptors.scoped import Context, ScopedInterceptor
 
 log = logging.getLogger("ferrule.request_log")
@@ -148,8 +149,9 @@ class RequestLogInterceptor(ScopedInterceptor):
                 method=method,
                 caller=call.principal.subject if call.principal else None,
                 organization_id=call.organization_id,
-                peer=peer,
-                user_agent=user_agent,
+                # Recorded, not refused: what a text column cannot hold is replaced.
+                peer=loggable(peer),
+                user_agent=None if user_agent is None else loggable(user_agent),
                 status_code=code.name,
                 latency_ms=elapsed * 1000,
                 request_bytes=call.request_bytes,

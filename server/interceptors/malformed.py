@@ -1,10 +1,13 @@
-"""Requests that are not valid protobuf get INVALID_ARGUMENT, not grpc.aio's UNKNOWN.
+"""Where every request message enters: refused with INVALID_ARGUMENT unless it is valid
+protobuf and passes the input boundary (server/input_boundary.py).
 
 grpc.aio answers a message its deserializer cannot parse with UNKNOWN ("Exception
 deserializing request!"), which tells a client nothing and looks like a server fault.
 This interceptor wraps each handler's deserializer so that a bad message becomes a
-marker, and the behaviour raises a ValidationError for it: after authentication (the
-interceptor is innermost), and mapped with details like any other bad input.
+marker, and the behaviour raises a ValidationError for it, or for a message that breaks
+the input boundary: after authentication (the interceptor is innermost), and mapped with
+details like any other bad input. Every message of a client stream is checked as it is
+read.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from db.errors import FieldViolation, ValidationError
+from server import input_boundary
 from server.interceptors.scoped import (
     Context,
     Continuation,
@@ -52,10 +56,17 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
+def _admit(request: Any) -> None:
+    if request is MALFORMED:
+        raise _refusal()
+    # Looked up on the module at every call: tests switch the boundary off to prove the
+    # database backstop behind it.
+    input_boundary.check(request)
+
+
 async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
-        if request is MALFORMED:
-            raise _refusal()
+        _admit(request)
         yield request
 
 
@@ -82,16 +93,14 @@ def _wrap(handler: Handler) -> Handler:
     if shape == "unary_stream" and yields_responses(inner):
 
         async def unary_generator(request: Any, context: Context) -> AsyncIterator[Any]:
-            if request is MALFORMED:
-                raise _refusal()
+            _admit(request)
             async for response in inner(request, context):
                 yield response
 
         return rebuild(handler, unary_generator, deserialize)
 
     async def unary_coroutine(request: Any, context: Context) -> Any:
-        if request is MALFORMED:
-            raise _refusal()
+        _admit(request)
         return await inner(request, context)
 
     return rebuild(handler, unary_coroutine, deserialize)

@@ -14,10 +14,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from google.protobuf import struct_pb2
-from sqlalchemy import String
 
 from db.errors import FieldViolation
 from db.models import Prediction, RiskLevel
@@ -26,11 +25,19 @@ from db.repositories.predictions import PredictionValues
 from ferrule.v1 import prediction_service_pb2 as pb
 from ferrule.v1.common_pb2 import FieldViolation as FieldViolationProto
 from server.convert import enum_to_proto, set_timestamp
+from server.input_boundary import (
+    MAX_NESTING,
+    NOT_FINITE,
+    TOO_DEEP,
+    column_limit,
+    json_problem,
+    text_problem,
+)
 
-SUBJECT_ID_MAX = 128
-MODEL_VERSION_MAX = 50
-#: The contract allows 200; the column's length is the real bound until it is widened.
-MODEL_NAME_MAX = min(200, cast(String, Prediction.__table__.c.model_name.type).length or 200)
+# The columns' lengths (the contract says 128, 50 and 200).
+SUBJECT_ID_MAX = column_limit(Prediction.subject_id) or 128
+MODEL_VERSION_MAX = column_limit(Prediction.model_version) or 50
+MODEL_NAME_MAX = column_limit(Prediction.model_name) or 200
 FEATURES_MAX_BYTES = 64 * 1024
 LOW_BELOW = 0.3
 MEDIUM_BELOW = 0.7
@@ -84,6 +91,11 @@ def _check_text(
         return
     if len(value) > maximum:
         violations.append(RowViolation(field, f"at most {maximum} characters", TOO_LONG))
+    elif not value.isascii() or "\x00" in value:
+        # The input boundary's text rule; stream rows are refused one by one, so here.
+        problem = text_problem(value, None)
+        if problem:
+            violations.append(RowViolation(field, problem, INVALID_FORMAT))
 
 
 # --- features ------------------------------------------------------------------------
@@ -97,7 +109,11 @@ def _refused(violations: list[RowViolation], path: str, key: str | int, descript
 
 
 def _value_to_python(
-    value: struct_pb2.Value, path: str, key: str | int, violations: list[RowViolation]
+    value: struct_pb2.Value,
+    path: str,
+    key: str | int,
+    violations: list[RowViolation],
+    depth: int,
 ) -> Any:
     kind = value.WhichOneof("kind")
     if kind == "string_value":
@@ -111,31 +127,33 @@ def _value_to_python(
             # Integral numbers read back as JSON integers, as json_format does.
             return int(number) if -(2**53) < number < 2**53 else number
         if not math.isfinite(number):
-            _refused(violations, path, key, "must be a finite number")
+            _refused(violations, path, key, NOT_FINITE)
             return None
         return number
     if kind == "bool_value":
         return value.bool_value
-    if kind == "struct_value":
+    if kind == "struct_value" or kind == "list_value":
+        if depth >= MAX_NESTING:
+            _refused(violations, path, key, TOO_DEEP)
+            return None
         where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
-        return _struct_to_python(value.struct_value, where, violations)
-    if kind == "list_value":
-        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+        if kind == "struct_value":
+            return _struct_to_python(value.struct_value, where, violations, depth + 1)
         return [
-            _value_to_python(item, where, i, violations)
+            _value_to_python(item, where, i, violations, depth + 1)
             for i, item in enumerate(value.list_value.values)
         ]
     return None  # null_value or unset
 
 
 def _struct_to_python(
-    struct: struct_pb2.Struct, path: str, violations: list[RowViolation]
+    struct: struct_pb2.Struct, path: str, violations: list[RowViolation], depth: int = 1
 ) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, item in struct.fields.items():
         if "\x00" in key:
             _refused(violations, path, key, "keys must not contain the NUL character")
-        result[key] = _value_to_python(item, path, key, violations)
+        result[key] = _value_to_python(item, path, key, violations, depth)
     return result
 
 
@@ -172,16 +190,6 @@ def _finite_float(text: str) -> float:
 _decode_json = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float).decode
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any("\x00" in k or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
-
-
 def features_json_to_dict(text: str, violations: list[RowViolation]) -> dict[str, Any] | None:
     """``features_json`` parsed (None when empty), or None with a violation."""
     if not text:
@@ -200,10 +208,15 @@ def features_json_to_dict(text: str, violations: list[RowViolation]) -> dict[str
     if not isinstance(value, dict):
         violations.append(RowViolation("features_json", "must be a JSON object", INVALID_FORMAT))
         return None
-    # jsonb cannot store U+0000; the escape is rare, so only then look closer.
-    if "\\u0000" in text and _has_nul(value):
-        violations.append(RowViolation("features_json", "must not contain U+0000", INVALID_FORMAT))
-        return None
+    # The input boundary's rules for JSON (U+0000, which jsonb cannot store; lone surrogate
+    # escapes; nesting): each needs an escape or many brackets, so only then look closer.
+    if "\\u" in text or text.count("{") + text.count("[") > MAX_NESTING:
+        problem = json_problem(value, "$")
+        if problem is not None:
+            # The field stays features_json (one text field); where in the JSON is told.
+            description = f"{problem.description} (at {problem.field})"
+            violations.append(RowViolation("features_json", description, INVALID_FORMAT))
+            return None
     return value if value else None
 
 

@@ -175,7 +175,16 @@ async def test_create_and_get_with_derived_risk_level(any_server: RunningServer)
 async def test_create_validates_every_field(pg_server: RunningServer) -> None:
     parent = await new_org(pg_server)
     client = pg_server.for_org(org_id(parent))
-    bad = pb.Prediction(probability=1.5, model_name="m" * 300, risk_level=7)  # type: ignore[arg-type]
+    # Text over its column's length is refused first, by the input boundary, on its own...
+    with pytest.raises(InvalidArgument) as too_long:
+        await client.predictions.CreatePrediction(
+            pb.CreatePredictionRequest(
+                parent=parent, prediction=pb.Prediction(model_name="m" * 300, probability=1.5)
+            )
+        )
+    assert list(violations(too_long.value)) == ["prediction.model_name"]
+    # ...and every rule of the service at once for a request that passes the boundary.
+    bad = pb.Prediction(probability=1.5, risk_level=7)  # type: ignore[arg-type]
     bad.features.update({"too_big": "x" * 70_000})
     with pytest.raises(InvalidArgument) as caught:
         await client.predictions.CreatePrediction(
@@ -189,7 +198,6 @@ async def test_create_validates_every_field(pg_server: RunningServer) -> None:
         "request_id",
         "prediction.subject_id",
         "prediction.model_version",
-        "prediction.model_name",
         "prediction.probability",
         "prediction.risk_level",
         "prediction.features",
