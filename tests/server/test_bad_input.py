@@ -394,7 +394,7 @@ def message_strategy(
         return _timestamps()
     if full == "google.protobuf.Duration":
         return st.builds(
-            lambda s, n: cls(seconds=s, nanos=n),
+            lambda s, n: duration_pb2.Duration(seconds=s, nanos=n),
             st.integers(-(10**12), 10**12),
             st.integers(-999_999_999, 999_999_999),
         )
