@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_reflection.v1alpha import reflection
 
 from db.cache import Cache, create_cache
 from db.engine import Database
@@ -25,6 +24,7 @@ from server.interceptors.errors import ErrorMappingInterceptor
 from server.interceptors.malformed import MalformedRequestInterceptor
 from server.interceptors.tracing import TracingInterceptor
 from server.page_tokens import PageTokenCodec
+from server.reflection import enable_reflection
 from server.request_log import RequestLogEntry, RequestLogInterceptor, RequestLogWriter
 from server.retention import RetentionJob
 from server.settings import Settings
@@ -188,9 +188,7 @@ class FerruleApp:
         from grpc_health.v1 import health_pb2_grpc
 
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
-        reflection.enable_server_reflection(
-            [*service_names, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
-        )
+        enable_reflection(server, [*service_names, "grpc.health.v1.Health"])
         credentials = server_credentials(settings)
         if credentials is None:
             self.port = server.add_insecure_port(settings.ferrule_listen)

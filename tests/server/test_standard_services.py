@@ -126,3 +126,41 @@ async def test_health_watch_streams_serving_then_not_serving_when_the_database_g
                 assert back.status == serving
             overall.cancel()
             users.cancel()
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_answers_on_both_protocol_versions(
+    pg_server: RunningServer, version: str
+) -> None:
+    """grpcurl and most current tools ask `grpc.reflection.v1` first; older ones v1alpha."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2 as rpb
+
+    method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    requests = [
+        rpb.ServerReflectionRequest(list_services=""),
+        rpb.ServerReflectionRequest(file_containing_symbol="ferrule.v1.UserService"),
+        rpb.ServerReflectionRequest(
+            file_containing_symbol=f"grpc.reflection.{version}.ServerReflection"
+        ),
+    ]
+    async with grpc.aio.insecure_channel(pg_server.target) as channel:
+        call = channel.stream_stream(
+            method,
+            request_serializer=rpb.ServerReflectionRequest.SerializeToString,
+            response_deserializer=rpb.ServerReflectionResponse.FromString,
+        )
+        replies = [reply async for reply in call(iter(requests), timeout=5)]
+    listed = {service.name for service in replies[0].list_services_response.service}
+    assert listed >= FERRULE_SERVICES | {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    packages = ["ferrule.v1", f"grpc.reflection.{version}"]
+    for reply, package in zip(replies[1:], packages, strict=True):
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in reply.file_descriptor_response.file_descriptor_proto
+        ]
+        assert package in {f.package for f in files}, reply
