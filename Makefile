@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: setup system-deps proto proto-check contract-image lint test run bench client-dist clean
+.PHONY: setup system-deps proto proto-check contract-image lint test image-test run bench client-dist clean
 
 setup: $(STAMP)
 
@@ -42,10 +42,16 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer; }
 
 test: $(STAMP) system-deps
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m 'not image' $(PYTEST_ARGS)
 
+## image-test: build the Containerfile with buildah on a Debian base made here, and run it.
+image-test: $(STAMP)
+	$(BIN)/pytest -m image tests/deploy $(PYTEST_ARGS)
+
+## run: the embedded default; development mode (see server/dev_mode.py) when nothing is configured.
 run: $(STAMP)
-	FERRULE_MIGRATE_ON_START=$${FERRULE_MIGRATE_ON_START:-1} $(PY) -m server
+	FERRULE_MIGRATE_ON_START=$${FERRULE_MIGRATE_ON_START:-1} $(PY) -m server serve \
+		--dev-token-file .ferrule-dev-token
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)

@@ -1,5 +1,9 @@
 """`python -m server` / `ferrule-server`: run Ferrule until SIGTERM or SIGINT.
 
+Subcommands: `serve` (the default), `migrate` (bring the schema to head and exit: the
+deployment's migration step, run once before a rollout rather than by every replica),
+and `token` (mint a JWT from the configured secret).
+
 With FERRULE_WORKERS=N the parent migrates (or checks) the schema, then forks N workers
 before any gRPC object exists (gRPC's multiprocessing example: gRPC's threads and
 fork do not mix), each binding the same port with SO_REUSEPORT. The parent forwards
@@ -13,6 +17,7 @@ can answer it by draining (exit status 0).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import gc
@@ -21,17 +26,20 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
 from pydantic import ValidationError
 
 from db.migrate import current_revision, head_revision, upgrade_to_head
+from server import dev_mode
 from server.app import FerruleApp
 from server.logs import configure_logging
 from server.settings import Settings
 from server.telemetry import install_log_correlation
+from server.tokens import TokenError, mint_token, parse_ttl
 
 log = logging.getLogger("ferrule.main")
 
@@ -57,7 +65,8 @@ async def prepare_schema(settings: Settings) -> None:
     if current != head:
         sys.stderr.write(
             f"ferrule: database schema is at {current or 'nothing'}, the code needs {head}; "
-            "run `alembic upgrade head` or set FERRULE_MIGRATE_ON_START=1\n"
+            "run `ferrule-server migrate` (`alembic upgrade head`) "
+            "or set FERRULE_MIGRATE_ON_START=1\n"
         )
         raise SystemExit(3)
 
@@ -80,7 +89,7 @@ def tune_gc(settings: Settings) -> None:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, dev_banner: dev_mode.Banner | None = None) -> None:
     # The handlers exist before anything starts: a stop requested during start-up is
     # answered by a clean shutdown right after it, not by the signal's default action.
     stop = asyncio.Event()
@@ -89,13 +98,15 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     app = FerruleApp(settings)
-    await app.start()
+    port = await app.start()
     tune_gc(settings)
     loop_name = type(loop).__module__.split(".")[0]
     print(
         f"ferrule: serving on {settings.ferrule_listen} (pid {os.getpid()}, {loop_name} loop)",
         flush=True,
     )
+    if dev_banner is not None:
+        print(dev_banner.text(port), flush=True)
     await stop.wait()
     log.info("shutting down (grace %.1fs)", settings.ferrule_grace_seconds)
     await app.stop()
@@ -161,10 +172,57 @@ def shell_status(exit_code: int) -> int:
     return 128 - exit_code if exit_code < 0 else exit_code
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ferrule-server", description="Ferrule, a gRPC data-access service."
+    )
+    commands = parser.add_subparsers(dest="command")
+    serve_cmd = commands.add_parser("serve", help="serve until SIGTERM (the default)")
+    serve_cmd.add_argument(
+        "--dev-token-file",
+        type=Path,
+        help="development mode: on the embedded default with no credentials and a loopback "
+        "address, use (or create) the admin token in this file and print how to call",
+    )
+    commands.add_parser("migrate", help="bring the schema at DATABASE_URL to head and exit")
+    token_cmd = commands.add_parser("token", help="print a JWT signed with FERRULE_JWT_SECRET")
+    token_cmd.add_argument("--org", required=True, help="organization id, or '*' for all")
+    token_cmd.add_argument("--scope", default="read", help='space-separated, e.g. "read write"')
+    token_cmd.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d")
+    token_cmd.add_argument("--subject", default="ferrule-cli", help="the `sub` claim")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["serve", *(argv or [])])
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = load_settings()
+    if args.command == "token":
+        try:
+            ttl = parse_ttl(args.ttl)
+            token = mint_token(
+                settings,
+                organization=args.org,
+                scope=args.scope,
+                ttl_seconds=ttl,
+                subject=args.subject,
+            )
+        except TokenError as exc:
+            sys.stderr.write(f"ferrule: {exc}\n")
+            raise SystemExit(2) from None
+        print(token)
+        return
     configure_logging(settings.ferrule_log_level)
+    if args.command == "migrate":
+        asyncio.run(upgrade_to_head(settings.database_url))
+        print(f"ferrule: schema at {head_revision()}", flush=True)
+        return
     install_log_correlation()
+    dev_banner = None
+    if args.dev_token_file is not None:
+        settings, dev_banner = dev_mode.apply(settings, args.dev_token_file)
     if settings.ferrule_page_token_secret is None and not (
         settings.ferrule_jwt_secret or settings.ferrule_admin_token
     ):
@@ -174,7 +232,7 @@ def main() -> None:
         settings = load_settings()
     asyncio.run(prepare_schema(settings))
     if settings.ferrule_workers == 1:
-        run(serve(settings), settings)
+        run(serve(settings, dev_banner), settings)
         return
     raise SystemExit(run_workers(settings))
 

@@ -1,0 +1,122 @@
+"""Development mode: the first minutes on a laptop, before anyone has configured a secret.
+
+Without a credential every data RPC answers UNAUTHENTICATED, which is right for a server
+and useless to a newcomer. So `make run` asks for development mode: when the server runs
+on the embedded default (SQLite, in-process cache), with no credential of any kind and a
+loopback listen address, it uses a random admin token kept in a git-ignored file (the
+same token on every run, so a pasted command keeps working) and prints it with a call
+that creates an organization. Anything that looks like a real deployment (a secret, TLS,
+another database or Redis, an address other machines can reach) switches it off.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from server.settings import Settings
+
+#: What ends development mode, by environment variable.
+CREDENTIAL_SETTINGS = (
+    "ferrule_jwt_secret",
+    "ferrule_jwt_public_key_file",
+    "ferrule_admin_token",
+    "ferrule_page_token_secret",
+    "ferrule_tls_cert_file",
+    "redis_url",
+)
+SWITCHES_OFF = (
+    "a credential or service (FERRULE_JWT_SECRET, FERRULE_JWT_PUBLIC_KEY_FILE, "
+    "FERRULE_ADMIN_TOKEN, FERRULE_PAGE_TOKEN_SECRET, FERRULE_TLS_CERT_FILE, REDIS_URL, "
+    "a DATABASE_URL other than SQLite) or a non-loopback FERRULE_LISTEN"
+)
+
+
+def is_loopback_host(host: str) -> bool:
+    """`127.0.0.1`, `[::1]`, `localhost`: only this machine can connect."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def blockers(settings: Settings) -> list[str]:
+    """Why development mode does not apply (empty: it does)."""
+    found = [name.upper() for name in CREDENTIAL_SETTINGS if getattr(settings, name) is not None]
+    if not settings.database_url.startswith("sqlite"):
+        found.append("DATABASE_URL")
+    host, _, _ = settings.ferrule_listen.rpartition(":")
+    if not is_loopback_host(host):
+        found.append("FERRULE_LISTEN")
+    return found
+
+
+def load_or_create_token(path: Path) -> str:
+    """The token in `path`, or a new one written there (owner-only) when there is none."""
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = "dev-" + secrets.token_urlsafe(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token + "\n")
+    return token
+
+
+@dataclass(frozen=True)
+class Banner:
+    """What `make run` prints once the server listens (the port is known only then)."""
+
+    token: str
+    token_file: Path
+    host: str
+
+    def text(self, port: int) -> str:
+        target = f"{self.host}:{port}"
+        return "\n".join(
+            [
+                "ferrule: development mode (embedded SQLite, no credentials, loopback only)",
+                f"  admin token (kept in {self.token_file}, reused on the next run):",
+                f"    {self.token}",
+                "  create an organization:",
+                f"    {create_organization_command(self.token, target)}",
+                f"  development mode is off as soon as {SWITCHES_OFF} is configured",
+            ]
+        )
+
+
+def apply(settings: Settings, token_file: Path) -> tuple[Settings, Banner | None]:
+    """Settings with the development admin token, and its banner, when the mode applies."""
+    if blockers(settings):
+        return settings, None
+    token = load_or_create_token(token_file)
+    host, _, _ = settings.ferrule_listen.rpartition(":")
+    with_token = settings.model_copy(update={"ferrule_admin_token": SecretStr(token)})
+    return with_token, Banner(token=token, token_file=token_file, host=host)
+
+
+def create_organization_command(token: str, target: str) -> str:
+    """A grpcurl call, ready to paste, that creates the first organization."""
+    body = '{"organization": {"display_name": "My first organization"}}'
+    return shlex.join(
+        [
+            "grpcurl",
+            "-plaintext",
+            "-H",
+            f"authorization: Bearer {token}",
+            "-d",
+            body,
+            target,
+            "ferrule.v1.UserService/CreateOrganization",
+        ]
+    )

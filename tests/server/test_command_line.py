@@ -1,0 +1,178 @@
+"""`ferrule-server migrate`, `ferrule-server token` and development mode, as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from db.migrate import current_revision, head_revision
+from ferrule.client import Unauthenticated
+from ferrule.v1 import user_service_pb2 as upb
+from server import dev_mode
+from server.settings import Settings
+from server.tokens import TokenError, parse_ttl
+from tests.server.conftest import JWT_SECRET, RunningServer
+from tests.server.process_helpers import REPO, server_env
+
+ORG = "3f1c5d2e-0000-4000-8000-000000000001"
+
+
+def ferrule_server(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_migrate_brings_the_schema_to_head_and_is_idempotent(pg_database_url: str) -> None:
+    env = server_env(pg_database_url, 0, FERRULE_MIGRATE_ON_START="0")
+    for _ in range(2):
+        result = await asyncio.to_thread(ferrule_server, "migrate", env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"ferrule: schema at {head_revision()}"
+    assert await current_revision(pg_database_url) == head_revision()
+
+
+async def test_a_minted_token_is_accepted_for_its_organization_and_scopes(
+    pg_server: RunningServer,
+) -> None:
+    admin = pg_server.admin()
+    org = await admin.users.CreateOrganization(
+        upb.CreateOrganizationRequest(organization=upb.Organization(display_name="Minted"))
+    )
+    org_id = org.name.removeprefix("organizations/")
+    env = server_env(pg_server.database_url, 0)
+    args = ("token", "--org", org_id, "--scope", "read write", "--ttl", "1h")
+    result = await asyncio.to_thread(ferrule_server, *args, env=env)
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+
+    client = pg_server.client(token)
+    created = await client.users.CreateUser(
+        upb.CreateUserRequest(
+            parent=org.name,
+            user=upb.User(
+                email="minted@example.com",
+                role=upb.USER_ROLE_MEMBER,
+                status=upb.USER_STATUS_ACTIVE,
+                auth_provider=upb.AUTH_PROVIDER_GOOGLE,
+            ),
+        )
+    )
+    listed = await client.users.ListUsers(upb.ListUsersRequest(parent=org.name))
+    assert [user.name for user in listed.users] == [created.name]
+
+    claims = jwt.decode(token, JWT_SECRET, algorithms=["HS256"])
+    assert claims["org"] == org_id
+    assert claims["scope"] == "read write"
+    assert 3590 <= claims["exp"] - claims["iat"] <= 3600
+
+
+async def test_a_token_signed_with_another_secret_is_refused(pg_server: RunningServer) -> None:
+    env = server_env(pg_server.database_url, 0, FERRULE_JWT_SECRET="another-secret-" + "z" * 32)
+    result = await asyncio.to_thread(ferrule_server, "token", "--org", ORG, env=env)
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(Unauthenticated):
+        await pg_server.client(result.stdout.strip()).users.ListUsers(
+            upb.ListUsersRequest(parent=f"organizations/{ORG}")
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--org", ORG, "--scope", "read sudo"), "--scope"),
+        (("--org", ORG, "--ttl", "1 week"), "--ttl"),
+        (("--org", ORG, "--ttl", "0s"), "--ttl"),
+        (("--org", ""), "--org"),
+    ],
+)
+def test_token_refuses_what_the_server_would_refuse(args: tuple[str, ...], message: str) -> None:
+    result = ferrule_server("token", *args, env=server_env("sqlite+aiosqlite:///x.db", 0))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_token_without_a_jwt_secret_says_which_variable_is_missing() -> None:
+    env = server_env("sqlite+aiosqlite:///x.db", 0)
+    del env["FERRULE_JWT_SECRET"]
+    result = ferrule_server("token", "--org", ORG, env=env)
+    assert result.returncode == 2
+    assert "FERRULE_JWT_SECRET is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("7d", 604800)]
+)
+def test_ttl_accepts_seconds_minutes_hours_and_days(text: str, seconds: int) -> None:
+    assert parse_ttl(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "-1h", "1.5h", "1w", "0"])
+def test_ttl_refuses_anything_else(text: str) -> None:
+    with pytest.raises(TokenError):
+        parse_ttl(text)
+
+
+def embedded(**values: Any) -> Settings:
+    return Settings(**{"database_url": "sqlite+aiosqlite:///./ferrule.db", **values})
+
+
+def test_development_mode_applies_only_to_the_embedded_default_on_loopback() -> None:
+    for listen in ("127.0.0.1:50051", "localhost:50051", "[::1]:50051", "127.0.0.2:1"):
+        assert dev_mode.blockers(embedded(ferrule_listen=listen)) == []
+
+
+@pytest.mark.parametrize(
+    ("values", "blocker"),
+    [
+        ({"ferrule_jwt_secret": "s" * 32}, "FERRULE_JWT_SECRET"),
+        ({"ferrule_jwt_public_key_file": "/k.pem"}, "FERRULE_JWT_PUBLIC_KEY_FILE"),
+        ({"ferrule_admin_token": "t" * 32}, "FERRULE_ADMIN_TOKEN"),
+        ({"ferrule_page_token_secret": "p" * 32}, "FERRULE_PAGE_TOKEN_SECRET"),
+        ({"ferrule_tls_cert_file": "/c", "ferrule_tls_key_file": "/k"}, "FERRULE_TLS_CERT_FILE"),
+        ({"redis_url": "redis://127.0.0.1:6379/0"}, "REDIS_URL"),
+        ({"database_url": "postgresql+asyncpg://u:p@127.0.0.1/db"}, "DATABASE_URL"),
+        ({"ferrule_listen": "0.0.0.0:50051"}, "FERRULE_LISTEN"),
+        ({"ferrule_listen": "[::]:50051"}, "FERRULE_LISTEN"),
+        ({"ferrule_listen": "ferrule.internal:50051"}, "FERRULE_LISTEN"),
+    ],
+)
+def test_development_mode_is_off_once_anything_is_configured(
+    values: dict[str, Any], blocker: str, tmp_path: Path
+) -> None:
+    settings = embedded(**values)
+    assert blocker in dev_mode.blockers(settings)
+    unchanged, banner = dev_mode.apply(settings, tmp_path / "token")
+    assert banner is None
+    assert unchanged is settings
+    assert not (tmp_path / "token").exists()
+
+
+def test_development_token_is_kept_owner_only_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / ".ferrule-dev-token"
+    first, banner = dev_mode.apply(embedded(), path)
+    assert banner is not None
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again, _ = dev_mode.apply(embedded(), path)
+    assert first.ferrule_admin_token is not None
+    assert again.ferrule_admin_token is not None
+    token = first.ferrule_admin_token.get_secret_value()
+    assert token == again.ferrule_admin_token.get_secret_value() == path.read_text().strip()
+    text = banner.text(50051)
+    assert token in text
+    assert "127.0.0.1:50051 ferrule.v1.UserService/CreateOrganization" in text
