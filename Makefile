@@ -45,7 +45,7 @@ test: $(STAMP) system-deps
 	$(BIN)/pytest -m 'not image' $(PYTEST_ARGS)
 
 ## image-test: build the Containerfile with buildah on a Debian base made here, and run it.
-image-test: $(STAMP)
+image-test: $(STAMP) system-deps
 	$(BIN)/pytest -m image tests/deploy $(PYTEST_ARGS)
 
 ## run: the embedded default; development mode (see server/dev_mode.py) when nothing is configured.
