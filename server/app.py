@@ -124,10 +124,13 @@ class FerruleApp:
         self.telemetry.metrics.observe_pool(self.database.pool_status)
         # Redis when REDIS_URL is set, else a bounded in-process LRU with the same semantics.
         self.cache = create_cache(
-            settings.redis_url,
+            settings.redis,
             prefix=settings.ferrule_cache_prefix,
             timeout_ms=settings.ferrule_cache_timeout_ms,
             local_max_entries=settings.ferrule_cache_local_max_entries,
+            near_cache=settings.ferrule_near_cache_enabled,
+            near_max_entries=settings.ferrule_near_cache_max_entries,
+            near_ttl_s=settings.ferrule_near_cache_ttl_seconds,
             tracer_provider=self.telemetry.tracer_provider,
         )
         self.telemetry.metrics.observe_cache(self.cache.stats)

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from db.cache.redis_client import RedisConnectionConfig, parse_sentinels
 from db.engine import DatabaseConfig
 from db.point_reads import ROLE_NAME
 from server.retention import RetentionPolicy
@@ -76,7 +77,30 @@ class Settings(BaseSettings):
     )
 
     # --- cache -----------------------------------------------------------------
-    redis_url: str | None = None
+    redis_url: str | None = Field(
+        None, description="redis://, rediss:// (TLS) or unix://; unset: an in-process cache"
+    )
+    ferrule_redis_tls_ca_file: Path | None = Field(
+        None, description="rediss://: CA bundle that signs Redis's certificate"
+    )
+    ferrule_redis_tls_cert_file: Path | None = Field(
+        None, description="rediss://: client certificate presented to Redis"
+    )
+    ferrule_redis_tls_key_file: Path | None = None
+    ferrule_redis_sentinels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="host:port of Redis Sentinels (comma-separated)"
+    )
+    ferrule_redis_sentinel_service: str | None = Field(
+        None, description="the master's name in Sentinel"
+    )
+    ferrule_redis_sentinel_password: SecretStr | None = None
+    ferrule_near_cache_enabled: bool = Field(
+        True, description="keep Redis reads in process memory, invalidated by Redis"
+    )
+    ferrule_near_cache_max_entries: int = Field(10_000, ge=1)
+    ferrule_near_cache_ttl_seconds: float = Field(
+        60.0, gt=0, description="longest a near-cache entry lives (backstop)"
+    )
     ferrule_cache_ttl_seconds: float = Field(300.0, gt=0)
     ferrule_cache_stats_ttl_seconds: float = Field(30.0, gt=0)
     ferrule_cache_timeout_ms: int = Field(50, ge=1)
@@ -124,7 +148,9 @@ class Settings(BaseSettings):
     ferrule_request_log: bool = True
     ferrule_health_probe_seconds: float = Field(2.0, gt=0)
 
-    @field_validator("database_replica_urls", "ferrule_jwt_algorithms", mode="before")
+    @field_validator(
+        "database_replica_urls", "ferrule_jwt_algorithms", "ferrule_redis_sentinels", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -152,8 +178,16 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_workers_share_a_cache(self) -> Settings:
         # Each process's in-process cache would miss the others' invalidations.
-        if self.ferrule_workers > 1 and self.redis_url is None:
+        if self.ferrule_workers > 1 and self.redis is None:
             raise ValueError("FERRULE_WORKERS > 1 needs REDIS_URL (a cache the workers share)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_redis(self) -> Settings:
+        try:
+            _ = self.redis
+        except ValueError as exc:
+            raise ValueError(f"REDIS_URL / FERRULE_REDIS_*: {exc}") from None
         return self
 
     @model_validator(mode="after")
@@ -180,6 +214,22 @@ class Settings(BaseSettings):
             app_role=self.database_app_role,
         )
 
+    @cached_property
+    def redis(self) -> RedisConnectionConfig | None:
+        """Where the shared cache lives; None for the in-process cache."""
+        if self.redis_url is None and not self.ferrule_redis_sentinels:
+            return None
+        password = self.ferrule_redis_sentinel_password
+        return RedisConnectionConfig(
+            url=self.redis_url,
+            tls_ca_file=_path(self.ferrule_redis_tls_ca_file),
+            tls_cert_file=_path(self.ferrule_redis_tls_cert_file),
+            tls_key_file=_path(self.ferrule_redis_tls_key_file),
+            sentinels=parse_sentinels(self.ferrule_redis_sentinels),
+            sentinel_service=self.ferrule_redis_sentinel_service,
+            sentinel_password=password.get_secret_value() if password else None,
+        )
+
     @property
     def retention(self) -> RetentionPolicy:
         return RetentionPolicy(
@@ -192,3 +242,7 @@ class Settings(BaseSettings):
     @property
     def tls_enabled(self) -> bool:
         return self.ferrule_tls_cert_file is not None
+
+
+def _path(value: Path | None) -> str | None:
+    return None if value is None else str(value)

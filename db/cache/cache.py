@@ -153,7 +153,7 @@ class Cache:
             self._counters.bypassed += 1
             return "bypass", await self._join_flight(rendered, lambda: self._load(loader))
         try:
-            value = await self._backend.get(rendered)
+            value = await self._backend.get(rendered, ttl_to_ms(ttl))
         except CacheBackendError as exc:
             self._failed(exc)
             self._counters.bypassed += 1

@@ -6,6 +6,8 @@ Rendered form::
     {prefix}:{kind}:{tenant}:g{generation}:{ident}  generation-scoped keys (statistics, lists)
     {prefix}:lease:{kind}:{tenant}:...              the fill lease of an entry
     {prefix}:gen:{tenant_key}                       a tenant's generation counter
+    {prefix}:inv:...                                an entry's invalidation marker (Redis
+                                                    broadcasts it to the near caches)
 
 ``kind`` and ``tenant`` may not contain ``:`` and ``ident`` comes last, so two different
 keys never render to the same string, and the reserved kinds keep leases and counters
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 #: A generation that could not be read (cache unreachable): such keys are never cached.
 UNKNOWN_GENERATION = -1
 
-_RESERVED_KINDS = frozenset({"lease", "gen"})
+_RESERVED_KINDS = frozenset({"lease", "gen", "inv"})
 
 
 def _check_segment(what: str, value: str) -> None:

@@ -43,7 +43,7 @@ class LocalBackend:
         if self._closed:
             raise CacheBackendError("local cache is closed")
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, ttl_ms: int | None = None) -> bytes | None:
         self._check_open()
         entry = self._entries.get(key)
         if entry is None:

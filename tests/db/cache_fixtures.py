@@ -28,8 +28,8 @@ class RedisProcess:
     ``extra_args`` are added to its command line (e.g. a TLS port next to the plain one).
     """
 
-    def __init__(self, *extra_args: str) -> None:
-        self.port = free_port()
+    def __init__(self, *extra_args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self._extra_args = extra_args
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
