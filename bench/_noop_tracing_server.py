@@ -1,10 +1,9 @@
 """``python -m bench._noop_tracing_server``: the server with tracing on and a no-op exporter.
 
-The tracer provider is installed as the server installs it (Ferrule's tracer, or the
-SDK's with ``FERRULE_FAST_SPANS=false``) and every span is recorded (attributes, events,
-the BatchSpanProcessor's queue and worker thread) but the exporter drops the batches:
-the cost of tracing itself, without encoding or sending. Everything else is
-``python -m server``.
+The SDK's tracer provider is installed as the server installs it and every span is
+recorded (attributes, events, the BatchSpanProcessor's queue and worker thread) but the
+exporter drops the batches: the cost of tracing itself, without encoding or sending.
+Everything else is ``python -m server``.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ class NoOpTracedApp(FerruleApp):
         telemetry = telemetry or setup_telemetry(
             metrics_port=settings.ferrule_metrics_port,
             span_processors=[BatchSpanProcessor(DropExporter())],
-            fast_spans=settings.ferrule_fast_spans,
         )
         super().__init__(settings, telemetry=telemetry)
 

@@ -1,9 +1,11 @@
 """A minimal OTLP/gRPC trace collector for the tracing scenario: ``python -m bench._otlp_sink``.
 
-Accepts ``TraceService/Export`` on a free port, counts the spans and drops them. It runs
+Accepts ``TraceService/Export`` on a free port, counts the spans per ``service.name`` and
+drops them. It runs
 as its own process, as a collector (or the agent on the host) does in production, so the
 server pays exactly what it pays for a real collector: encoding, the gRPC call, the
-batch processor's thread. Prints ``port N`` on start and ``spans N`` on SIGTERM.
+batch processor's thread. Prints ``port N`` on start and ``spans SERVICE N`` per service on
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections import Counter
 from concurrent import futures
 from typing import Any
 
@@ -21,13 +24,22 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_
 
 class Sink(ts_grpc.TraceServiceServicer):
     def __init__(self) -> None:
-        self.spans = 0
+        self.spans: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def Export(self, request: Any, context: Any) -> Any:
-        count = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
-        with self._lock:
-            self.spans += count
+        for resource_spans in request.resource_spans:
+            service = next(
+                (
+                    attribute.value.string_value
+                    for attribute in resource_spans.resource.attributes
+                    if attribute.key == "service.name"
+                ),
+                "unknown",
+            )
+            count = sum(len(scope.spans) for scope in resource_spans.scope_spans)
+            with self._lock:
+                self.spans[service] += count
         return ts.ExportTraceServiceResponse()
 
 
@@ -42,7 +54,8 @@ def main() -> None:
     print(f"port {port}", flush=True)
     done.wait()
     server.stop(1)
-    print(f"spans {sink.spans}", flush=True)
+    for service, count in sorted(sink.spans.items()):
+        print(f"spans {service} {count}", flush=True)
     sys.exit(0)
 
 

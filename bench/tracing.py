@@ -1,29 +1,28 @@
-"""Tracing cost: GetUser RPC/s with tracing off, on with a no-op exporter, on with OTLP.
+"""Tracing cost: GetUser RPC/s and server CPU per call with tracing off, sampled, on with a
+no-op exporter, and on with OTLP.
 
-Three server subprocesses on one fresh database (same users, same Zipf load as the read
-scenario, cache as ``--tracing-cache`` says):
+One server subprocess per mode on one fresh database (same users, same Zipf load as the
+read scenario, cache as ``--tracing-cache`` says):
 
 * **off**: no ``OTEL_*`` exporter, so no SDK provider: non-recording spans;
-* **noop**: the SDK TracerProvider with a BatchSpanProcessor whose exporter drops every
-  batch (``bench/_noop_tracing_server.py``): every span recorded, nothing encoded;
-* **otlp**: ``OTEL_TRACES_EXPORTER=otlp`` over gRPC (BatchSpanProcessor, the SDK's
-  default batch settings) to a real OTLP endpoint in another process
-  (``bench/_otlp_sink.py``, which counts and drops the spans; the count is reported
-  so the export is seen to happen), encoded and sent by the server's span export
-  process (server/telemetry/span_process.py), as deployed by default;
-* **otlp_in_process**: the same with ``FERRULE_TRACE_EXPORT_PROCESS=false``: the SDK's
-  exporter encodes in the serving process;
-* **otlp_sdk_spans**: **otlp** with ``FERRULE_FAST_SPANS=false``: spans recorded by the
-  SDK's own Tracer instead of Ferrule's (server/telemetry/span_recorder.py).
+* **otlp_sampled_1pct**: the production setting docs/sre.md recommends,
+  ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` with ``OTEL_TRACES_SAMPLER_ARG=0.01``
+  (every call starts a trace id, one in a hundred is recorded and exported as **otlp**);
+* **otlp_sampled_10pct**: the same at 0.1;
+* **noop**: every span recorded by the SDK (BatchSpanProcessor included), but its
+  exporter drops every batch (``bench/_noop_tracing_server.py``): nothing encoded;
+* **otlp**: every call sampled, ``OTEL_TRACES_EXPORTER=otlp`` over gRPC: the SDK's
+  BatchSpanProcessor (default batch settings) and OTLP exporter, to a real OTLP endpoint
+  in another process (``bench/_otlp_sink.py``, which counts and drops the spans: each
+  mode's count is reported against the calls answered, so a dropped span shows).
 
-Spans are recorded by Ferrule's tracer in every mode but the last. Metrics export stays
-off in all five.
-
-Rounds interleave the servers (off, noop, otlp, ..., off, ...), figures are medians,
-and the overhead is ``1 - rate / off rate``. ``{mode}_paired_overhead`` is the median over
-rounds of the same ratio taken within each round (each mode against the ``off``
-measurement seconds before it), which cancels the machine's slower drifts. Server CPU
-per call is also given: on a shared machine it moves less than the rates do.
+Metrics export stays off in every mode. Rounds interleave the servers (off, sampled, ...,
+off, ...) and close with one more ``off``. Rates and CPU are medians over rounds;
+``{mode}_paired_overhead`` (rate) and ``{mode}_paired_cpu_overhead`` (server CPU per call,
+the children's included) are medians over rounds of the ratio against the mean of the
+``off`` runs just before and just after, which cancels the machine's slower drifts. On a
+shared machine the rate moves with how much CPU the client and PostgreSQL got; the CPU
+per call moves less.
 """
 
 from __future__ import annotations
@@ -39,12 +38,41 @@ import uuid
 from collections.abc import AsyncIterator
 
 from bench.harness import ROOT, fresh_database, org_token, server_process
-from bench.loadgen import LoadResult, median_result, run_load, seed_users, zipf_indexes
-from bench.reads import REDIS_URL, delete_prefix, describe, get_user_call, reader
+from bench.loadgen import Call, LoadResult, median_result, run_load, seed_users, zipf_indexes
+from bench.reads import (
+    REDIS_URL,
+    delete_prefix,
+    describe,
+    get_user_call,
+    reader,
+    server_us_per_call,
+)
 from bench.registry import Figures, Scenario
 from ferrule.v1 import user_service_pb2 as user_pb
 
-MODES = ("off", "noop", "otlp", "otlp_in_process", "otlp_sdk_spans")
+#: The sampling ratio of each mode (1 for every call), and what its server adds to the
+#: environment; ``off`` has no exporter.
+MODES: dict[str, tuple[float, dict[str, str]]] = {
+    "off": (0.0, {}),
+    "otlp_sampled_1pct": (0.01, {}),
+    "otlp_sampled_10pct": (0.1, {}),
+    "noop": (1.0, {}),
+    "otlp": (1.0, {}),
+}
+#: Spans per GetUser with every RPC sampled: the server span and the point read's SELECT.
+SPANS_PER_CALL = 2
+
+
+def counted(call: Call, tally: list[int]) -> Call:
+    """``call`` that counts its successes in ``tally[0]`` (warm-up included): the spans
+    the server should have exported."""
+
+    async def counting(i: int) -> object:
+        result = await call(i)
+        tally[0] += 1
+        return result
+
+    return counting
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,14 +91,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.asynccontextmanager
-async def otlp_sink() -> AsyncIterator[tuple[int, list[int]]]:
-    """The sink subprocess; yields its port and a list that receives the span count."""
+async def otlp_sink() -> AsyncIterator[tuple[int, dict[str, int]]]:
+    """The sink subprocess; yields its port and a dict that receives the span count per
+    ``service.name``."""
     process = subprocess.Popen(  # noqa: ASYNC220 (started once)
         [sys.executable, "-m", "bench._otlp_sink"], cwd=ROOT, stdout=subprocess.PIPE
     )
     assert process.stdout is not None
     loop = asyncio.get_running_loop()
-    received: list[int] = []
+    received: dict[str, int] = {}
     try:
         line = await asyncio.wait_for(loop.run_in_executor(None, process.stdout.readline), 30)
         port = int(line.split()[1])
@@ -80,7 +109,8 @@ async def otlp_sink() -> AsyncIterator[tuple[int, list[int]]]:
         out, _ = await loop.run_in_executor(None, process.communicate)
         for text in out.decode().splitlines():
             if text.startswith("spans "):
-                received.append(int(text.split()[1]))
+                _, service, count = text.split()
+                received[service] = int(count)
 
 
 async def run(args: argparse.Namespace) -> Figures:
@@ -93,6 +123,8 @@ async def run(args: argparse.Namespace) -> Figures:
     )
     base = {"DATABASE_APP_ROLE": "ferrule_app", "OTEL_METRICS_EXPORTER": "none", **cache}
     rounds: dict[str, list[LoadResult]] = {mode: [] for mode in MODES}
+    closing_off: LoadResult | None = None
+    calls_made: dict[str, list[int]] = {mode: [0] for mode in MODES}
     try:
         async with otlp_sink() as (port, received):
             otlp_env = {
@@ -100,50 +132,50 @@ async def run(args: argparse.Namespace) -> Figures:
                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}",
                 "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
             }
-            async with (
-                fresh_database() as database_url,
-                server_process(database_url, **base) as off,
-                server_process(database_url, "bench._noop_tracing_server", **base) as noop,
-                server_process(database_url, **otlp_env, **base) as otlp,
-                server_process(
-                    database_url, FERRULE_TRACE_EXPORT_PROCESS="false", **otlp_env, **base
-                ) as otlp_in_process,
-                server_process(
-                    database_url, FERRULE_FAST_SPANS="false", **otlp_env, **base
-                ) as otlp_sdk_spans,
-            ):
-                organization = await off.create_organization("tracing")
+            async with contextlib.AsyncExitStack() as stack:
+                database_url = await stack.enter_async_context(fresh_database())
+                servers = {}
+                for mode, (ratio, extra) in MODES.items():
+                    module = "bench._noop_tracing_server" if mode == "noop" else "server"
+                    env = {**base, **(otlp_env if mode.startswith("otlp") else {}), **extra}
+                    if 0 < ratio < 1:
+                        env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+                        env["OTEL_TRACES_SAMPLER_ARG"] = str(ratio)
+                    servers[mode] = await stack.enter_async_context(
+                        server_process(database_url, module, OTEL_SERVICE_NAME=mode, **env)
+                    )
+                organization = await servers["off"].create_organization("tracing")
                 ids = await seed_users(database_url, organization, users)
                 requests = [
                     user_pb.GetUserRequest(name=f"organizations/{organization}/users/{ids[k]}")
                     for k in zipf_indexes(users, 1.1, 200_000)
                 ]
                 token = org_token(organization, scope="read")
-                servers = {
-                    "off": off,
-                    "noop": noop,
-                    "otlp": otlp,
-                    "otlp_in_process": otlp_in_process,
-                    "otlp_sdk_spans": otlp_sdk_spans,
-                }
-                async with contextlib.AsyncExitStack() as stack:
-                    plan = []
-                    for mode in MODES:
-                        client = await stack.enter_async_context(reader(servers[mode], token))
-                        plan.append((mode, get_user_call(client, requests), servers[mode].pid))
-                    for _, call, pid in plan:  # warm-up
-                        await run_load(call, seconds=1.0, concurrency=concurrency, server_pid=pid)
-                    for number in range(args.tracing_rounds):
-                        for mode, call, pid in plan:
-                            result = await run_load(
-                                call, seconds=seconds, concurrency=concurrency, server_pid=pid
-                            )
-                            rounds[mode].append(result)
-                            print(f"[round {number + 1}] {describe(mode, result)}", flush=True)
+                plan = []
+                for mode in MODES:
+                    client = await stack.enter_async_context(reader(servers[mode], token))
+                    call = counted(get_user_call(client, requests), calls_made[mode])
+                    plan.append((mode, call, servers[mode].pid))
+                for _, call, pid in plan:  # warm-up
+                    await run_load(call, seconds=1.0, concurrency=concurrency, server_pid=pid)
+                for number in range(args.tracing_rounds):
+                    for mode, call, pid in plan:
+                        result = await run_load(
+                            call, seconds=seconds, concurrency=concurrency, server_pid=pid
+                        )
+                        rounds[mode].append(result)
+                        print(f"[round {number + 1}] {describe(mode, result)}", flush=True)
+                # Closes the last round, so that every round has an ``off`` on each side.
+                _, off_call, off_pid = plan[0]
+                closing_off = await run_load(
+                    off_call, seconds=seconds, concurrency=concurrency, server_pid=off_pid
+                )
+                print(f"[closing] {describe('off', closing_off)}", flush=True)
     finally:
         if args.tracing_cache == "redis":
             with contextlib.suppress(Exception):
                 await delete_prefix(prefix)
+    assert closing_off is not None
     best = {mode: median_result(results) for mode, results in rounds.items()}
     base_rate = best["off"].rps
     figures: Figures = {"cache": args.tracing_cache, "concurrency": concurrency}
@@ -161,17 +193,40 @@ async def run(args: argparse.Namespace) -> Figures:
         figures[f"{mode}_p99_ms"] = round(result.p99_ms, 3)
         figures[f"{mode}_server_cpu_us_per_call"] = round(cpu_us)
         if mode != "off":
+            offs = [*rounds["off"], closing_off]
             paired = statistics.median(
-                1 - result.rps / off.rps
-                for result, off in zip(rounds[mode], rounds["off"], strict=True)
+                1 - result.rps / ((before.rps + after.rps) / 2)
+                for result, before, after in zip(rounds[mode], offs, offs[1:], strict=False)
             )
-            print(f"  {mode}: paired overhead (median of per-round ratios) {paired:.1%}")
+            paired_cpu = statistics.median(
+                server_us_per_call(result)
+                / ((server_us_per_call(before) + server_us_per_call(after)) / 2)
+                - 1
+                for result, before, after in zip(rounds[mode], offs, offs[1:], strict=False)
+            )
+            print(
+                f"  {mode}: paired overhead (median over rounds, against the off runs on"
+                f" either side) {paired:.1%} of the rate, {paired_cpu:+.1%} server CPU per call"
+            )
             figures[f"{mode}_paired_overhead"] = round(paired, 3)
+            figures[f"{mode}_paired_cpu_overhead"] = round(paired_cpu, 3)
             figures[f"{mode}_overhead"] = round(overhead, 3)
             base_cpu = best["off"].server_cpu / base_rate * 1e6
             figures[f"{mode}_cpu_overhead"] = round(cpu_us / base_cpu - 1, 3)
-    figures["otlp_spans_received"] = received[0] if received else -1
-    print(f"spans received by the OTLP sink: {figures['otlp_spans_received']}", flush=True)
+    for mode in MODES:
+        if not mode.startswith("otlp"):
+            continue
+        # Calls the server answered (warm-up and the gaps between windows included), so
+        # a shortfall means spans dropped on the way (a full queue), not spans not made.
+        expected = round(SPANS_PER_CALL * calls_made[mode][0] * MODES[mode][0])
+        got = received.get(mode, 0)
+        print(
+            f"  {mode}: spans received by the OTLP sink {got:,} of ~{expected:,}"
+            " (2 per call answered, times the sampling ratio)",
+            flush=True,
+        )
+        figures[f"{mode}_spans_received"] = got
+        figures[f"{mode}_spans_expected"] = expected
     return figures
 
 
@@ -179,5 +234,5 @@ SCENARIO = Scenario(
     name="tracing",
     run=run,
     add_arguments=add_arguments,
-    description="GetUser RPC/s with tracing off, on (no-op exporter) and on (OTLP batch)",
+    description="GetUser RPC/s with tracing off, sampled (1%, 10%), on (no-op exporter), on (OTLP)",
 )

@@ -108,8 +108,6 @@ class FerruleApp:
         self.telemetry = telemetry or setup_telemetry(
             metrics_port=settings.ferrule_metrics_port,
             metrics_host=settings.ferrule_metrics_host,
-            export_process=settings.ferrule_trace_export_process,
-            fast_spans=settings.ferrule_fast_spans,
         )
         self.query_observers = install_statement_observers(
             self.database.engine,

@@ -32,12 +32,6 @@ class Settings(BaseSettings):
     ferrule_event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="the server's event loop implementation"
     )
-    ferrule_trace_export_process: bool = Field(
-        True, description="encode and send OTLP spans from a child process"
-    )
-    ferrule_fast_spans: bool = Field(
-        True, description="record spans with Ferrule's tracer (false: the SDK's own Tracer)"
-    )
     ferrule_gc_gen0_threshold: int = Field(
         50_000, ge=1, description="allocations between young-generation collections"
     )

@@ -35,23 +35,22 @@ from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SimpleSpanProcessor,
-    SpanExporter,
 )
 
+from server.telemetry.exporters import (
+    TelemetryConfigError,
+    exporter_names,
+    otlp_metric_reader,
+    otlp_protocol,
+    otlp_span_exporter,
+)
 from server.telemetry.metrics import ServerMetrics, use_metrics
-from server.telemetry.span_process import ChildProcessSpanExporter
-from server.telemetry.span_recorder import FastTracerProvider
 
 __all__ = ["Telemetry", "TelemetryConfigError", "setup_telemetry"]
 
 log = logging.getLogger("ferrule.telemetry")
 
 DEFAULT_SERVICE_NAME = "ferrule"
-_KNOWN_EXPORTERS = {"otlp", "console", "none"}
-
-
-class TelemetryConfigError(ValueError):
-    """An OTEL_* variable names something Ferrule cannot export to."""
 
 
 @dataclass
@@ -80,59 +79,6 @@ class Telemetry:
             self.meter_provider.shutdown()
 
 
-def _exporter_names(env: Mapping[str, str], signal: str) -> list[str]:
-    raw = env.get(f"OTEL_{signal}_EXPORTER")
-    if raw is None:
-        endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(
-            f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"
-        )
-        return ["otlp"] if endpoint else []
-    names = [name.strip().lower() for name in raw.split(",") if name.strip()]
-    unknown = set(names) - _KNOWN_EXPORTERS
-    if unknown:
-        raise TelemetryConfigError(
-            f"OTEL_{signal}_EXPORTER: unsupported {sorted(unknown)} (use otlp, console or none)"
-        )
-    return [name for name in names if name != "none"]
-
-
-def _otlp_protocol(env: Mapping[str, str], signal: str) -> str:
-    protocol = (
-        env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
-        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "grpc"
-    ).strip()
-    if protocol not in ("grpc", "http/protobuf"):
-        raise TelemetryConfigError(
-            f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported (grpc, http/protobuf)"
-        )
-    return protocol
-
-
-def _otlp_span_exporter(protocol: str) -> SpanExporter:
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpSpanExporter,
-    )
-
-    return HttpSpanExporter()
-
-
-def _otlp_metric_reader(protocol: str) -> MetricReader:
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-
-        return PeriodicExportingMetricReader(OTLPMetricExporter())
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-        OTLPMetricExporter as HttpMetricExporter,
-    )
-
-    return PeriodicExportingMetricReader(HttpMetricExporter())
-
-
 def _resource(service_version: str | None) -> Resource:
     resource = Resource.create({"service.version": service_version} if service_version else {})
     name = resource.attributes.get("service.name")
@@ -150,19 +96,12 @@ def setup_telemetry(
     set_global: bool = True,
     span_processors: Sequence[SpanProcessor] = (),
     metric_readers: Sequence[MetricReader] = (),
-    export_process: bool = True,
-    fast_spans: bool = True,
 ) -> Telemetry:
     """Install providers and exporters as the environment says; returns the handles.
 
     ``metrics_port`` (FERRULE_METRICS_PORT) serves Prometheus text on that port (0: any
     free port). ``span_processors`` / ``metric_readers`` add to what the environment
-    configures (tests, benchmarks). ``export_process`` (FERRULE_TRACE_EXPORT_PROCESS)
-    encodes and sends OTLP spans from a child process (server/telemetry/span_process.py).
-    ``fast_spans`` (FERRULE_FAST_SPANS) records spans with Ferrule's tracer
-    (server/telemetry/span_recorder.py) instead of the SDK's ``Tracer``; both feed the
-    same SDK processors and exporters.
-    ``set_global`` makes the providers the process's
+    configures (tests, benchmarks). ``set_global`` makes the providers the process's
     globals, which the interceptors and statement observers use by default.
     """
     env = os.environ if environ is None else environ
@@ -171,30 +110,26 @@ def setup_telemetry(
     resource = _resource(service_version)
 
     tracer_provider: TracerProvider | None = None
-    trace_exporters = _exporter_names(env, "TRACES")
+    trace_exporters = exporter_names(env, "TRACES")
     if trace_exporters or span_processors:
-        provider_class = FastTracerProvider if fast_spans else TracerProvider
-        tracer_provider = provider_class(resource=resource)
+        # No sampler given: the SDK builds the one OTEL_TRACES_SAMPLER / _ARG name in the
+        # process environment (docs/sre.md recommends parent-based ratio sampling).
+        tracer_provider = TracerProvider(resource=resource)
         for name in trace_exporters:
             if name == "console":
                 tracer_provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
             else:
-                protocol = _otlp_protocol(env, "TRACES")  # checked here, used by the child
-                exporter: SpanExporter = (
-                    ChildProcessSpanExporter({**os.environ, **env})
-                    if export_process
-                    else _otlp_span_exporter(protocol)
-                )
+                exporter = otlp_span_exporter(otlp_protocol(env, "TRACES"))
                 tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         for processor in span_processors:
             tracer_provider.add_span_processor(processor)
 
     readers: list[MetricReader] = list(metric_readers)
-    for name in _exporter_names(env, "METRICS"):
+    for name in exporter_names(env, "METRICS"):
         if name == "console":
             readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
         else:
-            readers.append(_otlp_metric_reader(_otlp_protocol(env, "METRICS")))
+            readers.append(otlp_metric_reader(otlp_protocol(env, "METRICS")))
     prometheus_server = None
     bound_port: int | None = None
     if metrics_port is not None:

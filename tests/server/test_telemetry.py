@@ -34,7 +34,6 @@ from server.telemetry import (
     TraceContextFilter,
     setup_telemetry,
 )
-from server.telemetry.span_recorder import FastTracerProvider
 
 INCOMING_TRACE = "0af7651916cd43dd8448eb211c80319c"
 INCOMING_SPAN = "b7ad6b7169203331"
@@ -62,12 +61,9 @@ def exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()
 
 
-@pytest.fixture(params=[FastTracerProvider, TracerProvider], ids=["ferrule_tracer", "sdk_tracer"])
-def tracer_provider(
-    exporter: InMemorySpanExporter, request: pytest.FixtureRequest
-) -> Iterator[TracerProvider]:
-    """Ferrule's tracer (the default) and the SDK's (FERRULE_FAST_SPANS=false) alike."""
-    provider: TracerProvider = request.param()
+@pytest.fixture
+def tracer_provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider
     provider.shutdown()
