@@ -51,8 +51,8 @@ class LoadResult:
 
 
 def _cpu_seconds(process: psutil.Process) -> float:
-    """CPU of the process and of its live children (a server's span export process, its
-    workers): work moved to a child is still the server's cost."""
+    """CPU of the process and of its live children (a server's workers, or any helper
+    process it starts): work moved to a child is still the server's cost."""
     total = 0.0
     for member in (process, *process.children(recursive=True)):
         with contextlib.suppress(psutil.NoSuchProcess):
