@@ -20,6 +20,7 @@ from server.auth import Authenticator
 from server.health import HealthProbe
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.call_context import CallContextInterceptor
+from server.interceptors.capacity import CapacityInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
 from server.interceptors.malformed import MalformedRequestInterceptor
 from server.interceptors.tracing import TracingInterceptor
@@ -62,6 +63,11 @@ def page_token_secret(settings: Settings) -> bytes:
     return hashlib.sha256(b"ferrule-page-token|" + material.encode()).digest()
 
 
+def page_token_codec(settings: Settings) -> PageTokenCodec:
+    previous = settings.page_token_previous_secrets
+    return PageTokenCodec(page_token_secret(settings), previous=previous)
+
+
 def build_authenticator(settings: Settings) -> Authenticator:
     public_key = None
     if settings.ferrule_jwt_public_key_file is not None:
@@ -97,6 +103,38 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments of the server: message limits, per-connection streams,
+    keepalive, and a connection age after which clients reconnect (and so rebalance
+    across replicas that were added since they connected)."""
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    options = [
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", settings.ferrule_max_message_bytes),
+        ("grpc.max_send_message_length", settings.ferrule_max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.ferrule_max_streams_per_connection),
+        ("grpc.keepalive_time_ms", ms(settings.ferrule_keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(settings.ferrule_keepalive_timeout_seconds)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            ms(settings.ferrule_min_client_ping_seconds),
+        ),
+    ]
+    if settings.ferrule_max_connection_age_seconds > 0:
+        options += [
+            ("grpc.max_connection_age_ms", ms(settings.ferrule_max_connection_age_seconds)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                ms(settings.ferrule_max_connection_age_grace_seconds),
+            ),
+        ]
+    return options
 
 
 class FerruleApp:
@@ -140,11 +178,15 @@ class FerruleApp:
         self.deps = Dependencies(
             settings=settings,
             database=self.database,
-            page_tokens=PageTokenCodec(page_token_secret(settings)),
+            page_tokens=page_token_codec(settings),
             request_log=self.request_log,
             health=self.health,
             query_observers=self.query_observers,
             cache=self.cache,
+        )
+        self.capacity = CapacityInterceptor(
+            max_rpcs=settings.ferrule_max_concurrent_rpcs,
+            max_anonymous_streams=settings.ferrule_max_anonymous_streams,
         )
         self.server: grpc.aio.Server | None = None
         self.port: int = 0
@@ -166,6 +208,7 @@ class FerruleApp:
             chain.append(RequestLogInterceptor(self.request_log))
         chain += [
             ErrorMappingInterceptor(),
+            self.capacity,
             AuthInterceptor(build_authenticator(self.settings)),
             MalformedRequestInterceptor(),  # innermost: authenticate before parsing complaints
         ]
@@ -175,21 +218,15 @@ class FerruleApp:
         from server.services import register_services
 
         settings = self.settings
-        options = [
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", settings.ferrule_max_message_bytes),
-            ("grpc.max_send_message_length", settings.ferrule_max_message_bytes),
-        ]
-        server = grpc.aio.server(
-            interceptors=self._interceptors(),
-            options=options,
-            maximum_concurrent_rpcs=settings.ferrule_max_concurrent_rpcs,
-        )
+        # Concurrency limits live in CapacityInterceptor (grpc.aio's maximum_concurrent_rpcs
+        # would put anonymous streams and tenants' calls in one budget).
+        server = grpc.aio.server(interceptors=self._interceptors(), options=grpc_options(settings))
         service_names = register_services(server, self.deps)
         from grpc_health.v1 import health_pb2_grpc
 
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
-        enable_reflection(server, [*service_names, "grpc.health.v1.Health"])
+        if settings.ferrule_reflection:
+            enable_reflection(server, [*service_names, "grpc.health.v1.Health"])
         credentials = server_credentials(settings)
         if credentials is None:
             self.port = server.add_insecure_port(settings.ferrule_listen)
@@ -197,6 +234,11 @@ class FerruleApp:
             self.port = server.add_secure_port(settings.ferrule_listen, credentials)
         if self.port == 0:
             raise OSError(f"could not bind {settings.ferrule_listen}")
+        if self.database.dialect_name == "postgresql" and settings.database_app_role is None:
+            log.warning(
+                "DATABASE_APP_ROLE is not set: row-level security is not enforced, tenant "
+                "isolation rests on the repositories alone (see README, Production)"
+            )
         await self.health.start()
         self.request_log.start()
         self.retention.start()

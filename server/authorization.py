@@ -1,10 +1,16 @@
-"""Authorization: which scope each RPC needs, and whether a caller may touch an organization.
+"""Authorization: the one table of what each RPC needs, and organization checks.
 
-The scope comes from the RPC's verb (reads need `read`, everything else `write`) with an
-explicit list of admin-only RPCs; a test walks every RPC of the contract against this table.
+Default deny: an RPC that is not in :data:`RPC_ACCESS` is refused before anything else
+runs, whatever the caller's credentials, so a new RPC is unreachable until someone
+decides its access here. ``tests/server/test_authorization_table.py`` walks every
+service the server registers and fails when an RPC has no entry (or an entry names an
+RPC that does not exist).
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
+from types import MappingProxyType
 
 from server.auth import Principal
 
@@ -17,57 +23,110 @@ class PermissionDeniedError(Exception):
         self.reason = reason
 
 
-#: RPCs that answer without credentials (standard health checking and reflection).
-PUBLIC_SERVICES = frozenset(
+class Access(StrEnum):
+    """What a caller needs for an RPC. ``write`` implies ``read``; ``admin`` implies both."""
+
+    #: No credentials: the standard health service and reflection, and nothing else.
+    ANONYMOUS = "anonymous"
+    READ = "read"
+    WRITE = "write"
+    #: Admin scope: cross-tenant operations and process-level reports.
+    ADMIN = "admin"
+
+
+_A, _R, _W, _ADMIN = Access.ANONYMOUS, Access.READ, Access.WRITE, Access.ADMIN
+
+#: Full method name (as gRPC sees it) -> the access it needs. Keep it sorted by service.
+RPC_ACCESS: MappingProxyType[str, Access] = MappingProxyType(
     {
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1alpha.ServerReflection",
-        "grpc.reflection.v1.ServerReflection",
+        # Standard services, answered without credentials (their streams have their own
+        # small capacity: server/interceptors/capacity.py).
+        "/grpc.health.v1.Health/Check": _A,
+        "/grpc.health.v1.Health/List": _A,
+        "/grpc.health.v1.Health/Watch": _A,
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _A,
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _A,
+        # UserService
+        "/ferrule.v1.UserService/CreateOrganization": _ADMIN,
+        "/ferrule.v1.UserService/GetOrganization": _R,
+        "/ferrule.v1.UserService/ListOrganizations": _ADMIN,
+        "/ferrule.v1.UserService/UpdateOrganization": _W,
+        "/ferrule.v1.UserService/DeleteOrganization": _ADMIN,
+        "/ferrule.v1.UserService/UndeleteOrganization": _ADMIN,
+        "/ferrule.v1.UserService/CreateUser": _W,
+        "/ferrule.v1.UserService/GetUser": _R,
+        "/ferrule.v1.UserService/ListUsers": _R,
+        "/ferrule.v1.UserService/UpdateUser": _W,
+        "/ferrule.v1.UserService/DeleteUser": _W,
+        "/ferrule.v1.UserService/UndeleteUser": _W,
+        "/ferrule.v1.UserService/SetUserPassword": _W,
+        "/ferrule.v1.UserService/LookupUserByEmail": _R,
+        "/ferrule.v1.UserService/SearchUsers": _R,
+        # Records the last login: a write.
+        "/ferrule.v1.UserService/VerifyPassword": _W,
+        "/ferrule.v1.UserService/GetUserStatistics": _R,
+        "/ferrule.v1.UserService/CreateUserSession": _W,
+        "/ferrule.v1.UserService/GetUserSession": _R,
+        "/ferrule.v1.UserService/ListUserSessions": _R,
+        "/ferrule.v1.UserService/RevokeUserSession": _W,
+        # AnalysisService
+        "/ferrule.v1.AnalysisService/CreateAnalysis": _W,
+        "/ferrule.v1.AnalysisService/GetAnalysis": _R,
+        "/ferrule.v1.AnalysisService/ListAnalyses": _R,
+        "/ferrule.v1.AnalysisService/UpdateAnalysis": _W,
+        "/ferrule.v1.AnalysisService/DeleteAnalysis": _W,
+        "/ferrule.v1.AnalysisService/UndeleteAnalysis": _W,
+        "/ferrule.v1.AnalysisService/BatchCreateAnalyses": _W,
+        "/ferrule.v1.AnalysisService/CreateBatch": _W,
+        "/ferrule.v1.AnalysisService/GetBatch": _R,
+        "/ferrule.v1.AnalysisService/ListBatches": _R,
+        "/ferrule.v1.AnalysisService/UpdateBatch": _W,
+        "/ferrule.v1.AnalysisService/DeleteBatch": _W,
+        "/ferrule.v1.AnalysisService/UndeleteBatch": _W,
+        "/ferrule.v1.AnalysisService/CreateModelPerformance": _W,
+        "/ferrule.v1.AnalysisService/ListModelPerformances": _R,
+        "/ferrule.v1.AnalysisService/GetAnalysisStatistics": _R,
+        # PredictionService
+        "/ferrule.v1.PredictionService/CreatePrediction": _W,
+        "/ferrule.v1.PredictionService/BatchCreatePredictions": _W,
+        "/ferrule.v1.PredictionService/StreamPredictions": _W,
+        "/ferrule.v1.PredictionService/GetPrediction": _R,
+        "/ferrule.v1.PredictionService/ListPredictions": _R,
+        "/ferrule.v1.PredictionService/ExportPredictions": _R,
+        "/ferrule.v1.PredictionService/GetRiskDistribution": _R,
+        "/ferrule.v1.PredictionService/GetPredictionStatistics": _R,
+        "/ferrule.v1.PredictionService/PurgePredictions": _ADMIN,
+        "/ferrule.v1.PredictionService/ListRequestLogs": _ADMIN,
+        # HealthService: process-level figures (server version, pid, statistics over
+        # every tenant's queries) are for operators, not tenants.
+        "/ferrule.v1.HealthService/GetHealthReport": _ADMIN,
+        "/ferrule.v1.HealthService/GetSlowQueryReport": _ADMIN,
+        "/ferrule.v1.HealthService/ResetSlowQueryReport": _ADMIN,
     }
 )
 
-ADMIN_METHODS = frozenset(
-    {
-        "/ferrule.v1.UserService/CreateOrganization",
-        "/ferrule.v1.UserService/ListOrganizations",
-        "/ferrule.v1.UserService/DeleteOrganization",
-        "/ferrule.v1.UserService/UndeleteOrganization",
-        "/ferrule.v1.PredictionService/PurgePredictions",
-        "/ferrule.v1.PredictionService/ListRequestLogs",
-        "/ferrule.v1.HealthService/GetSlowQueryReport",
-        "/ferrule.v1.HealthService/ResetSlowQueryReport",
-    }
-)
 
-READ_VERBS = ("Get", "List", "Lookup", "Search", "Export")
+def access_of(method: str, table: MappingProxyType[str, Access] = RPC_ACCESS) -> Access:
+    """What ``method`` needs; PermissionDeniedError when the table has no entry for it."""
+    access = table.get(method)
+    if access is None:
+        raise PermissionDeniedError(
+            f"{method} has no entry in the server's authorization table: refused by default",
+            reason="RPC_NOT_AUTHORIZED",
+        )
+    return access
 
 
-def service_of(method: str) -> str:
-    return method.lstrip("/").split("/", 1)[0]
-
-
-def is_public(method: str) -> bool:
-    return service_of(method) in PUBLIC_SERVICES
-
-
-def required_scope(method: str) -> str:
-    if method in ADMIN_METHODS:
-        return "admin"
-    verb = method.rsplit("/", 1)[-1]
-    return "read" if verb.startswith(READ_VERBS) else "write"
-
-
-def check_scope(principal: Principal, method: str) -> None:
-    scope = required_scope(method)
+def check_scope(principal: Principal, access: Access, method: str) -> None:
     # write implies read, admin implies both.
     granted = set(principal.scopes)
     if "admin" in granted:
         granted |= {"read", "write"}
     if "write" in granted:
         granted.add("read")
-    if scope not in granted:
+    if access not in granted:
         raise PermissionDeniedError(
-            f"{method.rsplit('/', 1)[-1]} needs the '{scope}' scope", reason="MISSING_SCOPE"
+            f"{method.rsplit('/', 1)[-1]} needs the '{access}' scope", reason="MISSING_SCOPE"
         )
 
 

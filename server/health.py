@@ -28,9 +28,32 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # untyped library
+    """The library's servicer plus ``List``, which its aio version leaves to the base
+    stub (a synchronous UNIMPLEMENTED that an asyncio server cannot run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[str, int] = {}
+
+    async def set(self, service: str, status: int) -> None:
+        self._statuses[service] = status
+        await super().set(service, status)
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: object
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                service: health_pb2.HealthCheckResponse(status=status)
+                for service, status in self._statuses.items()
+            }
+        )
+
+
 class HealthProbe:
     def __init__(self, database: Database, interval: float, timeout: float = 2.0) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = HealthServicer()
         self._database = database
         self._interval = interval
         self._timeout = timeout

@@ -6,6 +6,7 @@ name and the reason, instead of surfacing later as a confusing runtime error.
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +23,17 @@ from server.retention import RetentionPolicy
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./ferrule.db"
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (``127.0.0.1``, ``[::1]``)."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # any other name may resolve anywhere
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
@@ -35,7 +47,38 @@ class Settings(BaseSettings):
     ferrule_gc_gen0_threshold: int = Field(
         50_000, ge=1, description="allocations between young-generation collections"
     )
-    ferrule_max_concurrent_rpcs: int = Field(512, ge=1)
+    ferrule_max_concurrent_rpcs: int = Field(
+        512, ge=1, description="authenticated RPCs in flight; beyond it RESOURCE_EXHAUSTED"
+    )
+    ferrule_max_anonymous_streams: int = Field(
+        16,
+        ge=1,
+        description="health Watch and reflection streams in flight (callers need no token)",
+    )
+    ferrule_max_streams_per_connection: int = Field(
+        100, ge=1, description="HTTP/2 concurrent streams one connection may open"
+    )
+    ferrule_keepalive_seconds: float = Field(
+        60.0, gt=0, description="ping a connection idle this long (finds dead peers)"
+    )
+    ferrule_keepalive_timeout_seconds: float = Field(
+        20.0, gt=0, description="close a connection whose ping is unanswered this long"
+    )
+    ferrule_min_client_ping_seconds: float = Field(
+        10.0, gt=0, description="clients pinging more often than this are disconnected"
+    )
+    ferrule_max_connection_age_seconds: float = Field(
+        1800.0,
+        ge=0,
+        description="send GOAWAY after this long so clients reconnect and rebalance (0: never)",
+    )
+    ferrule_max_connection_age_grace_seconds: float = Field(
+        300.0, ge=0, description="calls in flight at GOAWAY get this long to finish"
+    )
+    ferrule_reflection: bool = Field(True, description="serve gRPC server reflection")
+    ferrule_allow_insecure: bool = Field(
+        False, description="allow plaintext on a non-loopback FERRULE_LISTEN address"
+    )
     ferrule_max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     ferrule_tls_cert_file: Path | None = None
     ferrule_tls_key_file: Path | None = None
@@ -118,6 +161,10 @@ class Settings(BaseSettings):
     ferrule_page_token_secret: SecretStr | None = Field(
         None, description="HMAC key for page tokens; defaults to one derived from the JWT secret"
     )
+    ferrule_page_token_previous_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="earlier page token keys, still accepted (comma-separated) after a rotation",
+    )
 
     # --- retention (server/retention.py) ------------------------------------------
     ferrule_retention_interval_seconds: float = Field(600.0, gt=0)
@@ -143,7 +190,11 @@ class Settings(BaseSettings):
     ferrule_health_probe_seconds: float = Field(2.0, gt=0)
 
     @field_validator(
-        "database_replica_urls", "ferrule_jwt_algorithms", "ferrule_redis_sentinels", mode="before"
+        "database_replica_urls",
+        "ferrule_jwt_algorithms",
+        "ferrule_redis_sentinels",
+        "ferrule_page_token_previous_secrets",
+        mode="before",
     )
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -191,6 +242,25 @@ class Settings(BaseSettings):
         if self.ferrule_tls_client_ca_file is not None and self.ferrule_tls_cert_file is None:
             raise ValueError("mutual TLS (FERRULE_TLS_CLIENT_CA_FILE) needs server TLS too")
         return self
+
+    @model_validator(mode="after")
+    def _check_plaintext_stays_local(self) -> Settings:
+        # Tokens, passwords and session tokens travel in these requests: in plaintext they
+        # may only cross loopback, unless the operator says the network is protected
+        # (a service mesh terminating mTLS, say).
+        host = self.ferrule_listen.rpartition(":")[0]
+        if not self.tls_enabled and not self.ferrule_allow_insecure and not is_loopback(host):
+            raise ValueError(
+                f"FERRULE_LISTEN={self.ferrule_listen} is not a loopback address and TLS is "
+                "off: set FERRULE_TLS_CERT_FILE and FERRULE_TLS_KEY_FILE, or "
+                "FERRULE_ALLOW_INSECURE=true when something else protects the network"
+            )
+        return self
+
+    @property
+    def page_token_previous_secrets(self) -> tuple[bytes, ...]:
+        previous = self.ferrule_page_token_previous_secrets
+        return tuple(secret.get_secret_value().encode() for secret in previous)
 
     @cached_property
     def database(self) -> DatabaseConfig:

@@ -625,7 +625,14 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             )
             return cv.session_to_proto(created.session, now, token=created.token)
 
-        return await idempotent(self.deps, tenant, request.request_id, pb.UserSession, create)
+        return await idempotent(
+            self.deps,
+            tenant,
+            request.request_id,
+            pb.UserSession,
+            create,
+            secret_fields=("session_token",),
+        )
 
     async def GetUserSession(
         self, request: pb.GetUserSessionRequest, context: Context

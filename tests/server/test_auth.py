@@ -14,10 +14,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.auth import ADMIN_PRINCIPAL, AuthenticationError, Authenticator
 from server.authorization import (
+    Access,
     PermissionDeniedError,
+    access_of,
     check_organization,
     check_scope,
-    required_scope,
 )
 
 SECRET = "s" * 32
@@ -115,15 +116,19 @@ def test_asymmetric_tokens(algorithm: str) -> None:
 
 
 def test_scopes_per_rpc() -> None:
-    assert required_scope("/ferrule.v1.UserService/GetUser") == "read"
-    assert required_scope("/ferrule.v1.UserService/CreateUser") == "write"
-    assert required_scope("/ferrule.v1.PredictionService/PurgePredictions") == "admin"
+    assert access_of("/ferrule.v1.UserService/GetUser") is Access.READ
+    assert access_of("/ferrule.v1.UserService/CreateUser") is Access.WRITE
+    assert access_of("/ferrule.v1.PredictionService/PurgePredictions") is Access.ADMIN
+    assert access_of("/grpc.health.v1.Health/Watch") is Access.ANONYMOUS
+    with pytest.raises(PermissionDeniedError) as unknown:
+        access_of("/ferrule.v1.UserService/DropEverything")
+    assert unknown.value.reason == "RPC_NOT_AUTHORIZED"
     reader = hs_auth().authenticate(
         "Bearer " + jwt.encode(claims(scope="read"), SECRET, algorithm="HS256")
     )
-    check_scope(reader, "/ferrule.v1.UserService/ListUsers")
+    check_scope(reader, Access.READ, "/ferrule.v1.UserService/ListUsers")
     with pytest.raises(PermissionDeniedError):
-        check_scope(reader, "/ferrule.v1.UserService/CreateUser")
+        check_scope(reader, Access.WRITE, "/ferrule.v1.UserService/CreateUser")
     with pytest.raises(PermissionDeniedError):
         check_organization(reader, "22222222-2222-2222-2222-222222222222")
     check_organization(reader, "11111111-1111-1111-1111-111111111111")

@@ -9,7 +9,9 @@ import pytest
 
 from db.errors import ValidationError
 from db.pagination import MAX_PAGE_SIZE, clamp_page_size
-from server.page_tokens import PageTokenCodec
+from server.app import page_token_codec
+from server.page_tokens import PageTokenCodec, key_id
+from server.settings import Settings
 
 CODEC = PageTokenCodec(b"k" * 32)
 BOUND = {"organization": "org-a", "method": "/ferrule.v1.UserService/ListUsers", "query": "q1"}
@@ -22,15 +24,38 @@ def test_round_trip_returns_the_cursor() -> None:
 
 def test_token_is_not_readable_base64_json_alone() -> None:
     token = CODEC.encode(["x"], **BOUND)
-    assert "." in token
-    body = token.split(".")[0]
+    kid, body, signature = token.split(".")
+    assert kid == key_id(b"k" * 32)
     # The body is readable (opaque is not secret) but cannot be changed without the key:
     payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     payload["c"] = ["y"]
     forged_body = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
     with pytest.raises(ValidationError) as info:
-        CODEC.decode(forged_body + "." + token.split(".")[1], **BOUND)
+        CODEC.decode(f"{kid}.{forged_body}.{signature}", **BOUND)
     assert info.value.violations[0].field == "page_token"
+
+
+def test_the_secret_rotates_with_the_previous_key_still_accepted() -> None:
+    """FERRULE_PAGE_TOKEN_SECRET rotation: tokens issued before it keep working while
+    the old key is listed in FERRULE_PAGE_TOKEN_PREVIOUS_SECRETS, and not after."""
+    old_key, new_key = b"old-key-" * 4, b"new-key-" * 4
+    before = PageTokenCodec(old_key).encode(["cursor-1"], **BOUND)
+    rotated = PageTokenCodec(new_key, previous=(old_key,))
+    assert rotated.decode(before, **BOUND) == ["cursor-1"]
+    after = rotated.encode(["cursor-2"], **BOUND)
+    assert after.split(".")[0] == key_id(new_key) != before.split(".")[0]
+    assert rotated.decode(after, **BOUND) == ["cursor-2"]
+    # The old key cannot decode what the new one signed, and once it is dropped from
+    # the previous keys its tokens are refused with a clear reason.
+    with pytest.raises(ValidationError):
+        PageTokenCodec(old_key).decode(after, **BOUND)
+    with pytest.raises(ValidationError) as dropped:
+        PageTokenCodec(new_key).decode(before, **BOUND)
+    assert "key" in dropped.value.violations[0].description
+    # A token naming the new key's id but signed with the old key is a forgery.
+    _, body, signature = before.split(".")
+    with pytest.raises(ValidationError):
+        rotated.decode(f"{key_id(new_key)}.{body}.{signature}", **BOUND)
 
 
 @pytest.mark.parametrize(
@@ -64,3 +89,15 @@ def test_negative_page_size_is_invalid() -> None:
     with pytest.raises(ValidationError) as info:
         clamp_page_size(-1)
     assert info.value.violations[0].field == "page_size"
+
+
+def test_rotation_is_configured_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    old, older = "o" * 24, "p" * 24
+    monkeypatch.setenv("FERRULE_PAGE_TOKEN_SECRET", old)
+    before = page_token_codec(Settings()).encode(["c"], **BOUND)
+    monkeypatch.setenv("FERRULE_PAGE_TOKEN_SECRET", "n" * 24)
+    monkeypatch.setenv("FERRULE_PAGE_TOKEN_PREVIOUS_SECRETS", f"{older}, {old}")
+    assert page_token_codec(Settings()).decode(before, **BOUND) == ["c"]
+    monkeypatch.setenv("FERRULE_PAGE_TOKEN_PREVIOUS_SECRETS", older)
+    with pytest.raises(ValidationError):
+        page_token_codec(Settings()).decode(before, **BOUND)

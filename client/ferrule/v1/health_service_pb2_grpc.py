@@ -63,9 +63,12 @@ class HealthServiceServicer:
     """
 
     def GetHealthReport(self, request, context):
-        """Returns the detailed health report. Needs `read` scope. Always OK when the
-        caller is authorized: an unreachable database or cache is reported in the
-        body, not as an RPC error.
+        """Returns the detailed health report. Admin only: it shows the database
+        server's version, the process id and statistics over every tenant's
+        queries, which are for operators, not tenants (tenants and load balancers
+        use the standard grpc.health.v1.Health). Always OK when the caller is
+        authorized: an unreachable database or cache is reported in the body, not
+        as an RPC error. Errors: PERMISSION_DENIED (no admin scope).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

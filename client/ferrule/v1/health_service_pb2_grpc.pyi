@@ -40,9 +40,12 @@ class HealthServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> HealthServiceAsyncStub: ...
     GetHealthReport: _grpc.UnaryUnaryMultiCallable[_health_service_pb2.GetHealthReportRequest, _health_service_pb2.HealthReport]
-    """Returns the detailed health report. Needs `read` scope. Always OK when the
-    caller is authorized: an unreachable database or cache is reported in the
-    body, not as an RPC error.
+    """Returns the detailed health report. Admin only: it shows the database
+    server's version, the process id and statistics over every tenant's
+    queries, which are for operators, not tenants (tenants and load balancers
+    use the standard grpc.health.v1.Health). Always OK when the caller is
+    authorized: an unreachable database or cache is reported in the body, not
+    as an RPC error. Errors: PERMISSION_DENIED (no admin scope).
     """
     GetSlowQueryReport: _grpc.UnaryUnaryMultiCallable[_health_service_pb2.GetSlowQueryReportRequest, _health_service_pb2.SlowQueryReport]
     """Returns the statements slower than the server's threshold
@@ -65,9 +68,12 @@ class HealthServiceAsyncStub(HealthServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetHealthReport: _aio.UnaryUnaryMultiCallable[_health_service_pb2.GetHealthReportRequest, _health_service_pb2.HealthReport]  # type: ignore[assignment]
-    """Returns the detailed health report. Needs `read` scope. Always OK when the
-    caller is authorized: an unreachable database or cache is reported in the
-    body, not as an RPC error.
+    """Returns the detailed health report. Admin only: it shows the database
+    server's version, the process id and statistics over every tenant's
+    queries, which are for operators, not tenants (tenants and load balancers
+    use the standard grpc.health.v1.Health). Always OK when the caller is
+    authorized: an unreachable database or cache is reported in the body, not
+    as an RPC error. Errors: PERMISSION_DENIED (no admin scope).
     """
     GetSlowQueryReport: _aio.UnaryUnaryMultiCallable[_health_service_pb2.GetSlowQueryReportRequest, _health_service_pb2.SlowQueryReport]  # type: ignore[assignment]
     """Returns the statements slower than the server's threshold
@@ -93,9 +99,12 @@ class HealthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _health_service_pb2.GetHealthReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_health_service_pb2.HealthReport, _abc.Awaitable[_health_service_pb2.HealthReport]]:
-        """Returns the detailed health report. Needs `read` scope. Always OK when the
-        caller is authorized: an unreachable database or cache is reported in the
-        body, not as an RPC error.
+        """Returns the detailed health report. Admin only: it shows the database
+        server's version, the process id and statistics over every tenant's
+        queries, which are for operators, not tenants (tenants and load balancers
+        use the standard grpc.health.v1.Health). Always OK when the caller is
+        authorized: an unreachable database or cache is reported in the body, not
+        as an RPC error. Errors: PERMISSION_DENIED (no admin scope).
         """
 
     @_abc_1.abstractmethod

@@ -367,8 +367,8 @@ class UserSession(_message.Message):
     """
     session_token: _builtins.str
     """Output only. Secret bearer token of the session (URL-safe base64, 256 bits).
-    Returned only by CreateUserSession; empty on every other read. The server
-    stores only its hash.
+    Returned only by the first CreateUserSession call; empty on every other
+    read, including an idempotent replay. The server stores only its hash.
     """
     state: Global___SessionState.ValueType
     """Output only. Derived state."""
@@ -1205,8 +1205,13 @@ class CreateUserSessionRequest(_message.Message):
     user_session_id: _builtins.str
     """Optional. UUID to use as the session id. Empty: server-generated."""
     request_id: _builtins.str
-    """Optional. Idempotency key (UUID). A retry returns the same session, token
-    included.
+    """Optional. Idempotency key (UUID). A retry with the same request_id returns
+    the same session as first created (same name, expire_time, user_agent,
+    ip_address, and `state` as of creation) but with an EMPTY `session_token`:
+    the server never keeps the token, only its hash, so it cannot show it
+    twice. A caller whose first response was lost should revoke that session
+    (RevokeUserSession with the returned name) and open a new one with a new
+    request_id.
     """
     @_builtins.property
     def user_session(self) -> Global___UserSession:

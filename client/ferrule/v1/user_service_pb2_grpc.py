@@ -382,7 +382,8 @@ class UserServiceServicer:
 
     def CreateUserSession(self, request, context):
         """Opens a login session for a live, ACTIVE user and returns it with its
-        secret `session_token`, which is shown only in this response.
+        secret `session_token`, which is shown only in this response (a replay with
+        the same `request_id` returns the session without it; see request_id).
         Errors: NOT_FOUND (user), FAILED_PRECONDITION (user deleted or not ACTIVE),
         INVALID_ARGUMENT (ttl out of range).
         """

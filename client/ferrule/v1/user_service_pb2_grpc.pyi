@@ -153,7 +153,8 @@ class UserServiceStub:
     """Counts the live users of an organization by role, status and provider."""
     CreateUserSession: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserSessionRequest, _user_service_pb2.UserSession]
     """Opens a login session for a live, ACTIVE user and returns it with its
-    secret `session_token`, which is shown only in this response.
+    secret `session_token`, which is shown only in this response (a replay with
+    the same `request_id` returns the session without it; see request_id).
     Errors: NOT_FOUND (user), FAILED_PRECONDITION (user deleted or not ACTIVE),
     INVALID_ARGUMENT (ttl out of range).
     """
@@ -293,7 +294,8 @@ class UserServiceAsyncStub(UserServiceStub):
     """Counts the live users of an organization by role, status and provider."""
     CreateUserSession: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserSessionRequest, _user_service_pb2.UserSession]  # type: ignore[assignment]
     """Opens a login session for a live, ACTIVE user and returns it with its
-    secret `session_token`, which is shown only in this response.
+    secret `session_token`, which is shown only in this response (a replay with
+    the same `request_id` returns the session without it; see request_id).
     Errors: NOT_FOUND (user), FAILED_PRECONDITION (user deleted or not ACTIVE),
     INVALID_ARGUMENT (ttl out of range).
     """
@@ -538,7 +540,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.UserSession, _abc.Awaitable[_user_service_pb2.UserSession]]:
         """Opens a login session for a live, ACTIVE user and returns it with its
-        secret `session_token`, which is shown only in this response.
+        secret `session_token`, which is shown only in this response (a replay with
+        the same `request_id` returns the session without it; see request_id).
         Errors: NOT_FOUND (user), FAILED_PRECONDITION (user deleted or not ACTIVE),
         INVALID_ARGUMENT (ttl out of range).
         """

@@ -1,0 +1,96 @@
+"""Concurrency limits: tenants' RPCs and anonymous streams never share one budget.
+
+Two counters of calls in flight, each refused at once with RESOURCE_EXHAUSTED (and
+RetryInfo) when full, never queued:
+- authenticated RPCs (everything that needs a token): ``FERRULE_MAX_CONCURRENT_RPCS``;
+- anonymous streams (health Watch, reflection), which a caller without credentials can
+  hold open for as long as it likes: ``FERRULE_MAX_ANONYMOUS_STREAMS``, small.
+An anonymous unary call (health Check) is answered from memory and cannot be held open,
+so it counts against neither: held Watch streams can never make a load balancer's or
+kubelet's Check fail, and no anonymous call can take a tenant's slot.
+
+grpc.aio's own ``maximum_concurrent_rpcs`` is not used: it counts every RPC in one
+budget, which is exactly what lets anonymous streams lock tenants out.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType, TracebackType
+
+import grpc
+
+from server.authorization import RPC_ACCESS, Access
+from server.errors import ResourceExhaustedError
+from server.interceptors.scoped import Context, Continuation, Handler, shape_of, wrap_handler
+
+
+class _Budget:
+    """Calls in flight against one limit; the event loop is single-threaded, so a plain
+    counter is exact."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._what = what
+
+    def slot(self, context: Context, request: object) -> _Slot:
+        return _Slot(self)
+
+    def refusal(self) -> ResourceExhaustedError:
+        return ResourceExhaustedError(
+            f"the server is at its limit of {self.limit} concurrent {self._what}; retry later"
+        )
+
+
+class _Slot:
+    """Holds one unit of a budget for the duration of a call (an async context manager
+    by hand: cheaper per call than a generator-based one)."""
+
+    __slots__ = ("_budget",)
+
+    def __init__(self, budget: _Budget) -> None:
+        self._budget = budget
+
+    async def __aenter__(self) -> None:
+        budget = self._budget
+        if budget.in_flight >= budget.limit:
+            raise budget.refusal()
+        budget.in_flight += 1
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._budget.in_flight -= 1
+
+
+class CapacityInterceptor(grpc.aio.ServerInterceptor):
+    """Place it inside error mapping (so a refusal carries details) and outside
+    authentication (so a refusal costs no token check)."""
+
+    def __init__(
+        self,
+        *,
+        max_rpcs: int,
+        max_anonymous_streams: int,
+        table: MappingProxyType[str, Access] = RPC_ACCESS,
+    ) -> None:
+        self.authenticated = _Budget(max_rpcs, "RPCs")
+        self.anonymous_streams = _Budget(max_anonymous_streams, "anonymous streams")
+        self._table = table
+
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if self._table.get(handler_call_details.method) is Access.ANONYMOUS:
+            if shape_of(handler) == "unary_unary":
+                return handler
+            return wrap_handler(handler, self.anonymous_streams.slot)
+        return wrap_handler(handler, self.authenticated.slot)

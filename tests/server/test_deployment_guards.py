@@ -1,0 +1,110 @@
+"""Deployment guard rails: settings that would quietly weaken a production server are
+refused at start-up or warned about, and the production server options are applied."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from server.app import grpc_options
+from server.settings import Settings, is_loopback
+from tests.server.conftest import RunningServer, StartServer
+from tests.server.process_helpers import REPO, free_port, server_env
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.10.0.1", "localhost", "[::1]"])
+def test_plaintext_on_loopback_needs_nothing(host: str) -> None:
+    assert is_loopback(host)
+    assert Settings(ferrule_listen=f"{host}:50051").ferrule_listen == f"{host}:50051"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "10.1.2.3", "ferrule.internal"])
+def test_plaintext_elsewhere_is_refused_without_an_explicit_opt_in(host: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(ferrule_listen=f"{host}:50051")
+    message = str(refused.value)
+    assert "FERRULE_ALLOW_INSECURE" in message and "FERRULE_TLS_CERT_FILE" in message
+    allowed = Settings(ferrule_listen=f"{host}:50051", ferrule_allow_insecure=True)
+    assert allowed.ferrule_allow_insecure
+
+
+def test_the_server_process_refuses_to_start_on_a_public_plaintext_address(
+    sqlite_database_url: str,
+) -> None:
+    """`python -m server` itself stops, naming the variables, before binding anything."""
+    env = server_env(sqlite_database_url, free_port())
+    env["FERRULE_LISTEN"] = f"0.0.0.0:{free_port()}"
+    done = subprocess.run(
+        [sys.executable, "-m", "server"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "FERRULE_ALLOW_INSECURE" in done.stderr
+
+
+async def test_postgresql_without_an_app_role_warns_that_rls_is_not_enforced(
+    start_server: StartServer, pg_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="ferrule.app"):
+        await start_server(pg_database_url)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ferrule.app"]
+    assert any("DATABASE_APP_ROLE" in w and "row-level security" in w for w in warnings)
+
+
+async def test_no_rls_warning_with_an_app_role_or_on_sqlite(
+    start_server: StartServer,
+    pg_database_url: str,
+    sqlite_database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="ferrule.app"):
+        await start_server(pg_database_url, database_app_role="ferrule_app")
+        await start_server(sqlite_database_url)
+    assert not [r for r in caplog.records if "DATABASE_APP_ROLE" in r.getMessage()]
+
+
+def test_production_connection_options_reach_grpc() -> None:
+    options = dict(
+        grpc_options(
+            Settings(
+                ferrule_max_streams_per_connection=7,
+                ferrule_keepalive_seconds=30,
+                ferrule_max_connection_age_seconds=600,
+                ferrule_max_connection_age_grace_seconds=20,
+            )
+        )
+    )
+    assert options["grpc.max_concurrent_streams"] == 7
+    assert options["grpc.keepalive_time_ms"] == 30_000
+    assert options["grpc.max_connection_age_ms"] == 600_000
+    assert options["grpc.max_connection_age_grace_ms"] == 20_000
+    unlimited = dict(grpc_options(Settings(ferrule_max_connection_age_seconds=0)))
+    assert "grpc.max_connection_age_ms" not in unlimited
+
+
+async def test_reflection_can_be_switched_off(
+    start_server: StartServer, sqlite_database_url: str
+) -> None:
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    server: RunningServer = await start_server(sqlite_database_url, ferrule_reflection=False)
+
+    async def list_services() -> object:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+            await stream.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            return await stream.read()
+
+    with pytest.raises(grpc.aio.AioRpcError) as off:
+        await list_services()
+    assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
