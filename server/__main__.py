@@ -219,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(upgrade_to_head(settings.database_url))
         print(f"ferrule: schema at {head_revision()}", flush=True)
         return
+    refusal = settings.plaintext_refusal()
+    if refusal is not None:
+        sys.stderr.write(f"ferrule: {refusal}\n")
+        raise SystemExit(2)
     install_log_correlation()
     dev_banner = None
     if args.dev_token_file is not None:

@@ -105,6 +105,10 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+class InsecureListenError(Exception):
+    """Plaintext on a non-loopback address without FERRULE_ALLOW_INSECURE."""
+
+
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel arguments of the server: message limits, per-connection streams,
     keepalive, and a connection age after which clients reconnect (and so rebalance
@@ -218,6 +222,9 @@ class FerruleApp:
         from server.services import register_services
 
         settings = self.settings
+        refusal = settings.plaintext_refusal()
+        if refusal is not None:
+            raise InsecureListenError(refusal)
         # Concurrency limits live in CapacityInterceptor (grpc.aio's maximum_concurrent_rpcs
         # would put anonymous streams and tenants' calls in one budget).
         server = grpc.aio.server(interceptors=self._interceptors(), options=grpc_options(settings))

@@ -243,19 +243,19 @@ class Settings(BaseSettings):
             raise ValueError("mutual TLS (FERRULE_TLS_CLIENT_CA_FILE) needs server TLS too")
         return self
 
-    @model_validator(mode="after")
-    def _check_plaintext_stays_local(self) -> Settings:
-        # Tokens, passwords and session tokens travel in these requests: in plaintext they
-        # may only cross loopback, unless the operator says the network is protected
-        # (a service mesh terminating mTLS, say).
+    def plaintext_refusal(self) -> str | None:
+        """Why serving with these settings is refused, or None. Tokens, passwords and
+        session tokens travel in the requests: in plaintext they may only cross loopback,
+        unless the operator says the network is protected (a mesh terminating mTLS, say).
+        Checked when serving starts, not here: `migrate` and `token` listen on nothing."""
         host = self.ferrule_listen.rpartition(":")[0]
-        if not self.tls_enabled and not self.ferrule_allow_insecure and not is_loopback(host):
-            raise ValueError(
-                f"FERRULE_LISTEN={self.ferrule_listen} is not a loopback address and TLS is "
-                "off: set FERRULE_TLS_CERT_FILE and FERRULE_TLS_KEY_FILE, or "
-                "FERRULE_ALLOW_INSECURE=true when something else protects the network"
-            )
-        return self
+        if self.tls_enabled or self.ferrule_allow_insecure or is_loopback(host):
+            return None
+        return (
+            f"FERRULE_LISTEN={self.ferrule_listen} is not a loopback address and TLS is off: "
+            "set FERRULE_TLS_CERT_FILE and FERRULE_TLS_KEY_FILE, or FERRULE_ALLOW_INSECURE=true "
+            "when something else protects the network"
+        )
 
     @property
     def page_token_previous_secrets(self) -> tuple[bytes, ...]:

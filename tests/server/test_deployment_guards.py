@@ -8,28 +8,40 @@ import subprocess
 import sys
 
 import pytest
-from pydantic import ValidationError
 
-from server.app import grpc_options
+from server.app import FerruleApp, InsecureListenError, grpc_options
 from server.settings import Settings, is_loopback
-from tests.server.conftest import RunningServer, StartServer
+from server.telemetry import setup_telemetry
+from tests.server.conftest import RunningServer, StartServer, server_settings
 from tests.server.process_helpers import REPO, free_port, server_env
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.10.0.1", "localhost", "[::1]"])
 def test_plaintext_on_loopback_needs_nothing(host: str) -> None:
     assert is_loopback(host)
-    assert Settings(ferrule_listen=f"{host}:50051").ferrule_listen == f"{host}:50051"
+    assert Settings(ferrule_listen=f"{host}:50051").plaintext_refusal() is None
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "10.1.2.3", "ferrule.internal"])
 def test_plaintext_elsewhere_is_refused_without_an_explicit_opt_in(host: str) -> None:
-    with pytest.raises(ValidationError) as refused:
-        Settings(ferrule_listen=f"{host}:50051")
-    message = str(refused.value)
-    assert "FERRULE_ALLOW_INSECURE" in message and "FERRULE_TLS_CERT_FILE" in message
+    refusal = Settings(ferrule_listen=f"{host}:50051").plaintext_refusal()
+    assert refusal is not None
+    assert "FERRULE_ALLOW_INSECURE" in refusal and "FERRULE_TLS_CERT_FILE" in refusal
     allowed = Settings(ferrule_listen=f"{host}:50051", ferrule_allow_insecure=True)
-    assert allowed.ferrule_allow_insecure
+    assert allowed.plaintext_refusal() is None
+
+
+async def test_the_app_refuses_to_serve_plaintext_on_a_public_address(
+    sqlite_database_url: str,
+) -> None:
+    settings = server_settings(sqlite_database_url, ferrule_listen="0.0.0.0:0")
+    app = FerruleApp(settings, telemetry=setup_telemetry(environ={}, set_global=False))
+    try:
+        with pytest.raises(InsecureListenError):
+            await app.start()
+        assert app.server is None
+    finally:
+        await app.stop(grace=0)
 
 
 def test_the_server_process_refuses_to_start_on_a_public_plaintext_address(
@@ -47,8 +59,20 @@ def test_the_server_process_refuses_to_start_on_a_public_plaintext_address(
         timeout=60,
         check=False,
     )
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert "FERRULE_ALLOW_INSECURE" in done.stderr
+    # Commands that listen on nothing are not refused: the migration Job shares the
+    # serving container's environment.
+    migrate = subprocess.run(
+        [sys.executable, "-m", "server", "migrate"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert migrate.returncode == 0, migrate.stderr
 
 
 async def test_postgresql_without_an_app_role_warns_that_rls_is_not_enforced(
