@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.interceptors.malformed import MalformedRequestInterceptor
@@ -26,47 +27,58 @@ from tests.server.conftest import RunningServer
 Behaviour = Callable[..., Any]
 
 
-async def unary_returns(request: bytes, context: Context) -> bytes:
-    return b"u:" + request
+Text = wrappers_pb2.StringValue
 
 
-async def unary_yields(request: bytes, context: Context) -> AsyncIterator[bytes]:
+def text(value: str) -> Text:
+    return Text(value=value)
+
+
+async def unary_returns(request: Text, context: Context) -> Text:
+    return text("u:" + request.value)
+
+
+async def unary_yields(request: Text, context: Context) -> AsyncIterator[Text]:
     for i in range(3):
-        yield b"%d:" % i + request
+        yield text(f"{i}:{request.value}")
 
 
-async def unary_writes(request: bytes, context: Context) -> None:
+async def unary_writes(request: Text, context: Context) -> None:
     for i in range(3):
-        await context.write(b"%d:" % i + request)
+        await context.write(text(f"{i}:{request.value}"))
 
 
-async def unary_writes_then_fails(request: bytes, context: Context) -> None:
-    await context.write(b"first")
+async def unary_writes_then_fails(request: Text, context: Context) -> None:
+    await context.write(text("first"))
     raise LookupError("the writer failed after one response")
 
 
-async def stream_returns(requests: AsyncIterator[bytes], context: Context) -> bytes:
-    return b"+".join([r async for r in requests])
+async def stream_returns(requests: AsyncIterator[Text], context: Context) -> Text:
+    return text("+".join([r.value async for r in requests]))
 
 
-async def stream_yields(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+async def stream_yields(requests: AsyncIterator[Text], context: Context) -> AsyncIterator[Text]:
     async for request in requests:
-        yield b"echo:" + request
+        yield text("echo:" + request.value)
 
 
-async def stream_writes(requests: AsyncIterator[bytes], context: Context) -> None:
+async def stream_writes(requests: AsyncIterator[Text], context: Context) -> None:
     async for request in requests:
-        await context.write(b"echo:" + request)
+        await context.write(text("echo:" + request.value))
 
 
+_CODEC: dict[str, Any] = {
+    "request_deserializer": Text.FromString,
+    "response_serializer": Text.SerializeToString,
+}
 HANDLERS: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-    "UnaryReturns": grpc.unary_unary_rpc_method_handler(unary_returns),
-    "UnaryYields": grpc.unary_stream_rpc_method_handler(unary_yields),
-    "UnaryWrites": grpc.unary_stream_rpc_method_handler(unary_writes),
-    "UnaryWritesThenFails": grpc.unary_stream_rpc_method_handler(unary_writes_then_fails),
-    "StreamReturns": grpc.stream_unary_rpc_method_handler(stream_returns),
-    "StreamYields": grpc.stream_stream_rpc_method_handler(stream_yields),
-    "StreamWrites": grpc.stream_stream_rpc_method_handler(stream_writes),
+    "UnaryReturns": grpc.unary_unary_rpc_method_handler(unary_returns, **_CODEC),
+    "UnaryYields": grpc.unary_stream_rpc_method_handler(unary_yields, **_CODEC),
+    "UnaryWrites": grpc.unary_stream_rpc_method_handler(unary_writes, **_CODEC),
+    "UnaryWritesThenFails": grpc.unary_stream_rpc_method_handler(unary_writes_then_fails, **_CODEC),
+    "StreamReturns": grpc.stream_unary_rpc_method_handler(stream_returns, **_CODEC),
+    "StreamYields": grpc.stream_stream_rpc_method_handler(stream_yields, **_CODEC),
+    "StreamWrites": grpc.stream_stream_rpc_method_handler(stream_writes, **_CODEC),
 }
 
 
@@ -104,13 +116,16 @@ async def kinds_server() -> AsyncIterator[tuple[str, RecordingScope]]:
 
 
 def _method(channel: grpc.aio.Channel, kind: str, name: str) -> Any:
-    """The multicallable for one raw-bytes method (no serializers: requests are bytes)."""
-    return getattr(channel, kind)(f"/kinds.Kinds/{name}")
+    return getattr(channel, kind)(
+        f"/kinds.Kinds/{name}",
+        request_serializer=Text.SerializeToString,
+        response_deserializer=Text.FromString,
+    )
 
 
-async def _requests() -> AsyncIterator[bytes]:
-    for part in (b"a", b"b"):
-        yield part
+async def _requests() -> AsyncIterator[Text]:
+    for part in ("a", "b"):
+        yield text(part)
 
 
 async def test_every_handler_kind_answers_through_the_interceptors(
@@ -118,15 +133,16 @@ async def test_every_handler_kind_answers_through_the_interceptors(
 ) -> None:
     target, recorder = kinds_server
     async with grpc.aio.insecure_channel(target) as channel:
-        assert await _method(channel, "unary_unary", "UnaryReturns")(b"x", timeout=5) == b"u:x"
+        unary = _method(channel, "unary_unary", "UnaryReturns")
+        assert (await unary(text("x"), timeout=5)).value == "u:x"
         for name in ("UnaryYields", "UnaryWrites"):
-            call = _method(channel, "unary_stream", name)(b"x", timeout=5)
-            assert [r async for r in call] == [b"0:x", b"1:x", b"2:x"], name
+            call = _method(channel, "unary_stream", name)(text("x"), timeout=5)
+            assert [r.value async for r in call] == ["0:x", "1:x", "2:x"], name
         stream_unary = _method(channel, "stream_unary", "StreamReturns")
-        assert await stream_unary(_requests(), timeout=5) == b"a+b"
+        assert (await stream_unary(_requests(), timeout=5)).value == "a+b"
         for name in ("StreamYields", "StreamWrites"):
             call = _method(channel, "stream_stream", name)(_requests(), timeout=5)
-            assert [r async for r in call] == [b"echo:a", b"echo:b"], name
+            assert [r.value async for r in call] == ["echo:a", "echo:b"], name
     # Each call was inside its scope from start to end, one after the other.
     expected: list[tuple[str, str, str | None]] = []
     for name in HANDLERS:
@@ -142,8 +158,8 @@ async def test_a_writer_that_fails_is_mapped_by_the_scope(
     does) after the response it wrote: nothing is lost or swallowed by a wrapper."""
     target, recorder = kinds_server
     async with grpc.aio.insecure_channel(target) as channel:
-        call = _method(channel, "unary_stream", "UnaryWritesThenFails")(b"x", timeout=5)
-        assert await call.read() == b"first"
+        call = _method(channel, "unary_stream", "UnaryWritesThenFails")(text("x"), timeout=5)
+        assert (await call.read()).value == "first"
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             await call.read()
     assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
