@@ -142,12 +142,21 @@ class ServerProcess:
         return uuid.UUID(org.name.removeprefix("organizations/"))
 
 
-@contextlib.asynccontextmanager
-async def server_process(
+def server_process(
     database_url: str, module: str = "server", **env: str
-) -> AsyncIterator[ServerProcess]:
+) -> contextlib.AbstractAsyncContextManager[ServerProcess]:
     """Start ``python -m {module}`` (the server, or a bench wrapper of it) as a subprocess;
     SIGTERM it (then SIGKILL) afterwards."""
+    return server_process_in(ROOT, database_url, module, **env)
+
+
+@contextlib.asynccontextmanager
+async def server_process_in(
+    tree: Path, database_url: str, module: str = "server", **env: str
+) -> AsyncIterator[ServerProcess]:
+    """:func:`server_process` running the code of ``tree``, a checkout of this repository
+    (another revision's worktree for an A/B comparison: its directory comes first on the
+    module path)."""
     port = free_port()
     environment = {
         **os.environ,
@@ -160,7 +169,7 @@ async def server_process(
     }
     process = subprocess.Popen(  # noqa: ASYNC220 (started once; its output read off-loop)
         [sys.executable, "-m", module],
-        cwd=ROOT,
+        cwd=tree,
         env=environment,
         stdout=subprocess.PIPE,
         stderr=None,

@@ -29,12 +29,19 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.harness import ServerProcess, fresh_database, org_token, server_process
+from bench.harness import (
+    ServerProcess,
+    fresh_database,
+    org_token,
+    server_process,
+    server_process_in,
+)
 from bench.loadgen import (
     Call,
     LoadResult,
@@ -64,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds per measurement",
     )  # fmt: skip
     parser.add_argument("--reads-rounds", type=int, default=int(env("BENCH_READS_ROUNDS", "3")))
+    parser.add_argument(
+        "--reads-reference-tree", default=env("BENCH_READS_REFERENCE_TREE", ""),
+        help="a checkout of another revision (e.g. a git worktree of main): its cached"
+        " server is measured too, interleaved with this one's",
+    )  # fmt: skip
     parser.add_argument(
         "--reads-app-role", default=env("BENCH_READS_APP_ROLE", "ferrule_app"),
         help="DATABASE_APP_ROLE of the servers (row-level security on); '' for none",
@@ -152,12 +164,20 @@ async def run(args: argparse.Namespace) -> Figures:
         "concurrency": concurrency,
         "zipf_top100_share": round(zipf_top_share(users, s, 100), 3),
     }
+    reference_tree = Path(args.reads_reference_tree) if args.reads_reference_tree else None
+    reference_env = {**cached_env, "FERRULE_CACHE_PREFIX": f"{prefix}-reference"}
     try:
         async with (
             fresh_database() as database_url,
             server_process(database_url, **cached_env) as cached,
             server_process(database_url, **uncached_env) as uncached,
+            contextlib.AsyncExitStack() as stack,
         ):
+            reference = None
+            if reference_tree is not None:
+                reference = await stack.enter_async_context(
+                    server_process_in(reference_tree, database_url, **reference_env)
+                )
             organization = await cached.create_organization("reads")
             ids = await seed_users(database_url, organization, users)
             requests = [
@@ -178,6 +198,11 @@ async def run(args: argparse.Namespace) -> Figures:
                     ("ceiling_uncached_server", health_check_call(off), uncached.pid),
                     ("getuser_uncached", get_user_call(off, requests), uncached.pid),
                 ]
+                if reference is not None:
+                    ref = await stack.enter_async_context(reader(reference, token))
+                    rounds["getuser_cached_reference"] = []
+                    plan.insert(2, ("getuser_cached_reference", get_user_call(ref, requests),
+                                    reference.pid))  # fmt: skip
                 # Warm both servers (connections, statement caches, the cache itself).
                 for _, call, pid in plan:
                     await run_load(call, seconds=1.0, concurrency=concurrency, server_pid=pid)
@@ -194,7 +219,7 @@ async def run(args: argparse.Namespace) -> Figures:
                 off_after = await cache_counters(uncached)
     finally:
         with contextlib.suppress(Exception):
-            await delete_prefix(prefix)
+            await delete_prefix(prefix)  # the reference's keys too
     ceiling = median_result(rounds["ceiling"] + rounds["ceiling_uncached_server"])
     best = {name: median_result(results) for name, results in rounds.items()}
     hit_rate = counters_after.rate_since(counters_before)
@@ -202,6 +227,16 @@ async def run(args: argparse.Namespace) -> Figures:
     print(describe("ceiling (Health/Check)", ceiling), flush=True)
     print(describe("GetUser, cache on", best["getuser_cached"], ceiling.rps), flush=True)
     print(describe("GetUser, cache off", best["getuser_uncached"], ceiling.rps), flush=True)
+    if "getuser_cached_reference" in best:
+        reference_result = best["getuser_cached_reference"]
+        print(describe(f"GetUser, cache on, {reference_tree}", reference_result), flush=True)
+        figures.update(result_figures("getuser_cached_reference", reference_result))
+        figures["cached_vs_reference_rps"] = round(
+            best["getuser_cached"].rps / reference_result.rps, 3
+        )
+        figures["cached_vs_reference_cpu_per_call"] = round(
+            server_us_per_call(best["getuser_cached"]) / server_us_per_call(reference_result), 3
+        )
     print(
         f"hit rate: cache on {hit_rate:.1%} ({counters_after.backend}),"
         f" cache off {off_hit_rate:.1%} ({off_after.backend})",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from db.cache.near_cache import NearCache
+
 
 class CacheBackend(Protocol):
     @property
@@ -24,6 +26,11 @@ class CacheBackend(Protocol):
     @property
     def degraded(self) -> bool:
         """True while the backend is being skipped (circuit breaker not closed)."""
+        ...
+
+    @property
+    def near(self) -> NearCache | None:
+        """The in-process cache in front of a remote backend, if any."""
         ...
 
     async def get(self, key: str, ttl_ms: int | None = None) -> bytes | None:

@@ -368,6 +368,7 @@ class Cache:
 
     def stats(self) -> CacheStats:
         c = self._counters
+        near = self._backend.near
         return CacheStats(
             backend=self._backend.name,
             hits=c.hits,
@@ -378,6 +379,9 @@ class Cache:
             degraded=self._backend.degraded or bool(self._pending),
             pending_invalidations=len(self._pending),
             lost_invalidations=c.lost_invalidations,
+            near_hits=near.hits if near is not None else 0,
+            near_entries=len(near) if near is not None else 0,
+            near_tracking=near.active if near is not None else False,
         )
 
     async def ping(self) -> bool:

@@ -36,6 +36,10 @@ class LocalBackend:
     def degraded(self) -> bool:
         return False
 
+    @property
+    def near(self) -> None:
+        return None  # this backend is in process already
+
     def __len__(self) -> int:
         return len(self._entries)
 

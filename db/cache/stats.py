@@ -13,7 +13,8 @@ class CacheStats:
     went straight to the loader because the backend was unavailable (breaker open,
     pending invalidations, unknown generation); ``errors`` counts failed backend calls;
     ``loads`` counts loader calls; ``degraded`` is true while the breaker is not closed
-    or invalidations are waiting to be replayed.
+    or invalidations are waiting to be replayed. ``near_*``: the near cache in front of
+    Redis (hits it served from memory, values held, whether its listener is subscribed).
     """
 
     backend: str
@@ -25,6 +26,9 @@ class CacheStats:
     degraded: bool
     pending_invalidations: int
     lost_invalidations: int
+    near_hits: int = 0
+    near_entries: int = 0
+    near_tracking: bool = False
 
     @property
     def hit_rate(self) -> float:

@@ -19,7 +19,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from db.cache import BreakerState, CacheBackendError, CacheUnavailable, CircuitBreaker
+from db.cache import (
+    BreakerState,
+    CacheBackendError,
+    CacheKey,
+    CacheUnavailable,
+    CircuitBreaker,
+    create_cache,
+)
 from db.cache.redis_backend import RedisBackend
 from db.cache.redis_client import RedisConnectionConfig, parse_sentinels
 from tests.client.certs import CertificateAuthority
@@ -82,6 +89,35 @@ def cache_clients(port: int) -> list[dict[str, str]]:
     with redis.Redis(port=port) as admin:
         clients = admin.client_list()
     return [c for c in clients if c.get("name") == "ferrule-cache"]
+
+
+async def assert_near_cache_serves(config: RedisConnectionConfig | str) -> None:
+    """Through ``config`` the invalidation listener subscribes and a repeated read is
+    served from memory."""
+    cache = create_cache(config, prefix="p", timeout_ms=2000, local_max_entries=1)
+    backend = cache.backend
+    assert isinstance(backend, RedisBackend)
+    near = backend.near
+    assert near is not None
+
+    async def load() -> bytes:
+        return b"loaded"
+
+    key = CacheKey("user", "org", "u1")
+    try:
+        assert await cache.get_or_load(key, load, ttl=60) == b"loaded"
+        for _ in range(200):
+            if near.active:
+                break
+            await asyncio.sleep(0.01)
+        assert near.active, "the invalidation listener did not subscribe"
+        await cache.invalidate(key)
+        assert await cache.get_or_load(key, load, ttl=60) == b"loaded"
+        hits = near.hits
+        assert await cache.get_or_load(key, load, ttl=60) == b"loaded"
+        assert near.hits == hits + 1
+    finally:
+        await cache.close()
 
 
 # -- where Redis is ----------------------------------------------------------------------
@@ -224,6 +260,7 @@ async def test_rediss_url_speaks_verified_tls_with_a_client_certificate(tmp_path
             await trusted.close()
         with redis.Redis(port=server.port, db=4) as plain:
             assert plain.get("over-tls") == b"secret"
+        await assert_near_cache_serves(config)
     finally:
         server.kill()
 
@@ -239,6 +276,7 @@ async def test_unix_socket_url(tmp_path: Path) -> None:
         with redis.Redis(unix_socket_path=str(socket_path), db=6) as direct:
             assert direct.get("over-unix") == b"local"
             assert "ferrule-cache" in {c.get("name") for c in direct.client_list()}
+        await assert_near_cache_serves(f"unix://{socket_path}?db=6")
     finally:
         await backend.close()
         server.kill()
