@@ -40,7 +40,8 @@ def create_cache(
             breaker=CircuitBreaker(
                 failure_threshold=breaker_failures, cooldown_s=breaker_cooldown_s
             ),
-            near_prefix=prefix if near_cache else None,
+            prefix=prefix,
+            near_cache=near_cache,
             near_max_entries=near_max_entries,
             near_ttl_s=near_ttl_s,
         )

@@ -12,8 +12,8 @@ The breaker sees each call's outcome on the caller's side: a connection error or
 timeout is a failure, an error reply (e.g. a script error) means Redis is reachable, so
 it is a success even though the call fails. A cancelled call records nothing.
 
-Near cache (``near_prefix`` set): values and generation counters read from Redis are
-kept in process memory (:mod:`db.cache.near_cache`) and served from there with no
+Near cache (``prefix`` set and ``near_cache`` on): values and generation counters read
+from Redis are kept in process memory (:mod:`db.cache.near_cache`) and served from there with no
 round trip while the invalidation listener (:mod:`db.cache.invalidation_listener`) is
 subscribed. Redis broadcasts writes to keys under ``{prefix}:inv:`` and
 ``{prefix}:gen:`` only:
@@ -120,7 +120,8 @@ class RedisBackend:
         timeout_ms: int,
         breaker: CircuitBreaker | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        near_prefix: str | None = None,
+        prefix: str | None = None,
+        near_cache: bool = True,
         near_max_entries: int = 10_000,
         near_ttl_s: float = 60.0,
         listener_ping_s: float = 1.0,
@@ -146,10 +147,12 @@ class RedisBackend:
         self._near: NearCache | None = None
         self._listener: InvalidationListener | None = None
         self._fills: dict[str, Any] = {}
-        if near_prefix is not None:
-            self._data_root = f"{near_prefix}:"
-            self._marker_root = f"{near_prefix}:inv:"
-            self._counter_root = f"{near_prefix}:gen:"
+        # Markers are written whenever the key layout is known, near cache or not, so
+        # that processes configured with one hear of the writes of those without.
+        self._data_root = f"{prefix}:" if prefix is not None else None
+        self._marker_root = f"{prefix}:inv:"
+        self._counter_root = f"{prefix}:gen:"
+        if prefix is not None and near_cache:
             self._near = NearCache(near_max_entries, near_ttl_s)
             self._listener = InvalidationListener(
                 connection_pool(config, timeout_s=self._timeout, client_name="ferrule-listener"),
@@ -185,13 +188,13 @@ class RedisBackend:
     def _near_key(self, redis_key: str) -> str | None:
         """The near-cache key an invalidated Redis key stands for."""
         if redis_key.startswith(self._marker_root):
-            return self._data_root + redis_key[len(self._marker_root) :]
+            return f"{self._data_root}{redis_key[len(self._marker_root) :]}"
         if redis_key.startswith(self._counter_root):
             return redis_key
         return None
 
     def _marker(self, key: str) -> str | None:
-        if self._near is None or not key.startswith(self._data_root):
+        if self._data_root is None or not key.startswith(self._data_root):
             return None
         if key.startswith(self._counter_root):
             return None  # counters are tracked under their own name
@@ -254,12 +257,12 @@ class RedisBackend:
     async def delete(self, *keys: str) -> None:
         if not keys:
             return
-        near = self._near
-        if near is None:
+        if self._near is not None:
+            self._near.invalidate(keys)  # this process's own reads see the write at once
+        markers = [m for m in map(self._marker, keys) if m is not None]
+        if not markers:
             await self._call(lambda: self._client.delete(*keys))
             return
-        near.invalidate(keys)  # this process's own reads see the write at once
-        markers = [m for m in map(self._marker, keys) if m is not None]
         await self._call(lambda: self._invalidate(keys=[*keys, *markers], args=[len(keys)]))
         await self._wait_broadcast(markers)
 
@@ -327,7 +330,7 @@ class RedisBackend:
         if self._near is not None:
             self._near.invalidate((key,))
         value = int(await self._call(lambda: self._bump_counter(keys=[key], args=[initial])))
-        await self._wait_broadcast([key] if self._near is not None else [])
+        await self._wait_broadcast([key])
         return value
 
     async def peek_counter(self, key: str) -> int | None:

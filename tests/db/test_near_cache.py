@@ -254,3 +254,23 @@ async def test_ttl_backstop_and_lru_bound(own_redis: RedisProcess) -> None:
         assert await cache.get_or_load(key(4), Loader(b"unused"), ttl=60) == b"changed"
     finally:
         await cache.close()
+
+
+async def test_a_process_without_a_near_cache_still_invalidates_the_others(
+    own_redis: RedisProcess,
+) -> None:
+    with_near, without = make_cache(own_redis.url), make_cache(own_redis.url, near_cache=False)
+    try:
+        await tracking(with_near)
+        assert backend_of(without).near is None
+        near = backend_of(with_near).near
+        assert near is not None
+        assert await with_near.get_or_load(key(), Loader(b"old"), ttl=60) == b"old"
+        assert near.get(key().render(PREFIX)) == b"old"
+        seen = near.invalidations
+        await without.invalidate(key())
+        await invalidations_reach(near, seen + 1)
+        assert await with_near.get_or_load(key(), Loader(b"new"), ttl=60) == b"new"
+    finally:
+        await with_near.close()
+        await without.close()

@@ -150,7 +150,7 @@ def test_sentinel_addresses_parse_with_the_default_port() -> None:
 
 def test_construction_needs_no_event_loop_and_connects_nothing() -> None:
     # Sync test, no running loop: built before the loop runs (or before a fork).
-    backend = RedisBackend("redis://127.0.0.1:1/5", timeout_ms=100, near_prefix="p")
+    backend = RedisBackend("redis://127.0.0.1:1/5", timeout_ms=100, prefix="p")
     assert backend.near is not None
     assert not backend.near.active
     assert backend.config.describe() == "127.0.0.1:1"
@@ -369,7 +369,7 @@ async def test_hung_redis_fails_calls_within_the_timeout_then_recovers(
 
 
 async def test_close_releases_every_connection(own_redis: RedisProcess) -> None:
-    backend = RedisBackend(own_redis.url, timeout_ms=1000, near_prefix="p")
+    backend = RedisBackend(own_redis.url, timeout_ms=1000, prefix="p")
     await asyncio.gather(*(store(backend, f"p:k{i}", b"v") for i in range(20)))
     assert cache_clients(own_redis.port) != []
     await backend.close()
