@@ -2,12 +2,15 @@
 
 One async engine for the primary and one per read replica. PostgreSQL goes through
 asyncpg (prepared statements can be switched off for PgBouncer in transaction mode);
-SQLite through aiosqlite with foreign keys on, WAL and a busy timeout on every connection.
+MySQL/MariaDB through asyncmy, every connection in UTC, strict SQL mode and READ
+COMMITTED (as on PostgreSQL, a statement sees what committed before it); SQLite through
+aiosqlite with foreign keys on, WAL and a busy timeout on every connection.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +29,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from db.engine_factory import async_engine
+from db.models.base import MYSQL_DIALECTS
 from db.point_reads import ROLE_NAME, PointReader
 from db.session import open_transaction
 from db.tenancy import Tenant
@@ -103,6 +107,8 @@ def create_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas(config.sqlite_busy_timeout_ms))
         return engine
+    if parsed.get_backend_name() in MYSQL_DIALECTS:
+        return _create_mysql_engine(url, config)
     connect_args: dict[str, Any] = {}
     if config.statement_cache_size == 0:
         # PgBouncer (transaction mode) may hand each statement to another backend: no
@@ -122,6 +128,33 @@ def create_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
         pool_timeout=config.pool_timeout,
         pool_recycle=config.pool_recycle,
         connect_args=connect_args,
+    )
+    if config.pool_pre_ping:
+        _ping_idle_connections(engine, config.pool_ping_idle_seconds)
+    return engine
+
+
+#: Run by asyncmy on every new connection: DATETIME values are UTC, and bad data is an
+#: error instead of a warning with a silently clipped value.
+MYSQL_INIT_COMMAND = (
+    "SET time_zone = '+00:00', sql_mode = 'STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,"
+    "NO_ZERO_DATE,NO_ZERO_IN_DATE,NO_ENGINE_SUBSTITUTION'"
+)
+
+
+def _create_mysql_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
+    # asyncmy logs the text of every server warning, and a duplicate key's text quotes the
+    # duplicate value (an email, say): values never reach the logs.
+    logging.getLogger("asyncmy").setLevel(logging.ERROR)
+    engine = async_engine(
+        url,
+        echo=config.echo,
+        pool_size=config.pool_size,
+        max_overflow=config.max_overflow,
+        pool_timeout=config.pool_timeout,
+        pool_recycle=config.pool_recycle,
+        isolation_level="READ COMMITTED",
+        connect_args={"init_command": MYSQL_INIT_COMMAND, "charset": "utf8mb4"},
     )
     if config.pool_pre_ping:
         _ping_idle_connections(engine, config.pool_ping_idle_seconds)
@@ -210,7 +243,7 @@ class Database:
 
     @property
     def dialect_name(self) -> str:
-        """``"postgresql"`` or ``"sqlite"``."""
+        """``"postgresql"``, ``"mariadb"``, ``"mysql"`` or ``"sqlite"``."""
         return self.engine.dialect.name
 
     @asynccontextmanager
@@ -262,8 +295,7 @@ class Database:
 
     async def ping(self) -> PingResult:
         """Round-trip latency and server version; raises a db error when unreachable."""
-        postgres = self.dialect_name == "postgresql"
-        query = "SELECT version()" if postgres else "SELECT sqlite_version()"
+        query = "SELECT sqlite_version()" if self.dialect_name == "sqlite" else "SELECT version()"
         started = time.perf_counter()
         async with open_transaction(
             self._sessions(bind=self.engine), Tenant(None), timeout_ms=None, read_only=True

@@ -1,13 +1,16 @@
 """Driver and SQLAlchemy errors -> the typed domain errors of :mod:`db.errors`, in one place.
 
-Both drivers are covered: asyncpg reports SQLSTATEs and constraint names; sqlite3 reports
-extended error names and a message naming the table, column or constraint. Nothing of
-the SQL text or parameter values is carried into the domain error.
+Every driver is covered: asyncpg reports SQLSTATEs and constraint names; asyncmy
+(MySQL/MariaDB) reports error numbers and a message naming the key, constraint or column;
+sqlite3 reports extended error names and a message naming the table, column or
+constraint. Nothing of the SQL text or parameter values is carried into the domain error
+(MySQL's duplicate-key message quotes the duplicate value: only the key name is read).
 
 Data errors are the backstop behind the input boundary (server/input_boundary.py): a value
-the database cannot hold (PostgreSQL's SQLSTATE class 22, asyncpg refusing to encode a
-parameter, sqlite3 refusing to bind one) is the caller's bad input, INVALID_ARGUMENT,
-never INTERNAL. Each driver's section maps its codes onto :func:`_data_error`.
+the database cannot hold (PostgreSQL's SQLSTATE class 22, MySQL's data error numbers,
+asyncpg refusing to encode a parameter, sqlite3 refusing to bind one) is the caller's bad
+input, INVALID_ARGUMENT, never INTERNAL. Each driver's section maps its codes onto
+:func:`_data_error`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import re
 import sqlite3
 
+import asyncmy.errors
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
@@ -203,6 +207,85 @@ def _from_sqlite(orig: sqlite3.Error) -> DomainError | None:
     return None
 
 
+_MYSQL_DUPLICATE_KEY = re.compile(r"for key '(?:\w+\.)?(?P<key>\w+)'")
+_MYSQL_WRITTEN_TABLE = re.compile(
+    r"^\s*(?:/\*.*?\*/\s*)?(?:INSERT|UPDATE)\s+(?:IGNORE\s+)?(?:INTO\s+)?`?(?P<table>\w+)`?",
+    re.IGNORECASE | re.DOTALL,
+)
+_MYSQL_CHECK = re.compile(r"(?:CONSTRAINT `|[Cc]heck constraint ')(?P<name>\w+)")
+_MYSQL_COLUMN = re.compile(r"[Cc]olumn '(?P<column>\w+)'")
+
+#: Error numbers (MySQL and MariaDB share them unless noted).
+_MYSQL_UNIQUE = frozenset({1062, 1586})  # ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NAME
+_MYSQL_CHECK_FAILED = frozenset({4025, 3819})  # MariaDB, MySQL
+_MYSQL_NOT_NULL = frozenset({1048, 1364})  # ER_BAD_NULL_ERROR, ER_NO_DEFAULT_FOR_FIELD
+_MYSQL_FOREIGN_KEY = frozenset({1216, 1217, 1451, 1452})
+#: ER_STATEMENT_TIMEOUT (MariaDB max_statement_time), ER_QUERY_TIMEOUT (MySQL
+#: max_execution_time), ER_QUERY_INTERRUPTED (KILL QUERY after a cancelled RPC).
+_MYSQL_TIMEOUT = frozenset({1969, 3024, 1317})
+_MYSQL_CONFLICT = frozenset({1213, 1205})  # deadlock, lock wait timeout
+_MYSQL_UNAVAILABLE = frozenset(
+    {1040, 1053, 1927, 2002, 2003, 2006, 2013, 2055}
+)  # too many connections, shutdown, connection killed, cannot connect, gone away, lost
+_MYSQL_ACCESS_DENIED = frozenset({1044, 1045, 1142, 1143})
+#: MySQL/MariaDB data errors (strict mode makes them errors rather than clipped values).
+_MYSQL_DATA_DESCRIPTIONS: dict[int, str] = {
+    1406: "a text value is longer than its column allows",  # ER_DATA_TOO_LONG
+    1264: "a number is out of the range its column holds",  # ER_WARN_DATA_OUT_OF_RANGE
+    1366: "a value is not valid for its column (such as text the character set cannot hold)",
+    1292: "a value is not valid for its type (a date, time or UUID)",  # ER_TRUNCATED_WRONG_VALUE
+    1265: "a value was truncated to fit its column",  # WARN_DATA_TRUNCATED
+    1367: "a value is not valid for its column",  # ER_ILLEGAL_VALUE_FOR_TYPE
+    1411: "a value is not valid for its type",  # ER_WRONG_VALUE_FOR_TYPE
+    1365: "a division by zero",  # ER_DIVISION_BY_ZERO
+    3140: "a JSON document is not valid",  # MySQL ER_INVALID_JSON_TEXT
+    4038: "a JSON document is not valid",  # MariaDB ER_JSON_SYNTAX
+    1690: "a number is out of the range the database computes with",  # ER_DATA_OUT_OF_RANGE
+}
+_MYSQL_DATA_COLUMN = re.compile(r"for column '?`?(?:\w+`?\.`?)*(?P<column>\w+)`?'?")
+
+
+def _mysql_errno(orig: BaseException) -> int | None:
+    errno = orig.args[0] if orig.args else None
+    return errno if isinstance(errno, int) else None
+
+
+def _from_mysql(orig: BaseException, statement: str | None = None) -> DomainError | None:
+    errno = _mysql_errno(orig)
+    if errno is None:
+        return None
+    message = str(orig.args[1]) if len(orig.args) > 1 else ""
+    if errno in _MYSQL_UNIQUE:
+        match = _MYSQL_DUPLICATE_KEY.search(message)
+        key = match.group("key") if match else None
+        if key == "PRIMARY":  # named by no convention: the table is the one written to
+            target = _MYSQL_WRITTEN_TABLE.search(statement or "")
+            return _integrity("unique", None, target.group("table") if target else None, None)
+        return _integrity("unique", key, None, None)
+    if errno in _MYSQL_CHECK_FAILED:
+        match = _MYSQL_CHECK.search(message)
+        return _integrity("check", match.group("name") if match else None, None, None)
+    if errno in _MYSQL_NOT_NULL:
+        match = _MYSQL_COLUMN.search(message)
+        return _integrity("not_null", None, None, match.group("column") if match else None)
+    if errno in _MYSQL_FOREIGN_KEY:
+        return _integrity("foreign_key", None, None, None)
+    if errno in _MYSQL_DATA_DESCRIPTIONS:
+        match = _MYSQL_DATA_COLUMN.search(message)
+        return _data_error(
+            _MYSQL_DATA_DESCRIPTIONS[errno], match.group("column") if match else None
+        )
+    if errno in _MYSQL_TIMEOUT:
+        return StatementTimeoutError("the statement ran past its deadline and was cancelled")
+    if errno in _MYSQL_CONFLICT:
+        return ConcurrentModificationError("a concurrent transaction conflicted; retry")
+    if errno in _MYSQL_UNAVAILABLE:
+        return DatabaseUnavailableError("the database connection failed")
+    if errno in _MYSQL_ACCESS_DENIED:
+        return AccessDeniedError("the database refused the statement")
+    return None
+
+
 def translate_error(exc: BaseException) -> DomainError | None:
     """The domain error ``exc`` stands for, or None when it is not a known database failure.
 
@@ -219,6 +302,8 @@ def translate_error(exc: BaseException) -> DomainError | None:
         mapped: DomainError | None = None
         if isinstance(orig, sqlite3.Error):
             mapped = _from_sqlite(orig)
+        elif isinstance(orig, asyncmy.errors.Error):
+            mapped = _from_mysql(orig, exc.statement)
         elif orig is not None:
             mapped = _from_postgres(orig)
         if mapped is None and exc.connection_invalidated:
@@ -226,6 +311,8 @@ def translate_error(exc: BaseException) -> DomainError | None:
         return mapped
     if isinstance(exc, asyncpg.PostgresError):  # raised on the driver (db.point_reads)
         return _from_postgres(exc)
+    if isinstance(exc, asyncmy.errors.Error):  # raised on the driver (db.repositories)
+        return _from_mysql(exc)
     # sqlite3 binds parameters itself and raises these unwrapped (SQLAlchemy wraps only
     # DBAPI errors): a str with lone surrogates, an int beyond 64 bits.
     if isinstance(exc, UnicodeEncodeError):

@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.error_translation import translate_error
+from db.models.base import MYSQL_DIALECTS
+from db.query_kill import kill_query
 from db.tenancy import Tenant
 
 # One round trip sets everything, transaction-local (is_local = true), so nothing leaks
@@ -50,6 +53,43 @@ async def _apply_postgres_settings(
         await connection.execute(_SET_TENANT, params)
 
 
+# MariaDB bounds every statement (seconds); MySQL only SELECTs (milliseconds). Set first,
+# before the transaction's first table access, so the read-only mode applies to it. Every
+# transaction sets all of them, so nothing carries over to the pooled connection's next user.
+_MARIADB_SETTINGS = text(
+    "SET @@session.max_statement_time = :seconds, @@session.tx_read_only = :read_only"
+)
+_MYSQL_SETTINGS = text(
+    "SET @@session.max_execution_time = :ms, @@session.transaction_read_only = :read_only"
+)
+
+
+async def _apply_mysql_settings(
+    session: AsyncSession, timeout_ms: int | None, read_only: bool
+) -> int:
+    """Statement timeout and read-only mode; returns the connection's server thread id
+    (the handle ``KILL QUERY`` needs)."""
+    connection = await session.connection()
+    ms = max(int(timeout_ms), 1) if timeout_ms else 0
+    if getattr(connection.dialect, "is_mariadb", False):
+        await connection.execute(_MARIADB_SETTINGS, {"seconds": ms / 1000, "read_only": read_only})
+    else:
+        await connection.execute(_MYSQL_SETTINGS, {"ms": ms, "read_only": read_only})
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection
+    thread_id: int = driver.thread_id()
+    return thread_id
+
+
+async def _abandon_mysql_statement(session: AsyncSession, thread_id: int) -> None:
+    """After a cancellation: kill the statement the connection may still be running and
+    drop the connection (its reply may still be unread on the socket)."""
+    bind = session.get_bind()
+    await kill_query(bind if isinstance(bind, Engine) else bind.engine, thread_id)
+    with contextlib.suppress(Exception):
+        await (await session.connection()).invalidate()
+
+
 @asynccontextmanager
 async def open_transaction(
     session: AsyncSession,
@@ -65,13 +105,20 @@ async def open_transaction(
     checked out of the pool; the original exception (translated when it is a database
     error, untouched when it is a cancellation) is re-raised.
     """
+    mysql_thread: int | None = None
     try:
         try:
-            if session.get_bind().dialect.name == "postgresql":
+            dialect = session.get_bind().dialect.name
+            if dialect == "postgresql":
                 await _apply_postgres_settings(session, tenant, timeout_ms, read_only, app_role)
+            elif dialect in MYSQL_DIALECTS:
+                mysql_thread = await _apply_mysql_settings(session, timeout_ms, read_only)
             yield session
             await session.commit()
         except BaseException as exc:
+            if mysql_thread is not None and isinstance(exc, asyncio.CancelledError):
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(_abandon_mysql_statement(session, mysql_thread))
             # A failed rollback (connection already gone) must not mask the original error.
             with contextlib.suppress(Exception):
                 await asyncio.shield(session.rollback())

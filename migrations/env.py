@@ -1,5 +1,9 @@
 """Alembic environment: async engines, SQLite batch mode, type comparison.
 
+On MySQL/MariaDB (no partial indexes) the initial migration builds unique-among-live-rows
+keys from generated columns; comparison leaves those stand-ins, and the partial indexes
+they replace, out (see ``MYSQL_LIVE_KEYS`` in the initial migration).
+
 The URL is ``DATABASE_URL`` when set, else the ini's ``sqlalchemy.url``. Programmatic
 callers (``db.migrate``, tests) may pass an open synchronous connection through
 ``config.attributes["connection"]`` instead, and then no engine is created here.
@@ -10,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import os
 from logging.config import fileConfig
+from typing import Any
 
 from alembic import context
-from sqlalchemy import Connection, pool
+from sqlalchemy import Column, Connection, Index, pool
 
 import db.models
 from db.engine_factory import async_engine
@@ -33,12 +38,38 @@ def _url() -> str:
     return url
 
 
+#: Indexes over live rows only (``postgresql_where``): MySQL/MariaDB cannot build them.
+_PARTIAL_INDEXES = frozenset(
+    index.name
+    for table in target_metadata.tables.values()
+    for index in table.indexes
+    if isinstance(index.name, str) and index.dialect_options["postgresql"]["where"] is not None
+)
+
+
+def _include_on_mysql(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    if type_ == "index" and isinstance(obj, Index) and name in _PARTIAL_INDEXES:
+        return False
+    # The generated columns standing in for partial unique indexes exist only in the database.
+    return not (
+        type_ == "column"
+        and reflected
+        and compare_to is None
+        and isinstance(obj, Column)
+        and obj.computed is not None
+    )
+
+
 def _configure(connection: Connection) -> None:
+    mysql = connection.dialect.name in ("mysql", "mariadb")
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
         compare_server_default=False,
+        include_object=_include_on_mysql if mysql else None,
         # SQLite cannot ALTER most things: batch mode copies the table instead.
         render_as_batch=connection.dialect.name == "sqlite",
     )

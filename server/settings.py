@@ -21,6 +21,12 @@ from db.point_reads import ROLE_NAME
 from server.retention import RetentionPolicy
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./ferrule.db"
+DATABASE_URL_SCHEMES = (
+    "postgresql+asyncpg://",
+    "mariadb+asyncmy://",
+    "mysql+asyncmy://",
+    "sqlite+aiosqlite://",
+)
 
 
 def is_loopback(host: str) -> bool:
@@ -213,9 +219,9 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+        if not value.startswith(DATABASE_URL_SCHEMES):
             raise ValueError(
-                "must start with postgresql+asyncpg:// or sqlite+aiosqlite:// "
+                "must start with " + ", ".join(DATABASE_URL_SCHEMES) + " "
                 f"(got {value.split('://', 1)[0]!r})"
             )
         return value

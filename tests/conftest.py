@@ -1,24 +1,29 @@
-"""Fixtures shared by every layer's tests: real PostgreSQL, real Redis, embedded SQLite.
+"""Fixtures shared by every layer's tests: real PostgreSQL, real MariaDB, real Redis,
+embedded SQLite.
 
 Each test that needs a database gets a fresh one (created here, dropped afterwards), so
 no test depends on state another test or session left behind. Under ``CI=true`` a
-missing PostgreSQL or Redis fails the run instead of skipping.
+missing PostgreSQL, MariaDB or Redis fails the run instead of skipping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import asyncmy
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy.engine import make_url
 
 TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )
+TEST_MARIADB_URL = os.environ.get("TEST_MARIADB_URL", "mariadb+asyncmy://root@127.0.0.1:3306/test")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -91,15 +96,92 @@ def sqlite_database_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'ferrule.db'}"
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+async def mariadb_connect(url: str) -> asyncmy.Connection:
+    """A plain asyncmy connection (no database selected) to the server at ``url``."""
+    parsed = make_url(url)
+    return await asyncmy.connect(
+        host=parsed.host or "127.0.0.1",
+        port=parsed.port or 3306,
+        user=parsed.username or "root",
+        password=parsed.password or "",
+        connect_timeout=5,
+        autocommit=True,
+    )
+
+
+@pytest.fixture(scope="session")
+async def mariadb_admin_url() -> str:
+    """URL (SQLAlchemy form) of a MariaDB server whose user may create databases."""
+    try:
+        conn = await mariadb_connect(TEST_MARIADB_URL)
+    except (OSError, asyncmy.errors.Error) as exc:
+        _unavailable("MariaDB at TEST_MARIADB_URL", exc)
+        raise
+    conn.close()
+    return TEST_MARIADB_URL
+
+
+async def drop_mariadb_database(admin_url: str, name: str) -> None:
+    """Drop ``name`` after killing the sessions still using it (as PostgreSQL's FORCE)."""
+    conn = await mariadb_connect(admin_url)
+    try:
+        async with conn.cursor() as cursor:
+            await cursor.execute(
+                "SELECT id FROM information_schema.processlist WHERE db = %s", (name,)
+            )
+            for (session_id,) in await cursor.fetchall():
+                with contextlib.suppress(asyncmy.errors.Error):
+                    await cursor.execute(f"KILL {int(session_id)}")
+            await cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def create_mariadb_database(mariadb_admin_url: str) -> AsyncIterator[CreateDatabase]:
+    """Factory: each call creates an empty MariaDB database and returns its URL."""
+    created: list[str] = []
+
+    async def create() -> str:
+        name = f"ferrule_test_{uuid.uuid4().hex[:12]}"
+        conn = await mariadb_connect(mariadb_admin_url)
+        try:
+            async with conn.cursor() as cursor:
+                await cursor.execute(
+                    f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
+                )
+        finally:
+            conn.close()
+        created.append(name)
+        return _with_database(mariadb_admin_url, name)
+
+    yield create
+    for name in created:
+        await drop_mariadb_database(mariadb_admin_url, name)
+
+
+@pytest.fixture
+async def mariadb_database_url(create_mariadb_database: CreateDatabase) -> str:
+    """A fresh, empty MariaDB database for this test."""
+    return await create_mariadb_database()
+
+
+#: Backend -> the fixture giving a fresh, empty database on it.
+EMPTY_DATABASE_FIXTURES = {
+    "postgresql": "pg_database_url",
+    "mariadb": "mariadb_database_url",
+    "sqlite": "sqlite_database_url",
+}
+
+
+@pytest.fixture(params=list(EMPTY_DATABASE_FIXTURES))
 def empty_database_url(request: pytest.FixtureRequest) -> str:
-    """The same test against both backends: a fresh, empty database URL.
+    """The same test against every backend: a fresh, empty database URL.
 
     Sync on purpose: an async fixture cannot call ``getfixturevalue`` on another async
     fixture while the event loop runs.
     """
-    name = "pg_database_url" if request.param == "postgresql" else "sqlite_database_url"
-    url: str = request.getfixturevalue(name)
+    url: str = request.getfixturevalue(EMPTY_DATABASE_FIXTURES[request.param])
     return url
 
 

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String, Text, func, text
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.models.base import (
@@ -14,6 +14,7 @@ from db.models.base import (
     Base,
     EnumString,
     IdMixin,
+    LongText,
     SoftDeleteMixin,
     TenantMixin,
     TimestampMixin,
@@ -35,7 +36,7 @@ class AnalysisBatch(
     __tablename__ = "analysis_batches"
 
     display_name: Mapped[str] = mapped_column(String(255))
-    description: Mapped[str | None] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(LongText)
 
     __table_args__ = (
         Index(
@@ -60,7 +61,7 @@ class TextAnalysis(
 ):
     __tablename__ = "text_analyses"
 
-    text: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(LongText)
     #: SHA-256 hex of the text; with the type it deduplicates live analyses per organization.
     content_hash: Mapped[str] = mapped_column(String(64))
     analysis_type: Mapped[AnalysisType] = mapped_column(EnumString(AnalysisType))
@@ -76,7 +77,7 @@ class TextAnalysis(
     result: Mapped[dict[str, Any] | None] = mapped_column()
     processing_ms: Mapped[float | None] = mapped_column()
     model_used: Mapped[str | None] = mapped_column(String(200))
-    error_message: Mapped[str | None] = mapped_column(Text)
+    error_message: Mapped[str | None] = mapped_column(LongText)
     batch_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("analysis_batches.id", ondelete="SET NULL")
     )

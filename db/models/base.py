@@ -1,7 +1,8 @@
 """Declarative base, portable column types and the mixins every table is built from.
 
-The same models run on PostgreSQL (UUID, JSONB, timestamptz) and SQLite, so the types
-here pick the native type per dialect and normalise what comes back (aware UTC
+The same models run on PostgreSQL (UUID, JSONB, timestamptz), MySQL/MariaDB (native
+``uuid`` on MariaDB, ``CHAR(32)`` on MySQL, JSON, ``DATETIME(6)`` in UTC) and SQLite, so
+the types here pick the native type per dialect and normalise what comes back (aware UTC
 datetimes, enum members) so repositories never care which backend they talk to.
 """
 
@@ -20,14 +21,18 @@ from sqlalchemy import (
     Dialect,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
+    Text,
     TypeDecorator,
     Uuid,
     func,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
+from sqlalchemy.types import TypeEngine
 
 #: Every constraint and index gets a deterministic name, so migrations can refer to
 #: them and ``alembic check`` compares like with like on both backends.
@@ -41,6 +46,12 @@ NAMING_CONVENTION: dict[str, str] = {
 
 #: JSON documents: JSONB on PostgreSQL (indexable, compact), JSON text elsewhere.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+#: Unbounded text and bytes: TEXT and BLOB stop at 64 KiB on MySQL/MariaDB.
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+LongBinary = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
+#: Dialects of the MySQL family (``mysql+asyncmy://`` and ``mariadb+asyncmy://``).
+MYSQL_DIALECTS = frozenset({"mysql", "mariadb"})
 
 
 def new_id() -> uuid.UUID:
@@ -53,10 +64,16 @@ def utcnow() -> datetime:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """``timestamptz`` on PostgreSQL; on SQLite (no zones) stored as UTC, read back aware."""
+    """``timestamptz`` on PostgreSQL; on SQLite and MySQL/MariaDB (no zones) stored as UTC
+    (``DATETIME(6)`` there, microseconds kept), read back aware."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in MYSQL_DIALECTS:
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(self.impl)
 
     @property
     def python_type(self) -> type[datetime]:
@@ -68,8 +85,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             raise ValueError("naive datetimes are ambiguous; pass an aware datetime")
         value = value.astimezone(UTC)
-        # SQLite compares the stored text, so every value must share one format.
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        # SQLite compares the stored text, so every value must share one format; MySQL's
+        # DATETIME has no zone (the connection's time zone is UTC).
+        zoneless = dialect.name == "sqlite" or dialect.name in MYSQL_DIALECTS
+        return value.replace(tzinfo=None) if zoneless else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, Integer, LargeBinary, String, func
+from sqlalchemy import ForeignKey, Index, Integer, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
-from db.models.base import Base, utcnow
+from db.models.base import Base, LongBinary, utcnow
 
 
 class IdempotencyKey(Base):
@@ -27,7 +27,7 @@ class IdempotencyKey(Base):
     request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     resource_name: Mapped[str | None] = mapped_column(String(512))
     #: The serialized response message of the first call.
-    response: Mapped[bytes | None] = mapped_column(LargeBinary)
+    response: Mapped[bytes | None] = mapped_column(LongBinary)
     create_time: Mapped[datetime] = mapped_column(
         default=utcnow, server_default=func.current_timestamp()
     )

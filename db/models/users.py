@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, func, text
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, func, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from db.models.base import (
@@ -13,6 +13,7 @@ from db.models.base import (
     Base,
     EnumString,
     IdMixin,
+    LongText,
     SoftDeleteMixin,
     TenantMixin,
     TimestampMixin,
@@ -92,7 +93,7 @@ class UserProfile(TenantMixin, TimestampMixin, Base):
     user_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
     )
-    bio: Mapped[str | None] = mapped_column(Text)
+    bio: Mapped[str | None] = mapped_column(LongText)
     avatar_uri: Mapped[str | None] = mapped_column(String(2048))
     locale: Mapped[str | None] = mapped_column(String(35))
     time_zone: Mapped[str | None] = mapped_column(String(64))

@@ -15,14 +15,15 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, Table, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import InstrumentedAttribute
 
 from db.errors import (
+    AlreadyExistsError,
     FailedPreconditionError,
     FieldViolation,
     InvalidTransitionError,
@@ -31,12 +32,13 @@ from db.errors import (
 )
 from db.models import utcnow
 from db.models.analyses import TextAnalysis
-from db.models.base import new_id
+from db.models.base import MYSQL_DIALECTS, new_id
 from db.models.enums import AnalysisState, AnalysisType, OptimizationTier
 from db.pagination import JSONValue, Page, SortKey, paginate, parse_order_by
 from db.point_reads import PointReader
 from db.repositories.base import RecordRead, Repository, domain_errors, not_found_in
 from db.repositories.batches import BatchesRepository
+from db.repositories.mysql_inserts import insert_skipping_duplicates
 
 S = TypeVar("S", bound=Select[*tuple[Any, ...]])
 
@@ -304,6 +306,14 @@ class AnalysesRepository(Repository[TextAnalysis]):
             row_id = row_of_item[index]
             if row_id in inserted:
                 ids_of_key[key] = row_id
+            elif key not in ids_of_key:
+                # Skipped, yet no live row holds its text+type: its id was taken (MySQL's
+                # INSERT IGNORE skips every duplicate key; ON CONFLICT raised this already).
+                raise AlreadyExistsError(
+                    self.resource_type,
+                    self.resource_name(row_id),
+                    "an analysis with this id already exists",
+                )
         loaded = await self._load(set(ids_of_key.values()))
         out: list[CreatedAnalysis] = []
         for index, key in enumerate(keys):
@@ -350,20 +360,24 @@ class AnalysesRepository(Repository[TextAnalysis]):
     async def _insert(self, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
         """One multi-row INSERT skipping rows whose live text+type exists; the ids written."""
         dialect = self.session.get_bind().dialect.name
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        stmt = (
-            insert(TextAnalysis)
-            .values(rows)
-            .on_conflict_do_nothing(
-                index_elements=["organization_id", "analysis_type", "content_hash"],
-                index_where=TextAnalysis.delete_time.is_(None),
-            )
-            .returning(TextAnalysis.id)
-        )
         name = self.resource_name(rows[0]["id"]) if len(rows) == 1 else self.resource_name("-")
         async with domain_errors(
             self.resource_type, name, conflict_message="an analysis with this id already exists"
         ):
+            if dialect in MYSQL_DIALECTS:
+                # Skips id collisions too; create_many tells them apart afterwards.
+                table = cast(Table, TextAnalysis.__table__)
+                return await insert_skipping_duplicates(self.session, table, rows, table.c.id)
+            insert = pg_insert if dialect == "postgresql" else sqlite_insert
+            stmt = (
+                insert(TextAnalysis)
+                .values(rows)
+                .on_conflict_do_nothing(
+                    index_elements=["organization_id", "analysis_type", "content_hash"],
+                    index_where=TextAnalysis.delete_time.is_(None),
+                )
+                .returning(TextAnalysis.id)
+            )
             return set((await self.session.execute(stmt)).scalars().all())
 
     async def _live_by_key(

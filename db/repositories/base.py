@@ -49,6 +49,35 @@ def scope_to_tenant(stmt: S, organization_column: InstrumentedAttribute[Any], te
     return cast(S, stmt.where(organization_column == tenant.organization_id))
 
 
+def bounded(victims: Select[*tuple[Any, ...]]) -> Select[*tuple[Any, ...]]:
+    """``victims`` (a select with its LIMIT) wrapped in a derived table, for ``IN (...)``.
+
+    MySQL/MariaDB refuse a LIMIT inside an IN subquery, and a subquery reading the table
+    a DELETE writes, but accept both inside a derived table; so do the other backends.
+    """
+    derived = victims.subquery("victims")
+    return select(*derived.c)
+
+
+async def matched_one(session: AsyncSession, stmt: Update | Delete) -> bool:
+    """Run a single-row UPDATE or DELETE; True when it matched its row.
+
+    RETURNING where the backend has it for the statement; MySQL (and MariaDB for UPDATE)
+    has not, and there the driver's matched-row count answers (asyncmy connects with
+    CLIENT_FOUND_ROWS, so a row updated to identical values still counts).
+    """
+    dialect = session.get_bind().dialect
+    returning = dialect.update_returning if isinstance(stmt, Update) else dialect.delete_returning
+    table = cast(FromClause, stmt.table)
+    key = next(iter(table.primary_key))
+    options = {"synchronize_session": False}
+    if returning:
+        found = await session.execute(stmt.returning(key).execution_options(**options))
+        return found.scalar_one_or_none() is not None
+    result = await session.execute(stmt.execution_options(**options))
+    return int(getattr(result, "rowcount", 0) or 0) > 0
+
+
 @asynccontextmanager
 async def domain_errors(
     resource_type: str, resource_name: str, *, conflict_message: str | None = None
@@ -280,16 +309,12 @@ class Repository(Generic[M]):
             stmt = stmt.where(condition)
         if expected_version is not None:
             stmt = stmt.where(model.version == expected_version)
-        stmt = (
-            stmt.values(**values, version=model.version + 1)
-            .returning(model.id)
-            .execution_options(synchronize_session=False)
-        )
+        stmt = stmt.values(**values, version=model.version + 1)
         async with domain_errors(
             self.resource_type, self.resource_name(resource_id), conflict_message=conflict_message
         ):
-            updated = (await self.session.execute(stmt)).scalar_one_or_none()
-        if updated is not None:
+            updated = await matched_one(self.session, stmt)
+        if updated:
             return
         current = await self.get(resource_id, show_deleted=True)
         if getattr(current, "delete_time", None) is not None and not deleted:
@@ -343,8 +368,5 @@ class Repository(Generic[M]):
     async def purge(self, resource_id: uuid.UUID) -> None:
         """Delete the row for good (cascades to its dependants)."""
         stmt = self.scoped(delete(self.model)).where(self.model.id == resource_id)
-        result = await self.session.execute(
-            stmt.returning(self.model.id).execution_options(synchronize_session=False)
-        )
-        if result.scalar_one_or_none() is None:
+        if not await matched_one(self.session, stmt):
             raise self.not_found(resource_id)

@@ -9,7 +9,7 @@ from sqlalchemy import delete, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.models.idempotency import IdempotencyKey, IngestBatch
-from db.repositories.base import domain_errors, scope_to_tenant
+from db.repositories.base import bounded, domain_errors, scope_to_tenant
 from db.tenancy import Tenant
 
 
@@ -61,7 +61,7 @@ class IdempotencyRepository:
         )
         result = await self.session.execute(
             delete(IdempotencyKey)
-            .where(key.in_(victims))
+            .where(key.in_(bounded(victims)))
             .execution_options(synchronize_session=False)
         )
         return int(getattr(result, "rowcount", 0) or 0)
@@ -87,6 +87,8 @@ class IngestBatchRepository:
             self.tenant,
         )
         result = await self.session.execute(
-            delete(IngestBatch).where(key.in_(victims)).execution_options(synchronize_session=False)
+            delete(IngestBatch)
+            .where(key.in_(bounded(victims)))
+            .execution_options(synchronize_session=False)
         )
         return int(getattr(result, "rowcount", 0) or 0)

@@ -18,6 +18,12 @@ RLS; the INSERT ... SELECT goes through the policies like any insert. The stagin
 table lives per connection (``ON COMMIT DELETE ROWS``): no catalog churn per group,
 and ``IF NOT EXISTS`` re-creates it on a fresh backend (PgBouncer transaction mode).
 
+MySQL/MariaDB: the same statements as SQLite's path, with the rows in multi-row
+``INSERT IGNORE`` statements (:mod:`db.repositories.mysql_inserts`: duplicates skipped,
+any other data problem still an error), so a row a concurrent stream committed first is
+skipped rather than failing the group; recording the batch id is a plain INSERT, so two
+transactions writing the same batch cannot both commit it.
+
 SQLite (the embedded default) takes a portable path: look the keys up, insert the rest.
 """
 
@@ -43,6 +49,8 @@ from db.errors import (
     StatementTimeoutError,
 )
 from db.models import IngestBatch, Prediction
+from db.models.base import MYSQL_DIALECTS
+from db.repositories.mysql_inserts import insert_skipping_duplicates
 
 __all__ = [
     "STAGED_COLUMNS",
@@ -151,8 +159,11 @@ async def ingest_batches(
     writable = [b for b in batches if b.valid > 0]
     if not writable:
         return [BatchCounts(0, 0) for _ in batches]
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
         accepted = await _ingest_postgres(session, organization_id, create_by, writable)
+    elif dialect in MYSQL_DIALECTS:
+        accepted = await _ingest_mysql(session, organization_id, create_by, writable)
     else:
         accepted = await _ingest_portable(session, organization_id, create_by, writable)
     return [
@@ -235,19 +246,7 @@ async def _ingest_portable(
     batches: Sequence[PendingBatch],
 ) -> dict[str, int]:
     """Look-up-then-insert; right where writers are serialised (SQLite has one writer)."""
-    batch_table = cast(Table, IngestBatch.__table__)
-    ids = [b.batch_id for b in batches]
-    existing = set(
-        (
-            await session.execute(
-                select(batch_table.c.batch_id).where(
-                    batch_table.c.organization_id == organization_id,
-                    batch_table.c.batch_id.in_(ids),
-                )
-            )
-        ).scalars()
-    )
-    fresh = [b for b in batches if b.batch_id not in existing]
+    fresh = await _unrecorded(session, organization_id, batches)
     table = cast(Table, Prediction.__table__)
     candidates = [row for b in fresh for row in b.rows]
     taken: set[uuid.UUID] = set()
@@ -261,35 +260,93 @@ async def _ingest_portable(
         if row[0] in taken:
             continue
         accepted[row[8]] = accepted.get(row[8], 0) + 1
-        values.append(
-            {
-                "id": row[0],
-                "organization_id": organization_id,
-                "subject_id": row[1],
-                "probability": row[2],
-                "risk_level": row[3],
-                "model_name": row[4],
-                "model_version": row[5],
-                "features": None if row[6] is None else json.loads(row[6]),
-                "predict_time": row[7],
-                "request_id": row[8],
-                "create_by": create_by,
-            }
-        )
+        values.append(_prediction_values(row, organization_id, create_by))
     if values:
         await session.execute(insert(table), values)
-    if fresh:
-        await session.execute(
-            insert(batch_table),
-            [
-                {
-                    "organization_id": organization_id,
-                    "batch_id": b.batch_id,
-                    "accepted": accepted.get(b.batch_id, 0),
-                    "duplicates": b.valid - accepted.get(b.batch_id, 0),
-                    "rejected": b.rejected,
-                }
-                for b in fresh
-            ],
-        )
+    await _record_batches(session, organization_id, fresh, accepted)
     return accepted
+
+
+async def _ingest_mysql(
+    session: AsyncSession,
+    organization_id: uuid.UUID,
+    create_by: str | None,
+    batches: Sequence[PendingBatch],
+) -> dict[str, int]:
+    fresh = await _unrecorded(session, organization_id, batches)
+    table = cast(Table, Prediction.__table__)
+    values = [_prediction_values(row, organization_id, create_by) for b in fresh for row in b.rows]
+    written: set[uuid.UUID] = set()
+    for start in range(0, len(values), MYSQL_INSERT_ROWS):
+        chunk = values[start : start + MYSQL_INSERT_ROWS]
+        written |= await insert_skipping_duplicates(session, table, chunk, table.c.id)
+    accepted: dict[str, int] = {}
+    for row in values:
+        if row["id"] in written:
+            written.discard(row["id"])  # a repeated id counts once, for its first batch
+            accepted[row["request_id"]] = accepted.get(row["request_id"], 0) + 1
+    await _record_batches(session, organization_id, fresh, accepted)
+    return accepted
+
+
+#: Rows per multi-row INSERT on MySQL/MariaDB: statements stay far below max_allowed_packet.
+MYSQL_INSERT_ROWS = 1000
+
+
+async def _unrecorded(
+    session: AsyncSession, organization_id: uuid.UUID, batches: Sequence[PendingBatch]
+) -> list[PendingBatch]:
+    """The batches whose id no committed transaction recorded."""
+    batch_table = cast(Table, IngestBatch.__table__)
+    existing = set(
+        (
+            await session.execute(
+                select(batch_table.c.batch_id).where(
+                    batch_table.c.organization_id == organization_id,
+                    batch_table.c.batch_id.in_([b.batch_id for b in batches]),
+                )
+            )
+        ).scalars()
+    )
+    return [b for b in batches if b.batch_id not in existing]
+
+
+def _prediction_values(
+    row: StagedRow, organization_id: uuid.UUID, create_by: str | None
+) -> dict[str, Any]:
+    return {
+        "id": row[0],
+        "organization_id": organization_id,
+        "subject_id": row[1],
+        "probability": row[2],
+        "risk_level": row[3],
+        "model_name": row[4],
+        "model_version": row[5],
+        "features": None if row[6] is None else json.loads(row[6]),
+        "predict_time": row[7],
+        "request_id": row[8],
+        "create_by": create_by,
+    }
+
+
+async def _record_batches(
+    session: AsyncSession,
+    organization_id: uuid.UUID,
+    fresh: Sequence[PendingBatch],
+    accepted: dict[str, int],
+) -> None:
+    if not fresh:
+        return
+    await session.execute(
+        insert(cast(Table, IngestBatch.__table__)),
+        [
+            {
+                "organization_id": organization_id,
+                "batch_id": b.batch_id,
+                "accepted": accepted.get(b.batch_id, 0),
+                "duplicates": b.valid - accepted.get(b.batch_id, 0),
+                "rejected": b.rejected,
+            }
+            for b in fresh
+        ],
+    )

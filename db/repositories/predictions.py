@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.errors import DomainError
 from db.models import Prediction, RiskLevel
+from db.models.base import MYSQL_DIALECTS
 from db.pagination import (
     MAX_PAGE_SIZE,
     JSONValue,
@@ -31,7 +32,8 @@ from db.pagination import (
     parse_order_by,
 )
 from db.point_reads import PointReader
-from db.repositories.base import RecordRead, Repository, domain_errors, not_found_in
+from db.repositories.base import RecordRead, Repository, bounded, domain_errors, not_found_in
+from db.repositories.mysql_inserts import insert_skipping_duplicates
 from db.tenancy import Tenant
 
 #: A select of any columns (the filters apply to entity and aggregate selects alike).
@@ -144,19 +146,24 @@ class PredictionsRepository(Repository[Prediction]):
             raise DomainError("a prediction row belongs to another organization")
         table = cast(Table, Prediction.__table__)
         dialect = self.session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         inserted: set[uuid.UUID] = set()
         for start in range(0, len(rows), INSERT_CHUNK_ROWS):
             chunk = [r.as_row() for r in rows[start : start + INSERT_CHUNK_ROWS]]
-            stmt = (
-                insert(table)
-                .values(chunk)
-                .on_conflict_do_nothing(index_elements=["id"])
-                .returning(table.c.id)
-            )
             async with domain_errors(self.resource_type, self.resource_name("-")):
-                result = await self.session.execute(stmt)
-            inserted.update(result.scalars().all())
+                if dialect in MYSQL_DIALECTS:
+                    written = await insert_skipping_duplicates(
+                        self.session, table, chunk, table.c.id
+                    )
+                else:
+                    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+                    stmt = (
+                        insert(table)
+                        .values(chunk)
+                        .on_conflict_do_nothing(index_elements=["id"])
+                        .returning(table.c.id)
+                    )
+                    written = set((await self.session.execute(stmt)).scalars())
+            inserted.update(written)
         return inserted
 
     async def delete_older_than(
@@ -168,14 +175,34 @@ class PredictionsRepository(Repository[Prediction]):
         those organizations can be invalidated, even for an all-organizations purge).
         """
         victims = self.scoped(select(Prediction.id)).where(Prediction.predict_time < cutoff)
+        if not self.session.get_bind().dialect.delete_returning:
+            return await self._delete_listed(victims.limit(limit))
         stmt = (
             delete(Prediction)
-            .where(Prediction.id.in_(victims.limit(limit).scalar_subquery()))
+            .where(Prediction.id.in_(bounded(victims.limit(limit)).scalar_subquery()))
             .returning(Prediction.organization_id)
             .execution_options(synchronize_session=False)
         )
         owners = (await self.session.execute(stmt)).scalars().all()
         return len(owners), set(owners)
+
+    async def _delete_listed(self, victims: AnySelect) -> tuple[int, set[uuid.UUID]]:
+        """Without DELETE ... RETURNING (MySQL): lock the victims, note their owners, delete."""
+        listed = (
+            await self.session.execute(
+                select(Prediction.id, Prediction.organization_id)
+                .where(Prediction.id.in_(bounded(victims).scalar_subquery()))
+                .with_for_update()
+            )
+        ).all()
+        if not listed:
+            return 0, set()
+        await self.session.execute(
+            delete(Prediction)
+            .where(Prediction.id.in_([row.id for row in listed]))
+            .execution_options(synchronize_session=False)
+        )
+        return len(listed), {row.organization_id for row in listed}
 
     async def count_older_than(self, cutoff: datetime) -> int:
         stmt = self.scoped(select(func.count()).select_from(Prediction)).where(

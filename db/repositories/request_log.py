@@ -19,7 +19,7 @@ from sqlalchemy import Table, delete, insert, select
 from db.engine import Database
 from db.models import Organization, RequestLogEntry, new_id
 from db.pagination import JSONValue, Page, SortKey, paginate, parse_order_by
-from db.repositories.base import Repository
+from db.repositories.base import Repository, bounded
 from db.tenancy import Tenant
 
 ORDERABLE = {"create_time": RequestLogEntry.create_time}
@@ -151,7 +151,7 @@ class RequestLogRepository(Repository[RequestLogEntry]):
         )
         result = await self.session.execute(
             delete(RequestLogEntry)
-            .where(RequestLogEntry.id.in_(victims.scalar_subquery()))
+            .where(RequestLogEntry.id.in_(bounded(victims).scalar_subquery()))
             .execution_options(synchronize_session=False)
         )
         return int(getattr(result, "rowcount", 0) or 0)

@@ -15,7 +15,7 @@ from sqlalchemy import delete, or_, select, update
 from db.errors import FieldViolation, NotFoundError, ValidationError
 from db.models import User, UserSession, utcnow
 from db.pagination import JSONValue, Page, SortKey, paginate
-from db.repositories.base import Repository, scope_to_tenant
+from db.repositories.base import Repository, bounded, scope_to_tenant
 
 
 def hash_token(token: str) -> str:
@@ -126,7 +126,7 @@ class SessionsRepository(Repository[UserSession]):
         )
         result = await self.session.execute(
             delete(UserSession)
-            .where(UserSession.id.in_(victims.scalar_subquery()))
+            .where(UserSession.id.in_(bounded(victims).scalar_subquery()))
             .execution_options(synchronize_session=False)
         )
         return int(getattr(result, "rowcount", 0) or 0)

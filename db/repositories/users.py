@@ -25,6 +25,7 @@ from db.repositories.base import (
     RecordRead,
     Repository,
     domain_errors,
+    matched_one,
     not_found_in,
     record_columns,
     scope_to_tenant,
@@ -362,10 +363,8 @@ class UsersRepository(Repository[User]):
             scope_to_tenant(update(UserProfile), UserProfile.organization_id, self.tenant)
             .where(UserProfile.user_id == user_id)
             .values(**values)
-            .returning(UserProfile.user_id)
-            .execution_options(synchronize_session=False)
         )
-        if (await self.session.execute(stmt)).scalar_one_or_none() is None:
+        if not await matched_one(self.session, stmt):
             # Users created outside this repository may lack a profile row.
             organization_id = self.tenant.organization_id
             if organization_id is None:

@@ -11,10 +11,11 @@ Create Date: 2026-11-22 04:59:43.485997
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import mysql, postgresql
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -22,6 +23,73 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 JSON_TYPE = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+#: MySQL/MariaDB: DATETIME keeps microseconds only with fsp 6 (stored as UTC, no zone);
+#: TEXT and BLOB stop at 64 KiB there, so long text and responses take the LONG types.
+TIMESTAMP_TYPE = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+LONG_BINARY = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
+#: MySQL/MariaDB have no partial indexes. Unique-among-live-rows keys become a generated
+#: column that copies the key's last column while the row is live and is NULL once it is
+#: deleted (NULLs never collide), uniquely indexed under the partial index's name. The
+#: other partial indexes only speed up listing live rows and are left out there.
+#: (index name -> generated column, the column it copies)
+MYSQL_LIVE_KEYS = {
+    "uq_users_organization_id_email_live": ("email_live", "email"),
+    "uq_text_analyses_live_content_hash": ("content_hash_live", "content_hash"),
+}
+
+
+def _is_mysql() -> bool:
+    return op.get_bind().dialect.name in ("mysql", "mariadb")
+
+
+def _now() -> sa.TextClause:
+    # MySQL refuses a DATETIME(6) default of lower precision.
+    return sa.text("CURRENT_TIMESTAMP(6)" if _is_mysql() else "CURRENT_TIMESTAMP")
+
+
+def _create_table(name: str, *columns: sa.schema.SchemaItem) -> None:
+    """op.create_table; on MySQL/MariaDB InnoDB, utf8mb4 and a binary, no-pad collation, so
+    keys compare as on PostgreSQL (case, accents and trailing spaces all count)."""
+    options: dict[str, Any] = {}
+    if _is_mysql():
+        mariadb = bool(getattr(op.get_bind().dialect, "is_mariadb", False))
+        options = {
+            "mysql_engine": "InnoDB",
+            "mysql_charset": "utf8mb4",
+            "mysql_collate": "utf8mb4_nopad_bin" if mariadb else "utf8mb4_0900_bin",
+        }
+    op.create_table(name, *columns, **options)
+
+
+def _create_live_index(name: str, table: str, columns: list[str], *, unique: bool) -> None:
+    """A partial index over live rows (``delete_time IS NULL``); see MYSQL_LIVE_KEYS."""
+    if not _is_mysql():
+        op.create_index(
+            name,
+            table,
+            columns,
+            unique=unique,
+            postgresql_where=sa.text("delete_time IS NULL"),
+            sqlite_where=sa.text("delete_time IS NULL"),
+        )
+        return
+    if name not in MYSQL_LIVE_KEYS:
+        return
+    generated, source = MYSQL_LIVE_KEYS[name]
+    length = {"email": 320, "content_hash": 64}[source]
+    op.add_column(
+        table,
+        sa.Column(
+            generated,
+            sa.String(length),
+            sa.Computed(f"CASE WHEN delete_time IS NULL THEN {source} END", persisted=False),
+            nullable=True,
+        ),
+    )
+    op.create_index(name, table, [*columns[:-1], generated], unique=True)
+
 
 #: The role the service's transactions switch to: no BYPASSRLS, owns nothing, so the
 #: policies below always apply to it. Roles are cluster-wide: created once, never dropped.
@@ -83,54 +151,54 @@ def _drop_row_level_security() -> None:
 
 
 def upgrade() -> None:
-    op.create_table(
+    _create_table(
         "organizations",
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("display_name", sa.String(length=255), nullable=False),
         sa.Column(
             "create_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.Column(
             "update_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.Column("create_by", sa.String(length=255), nullable=True),
         sa.Column("update_by", sa.String(length=255), nullable=True),
         sa.Column("delete_by", sa.String(length=255), nullable=True),
-        sa.Column("delete_time", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("delete_time", TIMESTAMP_TYPE, nullable=True),
         sa.Column("version", sa.Integer(), server_default="1", nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_organizations")),
     )
     op.create_index(
         "ix_organizations_create_time_id", "organizations", ["create_time", "id"], unique=False
     )
-    op.create_table(
+    _create_table(
         "analysis_batches",
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("organization_id", sa.Uuid(), nullable=False),
         sa.Column("display_name", sa.String(length=255), nullable=False),
-        sa.Column("description", sa.Text(), nullable=True),
+        sa.Column("description", LONG_TEXT, nullable=True),
         sa.Column(
             "create_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.Column(
             "update_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.Column("create_by", sa.String(length=255), nullable=True),
         sa.Column("update_by", sa.String(length=255), nullable=True),
         sa.Column("delete_by", sa.String(length=255), nullable=True),
-        sa.Column("delete_time", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("delete_time", TIMESTAMP_TYPE, nullable=True),
         sa.Column("version", sa.Integer(), server_default="1", nullable=False),
         sa.ForeignKeyConstraint(
             ["organization_id"],
@@ -140,13 +208,11 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_analysis_batches")),
     )
-    op.create_index(
+    _create_live_index(
         "ix_analysis_batches_live_organization_id_create_time_id",
         "analysis_batches",
         ["organization_id", "create_time", "id"],
         unique=False,
-        postgresql_where=sa.text("delete_time IS NULL"),
-        sqlite_where=sa.text("delete_time IS NULL"),
     )
     op.create_index(
         "ix_analysis_batches_organization_id_create_time_id",
@@ -154,17 +220,17 @@ def upgrade() -> None:
         ["organization_id", "create_time", "id"],
         unique=False,
     )
-    op.create_table(
+    _create_table(
         "idempotency_keys",
         sa.Column("organization_id", sa.Uuid(), nullable=False),
         sa.Column("method", sa.String(length=255), nullable=False),
         sa.Column("request_id", sa.String(length=128), nullable=False),
         sa.Column("resource_name", sa.String(length=512), nullable=True),
-        sa.Column("response", sa.LargeBinary(), nullable=True),
+        sa.Column("response", LONG_BINARY, nullable=True),
         sa.Column(
             "create_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.ForeignKeyConstraint(
@@ -180,7 +246,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_idempotency_keys_create_time", "idempotency_keys", ["create_time"], unique=False
     )
-    op.create_table(
+    _create_table(
         "ingest_batches",
         sa.Column("organization_id", sa.Uuid(), nullable=False),
         sa.Column("batch_id", sa.String(length=128), nullable=False),
@@ -189,8 +255,8 @@ def upgrade() -> None:
         sa.Column("rejected", sa.Integer(), server_default="0", nullable=False),
         sa.Column(
             "create_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.ForeignKeyConstraint(
@@ -204,14 +270,16 @@ def upgrade() -> None:
     op.create_index(
         "ix_ingest_batches_create_time", "ingest_batches", ["create_time"], unique=False
     )
-    op.create_table(
+    # A reserved word in MySQL/MariaDB; PostgreSQL and SQLite take it as it is.
+    precision = "`precision`" if _is_mysql() else "precision"
+    _create_table(
         "model_performance_records",
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("organization_id", sa.Uuid(), nullable=False),
         sa.Column("model_name", sa.String(length=100), nullable=False),
         sa.Column("model_version", sa.String(length=50), nullable=False),
-        sa.Column("window_start", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("window_end", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("window_start", TIMESTAMP_TYPE, nullable=False),
+        sa.Column("window_end", TIMESTAMP_TYPE, nullable=False),
         sa.Column("accuracy", sa.Double(), nullable=True),
         sa.Column("precision", sa.Double(), nullable=True),
         sa.Column("recall", sa.Double(), nullable=True),
@@ -223,8 +291,8 @@ def upgrade() -> None:
         sa.Column("error_count", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column(
             "create_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.Column("create_by", sa.String(length=255), nullable=True),
@@ -239,7 +307,8 @@ def upgrade() -> None:
             name=op.f("ck_model_performance_records_costs_non_negative"),
         ),
         sa.CheckConstraint(
-            "precision >= 0 AND precision <= 1", name=op.f("ck_model_performance_records_precision")
+            f"{precision} >= 0 AND {precision} <= 1",
+            name=op.f("ck_model_performance_records_precision"),
         ),
         sa.CheckConstraint(
             "recall >= 0 AND recall <= 1", name=op.f("ck_model_performance_records_recall")
@@ -271,7 +340,7 @@ def upgrade() -> None:
         ["organization_id", "create_time", "id"],
         unique=False,
     )
-    op.create_table(
+    _create_table(
         "predictions",
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("organization_id", sa.Uuid(), nullable=False),
@@ -281,12 +350,12 @@ def upgrade() -> None:
         sa.Column("model_name", sa.String(length=100), nullable=False),
         sa.Column("model_version", sa.String(length=50), nullable=False),
         sa.Column("features", JSON_TYPE, nullable=True),
-        sa.Column("predict_time", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("predict_time", TIMESTAMP_TYPE, nullable=False),
         sa.Column("request_id", sa.String(length=128), nullable=True),
         sa.Column(
             "create_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.Column("create_by", sa.String(length=255), nullable=True),
@@ -328,7 +397,7 @@ def upgrade() -> None:
         ["organization_id", "subject_id", "predict_time"],
         unique=False,
     )
-    op.create_table(
+    _create_table(
         "request_log",
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("organization_id", sa.Uuid(), nullable=True),
@@ -342,8 +411,8 @@ def upgrade() -> None:
         sa.Column("trace_id", sa.String(length=32), nullable=True),
         sa.Column(
             "create_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.ForeignKeyConstraint(
@@ -361,7 +430,7 @@ def upgrade() -> None:
         ["organization_id", "create_time", "id"],
         unique=False,
     )
-    op.create_table(
+    _create_table(
         "users",
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("organization_id", sa.Uuid(), nullable=False),
@@ -372,23 +441,23 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=32), nullable=False),
         sa.Column("auth_provider", sa.String(length=32), nullable=False),
         sa.Column("password_hash", sa.String(length=255), nullable=True),
-        sa.Column("last_login_time", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("last_login_time", TIMESTAMP_TYPE, nullable=True),
         sa.Column(
             "create_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.Column(
             "update_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.Column("create_by", sa.String(length=255), nullable=True),
         sa.Column("update_by", sa.String(length=255), nullable=True),
         sa.Column("delete_by", sa.String(length=255), nullable=True),
-        sa.Column("delete_time", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("delete_time", TIMESTAMP_TYPE, nullable=True),
         sa.Column("version", sa.Integer(), server_default="1", nullable=False),
         sa.CheckConstraint(
             "auth_provider <> 'EMAIL' OR password_hash IS NOT NULL",
@@ -414,13 +483,11 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_users")),
     )
-    op.create_index(
+    _create_live_index(
         "ix_users_live_organization_id_create_time_id",
         "users",
         ["organization_id", "create_time", "id"],
         unique=False,
-        postgresql_where=sa.text("delete_time IS NULL"),
-        sqlite_where=sa.text("delete_time IS NULL"),
     )
     op.create_index(
         "ix_users_organization_id_create_time_id",
@@ -431,19 +498,17 @@ def upgrade() -> None:
     op.create_index(
         "ix_users_organization_id_username", "users", ["organization_id", "username"], unique=False
     )
-    op.create_index(
+    _create_live_index(
         "uq_users_organization_id_email_live",
         "users",
         ["organization_id", "email"],
         unique=True,
-        postgresql_where=sa.text("delete_time IS NULL"),
-        sqlite_where=sa.text("delete_time IS NULL"),
     )
-    op.create_table(
+    _create_table(
         "text_analyses",
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("organization_id", sa.Uuid(), nullable=False),
-        sa.Column("text", sa.Text(), nullable=False),
+        sa.Column("text", LONG_TEXT, nullable=False),
         sa.Column("content_hash", sa.String(length=64), nullable=False),
         sa.Column("analysis_type", sa.String(length=32), nullable=False),
         sa.Column("optimization_tier", sa.String(length=32), nullable=False),
@@ -454,24 +519,24 @@ def upgrade() -> None:
         sa.Column("result", JSON_TYPE, nullable=True),
         sa.Column("processing_ms", sa.Double(), nullable=True),
         sa.Column("model_used", sa.String(length=100), nullable=True),
-        sa.Column("error_message", sa.Text(), nullable=True),
+        sa.Column("error_message", LONG_TEXT, nullable=True),
         sa.Column("batch_id", sa.Uuid(), nullable=True),
         sa.Column(
             "create_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.Column(
             "update_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.Column("create_by", sa.String(length=255), nullable=True),
         sa.Column("update_by", sa.String(length=255), nullable=True),
         sa.Column("delete_by", sa.String(length=255), nullable=True),
-        sa.Column("delete_time", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("delete_time", TIMESTAMP_TYPE, nullable=True),
         sa.Column("version", sa.Integer(), server_default="1", nullable=False),
         sa.CheckConstraint(
             "analysis_type IN ('SENTIMENT', 'QUALITY', 'EMOTION', 'ENTITIES', 'KEYWORDS',"
@@ -513,13 +578,11 @@ def upgrade() -> None:
     op.create_index(
         "ix_text_analyses_batch_id_state", "text_analyses", ["batch_id", "state"], unique=False
     )
-    op.create_index(
+    _create_live_index(
         "ix_text_analyses_live_organization_id_create_time_id",
         "text_analyses",
         ["organization_id", "create_time", "id"],
         unique=False,
-        postgresql_where=sa.text("delete_time IS NULL"),
-        sqlite_where=sa.text("delete_time IS NULL"),
     )
     op.create_index(
         "ix_text_analyses_organization_id_create_time_id",
@@ -533,32 +596,30 @@ def upgrade() -> None:
         ["organization_id", "state"],
         unique=False,
     )
-    op.create_index(
+    _create_live_index(
         "uq_text_analyses_live_content_hash",
         "text_analyses",
         ["organization_id", "analysis_type", "content_hash"],
         unique=True,
-        postgresql_where=sa.text("delete_time IS NULL"),
-        sqlite_where=sa.text("delete_time IS NULL"),
     )
-    op.create_table(
+    _create_table(
         "user_profiles",
         sa.Column("organization_id", sa.Uuid(), nullable=False),
         sa.Column("user_id", sa.Uuid(), nullable=False),
-        sa.Column("bio", sa.Text(), nullable=True),
+        sa.Column("bio", LONG_TEXT, nullable=True),
         sa.Column("avatar_uri", sa.String(length=2048), nullable=True),
         sa.Column("locale", sa.String(length=35), nullable=True),
         sa.Column("time_zone", sa.String(length=64), nullable=True),
         sa.Column(
             "create_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.Column(
             "update_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
         sa.ForeignKeyConstraint(
@@ -575,7 +636,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("user_id", name=op.f("pk_user_profiles")),
     )
-    op.create_table(
+    _create_table(
         "user_sessions",
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("organization_id", sa.Uuid(), nullable=False),
@@ -585,12 +646,12 @@ def upgrade() -> None:
         sa.Column("peer", sa.String(length=255), nullable=True),
         sa.Column(
             "create_time",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("CURRENT_TIMESTAMP"),
+            TIMESTAMP_TYPE,
+            server_default=_now(),
             nullable=False,
         ),
-        sa.Column("expire_time", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("revoke_time", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("expire_time", TIMESTAMP_TYPE, nullable=False),
+        sa.Column("revoke_time", TIMESTAMP_TYPE, nullable=True),
         sa.Column("create_by", sa.String(length=255), nullable=True),
         sa.CheckConstraint(
             "expire_time > create_time", name=op.f("ck_user_sessions_expires_after_creation")
