@@ -122,6 +122,9 @@ async def pg_server(start_server: StartServer, pg_database_url: str) -> RunningS
 
 
 @pytest.fixture
-async def any_server(start_server: StartServer, empty_database_url: str) -> RunningServer:
-    """The same test against PostgreSQL and the embedded SQLite default."""
+async def any_server(empty_database_url: str, start_server: StartServer) -> RunningServer:
+    """The same test against PostgreSQL, MariaDB and the embedded SQLite default.
+
+    The database is requested first so that the server stops before it is dropped.
+    """
     return await start_server(empty_database_url)

@@ -6,6 +6,7 @@ import asyncpg
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy.engine import make_url
 
 from db.migrate import head_revision
 from ferrule.client import InvalidArgument, PermissionDenied
@@ -33,7 +34,7 @@ async def test_health_report_describes_database_schema_process_and_queries(
     assert report.status == hpb.HEALTH_STATUS_HEALTHY
     assert report.database.reachable
     assert report.database.server_version
-    assert report.database.dialect in {"postgresql", "sqlite"}
+    assert report.database.dialect == make_url(any_server.database_url).get_backend_name()
     assert report.database.pool_size >= 1
     assert report.schema.head_revision == head_revision()
     assert report.schema.current_revision == head_revision()
