@@ -48,8 +48,9 @@ from db.models import (
     UserSession,
 )
 
-#: Deepest nesting of a structured value (Struct in Struct, list in list, ...).
-MAX_NESTING = 32
+#: Deepest nesting of a structured value (Struct in Struct, list in list, ...). MariaDB's
+#: JSON columns refuse documents deeper than 32 levels, the innermost value counting as one.
+MAX_NESTING = 31
 #: Strings that reach no bounded column (resource names, page tokens, order_by, passwords)
 #: still reach logs and parsers: bound them too.
 UNMAPPED_MAX_CHARS = 4096
