@@ -1,14 +1,24 @@
 """StreamPredictions: the bidirectional ingest stream (see prediction_service.proto).
 
-Two coroutines per stream, joined by a queue:
+Three coroutines per stream, joined by queues:
 
 * the *reader* (a task) pulls a message only while fewer than ``MAX_UNACKED_BATCHES``
-  batches are unacknowledged and the process-wide row budget has room, so a slow
-  database stops the reads and HTTP/2 flow control pushes back on the sender; it checks
-  the protocol, authorizes the first ``parent`` and validates the rows (CPU work that
-  overlaps the writer's database round trips);
-* the *writer* (the response generator) takes every batch queued so far, writes them in
-  one transaction (group commit), and only then yields their acknowledgements, in order.
+  batches are unacknowledged and the ingest budget has room, so a slow database stops
+  the reads and HTTP/2 flow control pushes back on the sender; it checks the protocol,
+  authorizes the first ``parent`` and validates the rows (CPU work that overlaps the
+  committer's database round trips);
+* the *committer* (a task) takes every batch queued so far, writes them in one
+  transaction (group commit), returns what they held of the budget and queues their
+  acknowledgements, in order;
+* the *responder* (the response generator) sends the acknowledgements; only then do
+  their batches leave the stream's window.
+
+The budget is fair by stream. Rows and bytes read but not yet committed are held from a
+process-wide :class:`IngestBudget`, first come first served, and each stream holds at most
+a ``STREAM_SHARE`` part of it. A batch's share comes back when it commits, not when its
+acknowledgement is sent: a client that stops reading acknowledgements fills only its own
+window, so only its own reads stop (HTTP/2 flow control on that stream), and it holds
+none of the budget that other streams, of any tenant, need.
 
 A protocol error ends the stream after the batches read before it are acknowledged.
 """
@@ -52,67 +62,92 @@ MAX_GROUP_BATCHES = MAX_UNACKED_BATCHES // 2
 MAX_CONCURRENT_COMMITS = 2
 #: The contract's bound on one message.
 MAX_BATCH_ROWS = 1000
-#: Rows held in memory (read, not yet acknowledged) by all streams of the process. At
-#: roughly 1-2 KiB per row in flight this caps ingest buffers near 100 MiB.
+#: Rows and serialized bytes held in memory (read, not yet committed) by all streams of
+#: the process: at roughly 1-2 KiB per row in flight, ingest buffers stay near 100 MiB.
 MAX_BUFFERED_ROWS = 64_000
+MAX_BUFFERED_BYTES = 64 * 1024 * 1024
+#: One stream holds at most 1/STREAM_SHARE of each: several streams sending the largest
+#: messages still leave room for the rest.
+STREAM_SHARE = 4
 _BATCH_ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 
+#: Rows and bytes taken from a budget.
+Amount = tuple[int, int]
 
-class RowBudget:
-    """A counting semaphore over rows, first come first served (a big batch is not
-    starved by small ones)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.available = limit
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+class IngestBudget:
+    """A counting semaphore over rows and bytes together, first come first served (a big
+    batch is not starved by small ones). A request larger than the whole budget takes
+    all of it, so one oversized message waits for an empty budget rather than forever."""
 
-    async def acquire(self, rows: int) -> None:
-        rows = min(rows, self.limit)
-        if not self._waiters and self.available >= rows:
-            self.available -= rows
-            return
+    def __init__(self, rows: int, nbytes: int) -> None:
+        self.limit: Amount = (rows, nbytes)
+        self.available_rows = rows
+        self.available_bytes = nbytes
+        self._waiters: deque[tuple[Amount, asyncio.Future[None]]] = deque()
+
+    def _fits(self, amount: Amount) -> bool:
+        return amount[0] <= self.available_rows and amount[1] <= self.available_bytes
+
+    async def acquire(self, rows: int, nbytes: int) -> Amount:
+        """Wait for ``rows`` and ``nbytes`` (each at most the limit); returns what was
+        taken, which is what :meth:`release` must be given back."""
+        amount = (min(rows, self.limit[0]), min(nbytes, self.limit[1]))
+        if not self._waiters and self._fits(amount):
+            self._take(amount)
+            return amount
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (rows, future)
+        entry = (amount, future)
         self._waiters.append(entry)
         try:
             await future
         except BaseException:
             if future.done() and not future.cancelled():
-                self.release(rows)  # granted just as we were cancelled: give it back
+                self.release(*amount)  # granted just as we were cancelled: give it back
             else:
                 self._waiters.remove(entry)
                 self._wake()
             raise
+        return amount
 
-    def release(self, rows: int) -> None:
-        self.available += min(rows, self.limit)
+    def release(self, rows: int, nbytes: int) -> None:
+        self.available_rows += rows
+        self.available_bytes += nbytes
         self._wake()
 
+    def _take(self, amount: Amount) -> None:
+        self.available_rows -= amount[0]
+        self.available_bytes -= amount[1]
+
     def _wake(self) -> None:
-        while self._waiters and self._waiters[0][0] <= self.available:
-            rows, future = self._waiters.popleft()
+        while self._waiters and self._fits(self._waiters[0][0]):
+            amount, future = self._waiters.popleft()
             if future.done():
                 continue
-            self.available -= rows
+            self._take(amount)
             future.set_result(None)
 
 
-_budgets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RowBudget] = (
+_budgets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IngestBudget] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def row_budget() -> RowBudget:
+def ingest_budget() -> IngestBudget:
     """The process-wide budget (one per event loop: asyncio objects are loop-bound)."""
     loop = asyncio.get_running_loop()
     budget = _budgets.get(loop)
     if budget is None:
-        budget = _budgets[loop] = RowBudget(MAX_BUFFERED_ROWS)
+        budget = _budgets[loop] = IngestBudget(MAX_BUFFERED_ROWS, MAX_BUFFERED_BYTES)
     return budget
 
 
-@dataclass(slots=True)
+def stream_share() -> IngestBudget:
+    """One stream's part of the process-wide budget."""
+    return IngestBudget(MAX_BUFFERED_ROWS // STREAM_SHARE, MAX_BUFFERED_BYTES // STREAM_SHARE)
+
+
+@dataclass(slots=True, eq=False)  # identity: `holding` removes this batch, not an equal one
 class _Batch:
     """One received batch: what to write, what to answer, what it holds of the budget."""
 
@@ -122,7 +157,10 @@ class _Batch:
     #: Valid rows with their ids, in index order (the writer drops in-group repeats).
     rows: list[StagedRow]
     rejected: list[pb.RejectedPrediction]
-    held_rows: int
+    #: What the batch holds of the process budget and of its stream's share (same
+    #: amounts, unless one was clamped to its limit), until it commits.
+    held: Amount
+    held_share: Amount
 
 
 @dataclass(slots=True)
@@ -135,16 +173,22 @@ class _End:
 @dataclass
 class _Stream:
     deps: Dependencies
-    budget: RowBudget
+    budget: IngestBudget
+    share: IngestBudget = field(default_factory=stream_share)
     window: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(MAX_UNACKED_BATCHES)
     )
     queue: asyncio.Queue[_Batch | _End] = field(default_factory=asyncio.Queue)
+    #: Committed groups with their acknowledgements, in order; then the end. Bounded by
+    #: the window: a batch leaves the window only once its acknowledgement is sent.
+    outbox: asyncio.Queue[tuple[list[_Batch], list[pb.StreamPredictionsResponse]] | _End] = field(
+        default_factory=asyncio.Queue
+    )
     parent: str = ""
     organization_id: uuid.UUID | None = None
     create_by: str | None = None
-    #: Rows the reader holds from the budget (returned if the stream dies).
-    held_rows: int = 0
+    #: Batches holding budget (read, not yet committed): returned if the stream dies.
+    holding: list[_Batch] = field(default_factory=list)
 
     # --- reader ---------------------------------------------------------------------
     async def read(self, requests: AsyncIterator[pb.StreamPredictionsRequest]) -> None:
@@ -177,11 +221,21 @@ class _Stream:
             raise ValidationError(
                 [FieldViolation("predictions", f"at most {MAX_BATCH_ROWS} per batch, got {size}")]
             )
-        await self.budget.acquire(size)
-        self.held_rows += size
-        rows, rejected = self._validate(batch_id, request.predictions)
-        pending = PendingBatch(batch_id=batch_id, valid=len(rows), rejected=len(rejected))
-        return _Batch(batch_id, size, pending, rows, rejected, size)
+        nbytes = request.ByteSize()
+        # The stream's own share first: a stream at its share waits without queueing in
+        # front of other streams for the process budget.
+        held_share = await self.share.acquire(size, nbytes)
+        try:
+            held = await self.budget.acquire(size, nbytes)
+        except BaseException:
+            self.share.release(*held_share)
+            raise
+        pending = PendingBatch(batch_id=batch_id, valid=0, rejected=0)
+        batch = _Batch(batch_id, size, pending, [], [], held, held_share)
+        self.holding.append(batch)
+        batch.rows, batch.rejected = self._validate(batch_id, request.predictions)
+        pending.valid, pending.rejected = len(batch.rows), len(batch.rejected)
+        return batch
 
     def _check_parent(self, parent: str) -> None:
         if self.organization_id is None:
@@ -274,12 +328,71 @@ class _Stream:
             record_rows_ingested(accepted_total, kind="prediction")
         return responses
 
+    def committed(self, group: list[_Batch]) -> None:
+        """The group's rows are written: what they held of the budget goes back now,
+        whether or not the client ever reads their acknowledgements."""
+        for batch in group:
+            self._release(batch)
+
+    def _release(self, batch: _Batch) -> None:
+        self.holding.remove(batch)
+        self.budget.release(*batch.held)
+        self.share.release(*batch.held_share)
+
+    def release_all(self) -> None:
+        for batch in list(self.holding):
+            self._release(batch)
+
     def acknowledged(self, group: list[_Batch]) -> None:
-        rows = sum(b.held_rows for b in group)
-        self.held_rows -= rows
-        self.budget.release(rows)
         for _ in group:
             self.window.release()
+
+    async def commit_all(self) -> None:
+        """The committer: group commits, up to ``MAX_CONCURRENT_COMMITS`` at once, each in
+        its own transaction, so the database works on one group while this process encodes
+        the next; acknowledgements are queued in batch order, each after its own commit.
+        Concurrent groups need no coordination: row ids and batch ids are unique keys, so
+        a later group that repeats an id waits for the earlier transaction and then skips
+        the row (or writes it, if the earlier one rolled back)."""
+        getter: asyncio.Task[tuple[list[_Batch], _End | None]] | None = None
+        committing: deque[tuple[list[_Batch], asyncio.Task[list[pb.StreamPredictionsResponse]]]] = (
+            deque()
+        )
+        end: _End | None = None
+        try:
+            while True:
+                if end is None and getter is None and len(committing) < MAX_CONCURRENT_COMMITS:
+                    getter = asyncio.create_task(self.next_group())
+                waiting: set[asyncio.Future[Any]] = {committing[0][1]} if committing else set()
+                if getter is not None:
+                    waiting.add(getter)
+                if not waiting:
+                    break  # input ended and everything is committed
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if getter is not None and getter.done():
+                    group, end = getter.result()
+                    getter = None
+                    if group:
+                        committing.append((group, asyncio.create_task(self.commit(group))))
+                while committing and committing[0][1].done():
+                    group, task = committing.popleft()
+                    try:
+                        responses = task.result()
+                    except Exception as exc:  # that transaction failed: the stream ends
+                        self.outbox.put_nowait(_End(exc))
+                        return
+                    self.committed(group)
+                    self.outbox.put_nowait((group, responses))
+            self.outbox.put_nowait(end if end is not None else _End())
+        finally:
+            leftovers: list[asyncio.Task[Any]] = [task for _, task in committing]
+            if getter is not None:
+                leftovers.append(getter)
+            for leftover in leftovers:
+                leftover.cancel()
+            for leftover in leftovers:
+                with contextlib.suppress(BaseException):
+                    await leftover
 
 
 class _DerivedIds:
@@ -338,53 +451,28 @@ async def stream_predictions(
     request_iterator: AsyncIterator[pb.StreamPredictionsRequest],
     context: grpc.aio.ServicerContext[Any, Any],
 ) -> AsyncIterator[pb.StreamPredictionsResponse]:
-    """The StreamPredictions handler body (PredictionService delegates here).
-
-    Up to ``MAX_CONCURRENT_COMMITS`` groups are written at once, each in its own
-    transaction, so the database works on one group while this process encodes the
-    next; acknowledgements still leave in batch order, each after its own commit.
-    Concurrent groups need no coordination: row ids and batch ids are unique keys, so a
-    later group that repeats an id waits for the earlier transaction and then skips the
-    row (or writes it, if the earlier one rolled back).
-    """
-    stream = _Stream(deps, row_budget())
-    reader = asyncio.create_task(stream.read(request_iterator))
-    getter: asyncio.Task[tuple[list[_Batch], _End | None]] | None = None
-    committing: deque[tuple[list[_Batch], asyncio.Task[list[pb.StreamPredictionsResponse]]]] = (
-        deque()
-    )
-    end: _End | None = None
+    """The StreamPredictions handler body (PredictionService delegates here): sends the
+    acknowledgements the committer queues (see the module docstring)."""
+    stream = _Stream(deps, ingest_budget())
+    tasks = [
+        asyncio.create_task(stream.read(request_iterator)),
+        asyncio.create_task(stream.commit_all()),
+    ]
     try:
         while True:
-            if end is None and getter is None and len(committing) < MAX_CONCURRENT_COMMITS:
-                getter = asyncio.create_task(stream.next_group())
-            waiting: set[asyncio.Future[Any]] = {committing[0][1]} if committing else set()
-            if getter is not None:
-                waiting.add(getter)
-            if not waiting:
-                break  # input ended and everything is acknowledged
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if getter is not None and getter.done():
-                group, end = getter.result()
-                getter = None
-                if group:
-                    committing.append((group, asyncio.create_task(stream.commit(group))))
-            while committing and committing[0][1].done():
-                group, task = committing.popleft()
-                for response in task.result():  # raises if that transaction failed
-                    yield response
-                stream.acknowledged(group)
-        if end is not None and end.error is not None:
-            raise end.error
+            item = await stream.outbox.get()
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                return
+            group, responses = item
+            for response in responses:
+                yield response
+            stream.acknowledged(group)
     finally:
-        pending: list[asyncio.Task[Any]] = [reader, *(task for _, task in committing)]
-        if getter is not None:
-            pending.append(getter)
-        for leftover in pending:
-            leftover.cancel()
-        for leftover in pending:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(BaseException):
-                await leftover
-        if stream.held_rows:
-            stream.budget.release(stream.held_rows)
-            stream.held_rows = 0
+                await task
+        stream.release_all()

@@ -23,6 +23,7 @@ from ferrule.client.ingest import AsyncPredictionStreamer
 from ferrule.v1 import prediction_service_pb2 as pb
 from ferrule.v1 import user_service_pb2 as user_pb
 from server.app import FerruleApp
+from tests.polling import eventually
 from tests.server.conftest import RunningServer, StartServer, server_settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -314,8 +315,12 @@ async def test_stream_on_sqlite(start_server: StartServer, sqlite_database_url: 
     assert {p.request_id for p in listed.predictions} == {"s-1", "s-2"}
 
 
-async def test_cancelled_stream_releases_the_row_budget(pg_server: RunningServer) -> None:
-    from server.services.prediction_stream import MAX_BUFFERED_ROWS, row_budget
+async def test_cancelled_stream_releases_the_ingest_budget(pg_server: RunningServer) -> None:
+    from server.services.prediction_stream import (
+        MAX_BUFFERED_BYTES,
+        MAX_BUFFERED_ROWS,
+        ingest_budget,
+    )
 
     org = await new_org(pg_server)
     parent = f"organizations/{org}"
@@ -327,9 +332,11 @@ async def test_cancelled_stream_releases_the_row_budget(pg_server: RunningServer
     call.cancel()
     with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
         await call.read()
-    budget = row_budget()
-    for _ in range(100):  # the handler notices the cancellation asynchronously
-        if budget.available == MAX_BUFFERED_ROWS:
-            break
-        await asyncio.sleep(0.05)
-    assert budget.available == MAX_BUFFERED_ROWS
+    budget = ingest_budget()
+    await eventually(  # the handler notices the cancellation asynchronously
+        lambda: (
+            (budget.available_rows, budget.available_bytes)
+            == (MAX_BUFFERED_ROWS, MAX_BUFFERED_BYTES)
+        ),
+        what="the cancelled stream returning the budget",
+    )

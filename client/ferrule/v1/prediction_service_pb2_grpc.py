@@ -128,7 +128,7 @@ class PredictionServiceServicer:
         Protocol:
         * The client sends StreamPredictionsRequest messages, each one batch of 0 to
         1000 predictions with a client-chosen `batch_id`. Every message must fit
-        the server's maximum receive size (4 MiB by default).
+        the server's maximum receive size (8 MiB by default).
         * The server answers each batch with exactly one StreamPredictionsResponse,
         in the order the batches were sent, and only AFTER the transaction holding
         the batch's rows has committed. An acknowledged row is durable; an
@@ -148,7 +148,8 @@ class PredictionServiceServicer:
         An empty batch is acknowledged with zero counts (usable as a heartbeat).
         * Flow control: the server reads ahead at most 8 unacknowledged batches per
         stream; beyond that it stops reading and HTTP/2 flow control blocks the
-        client's sends, so server memory per stream is bounded. Clients should
+        client's sends, so server memory per stream is bounded. A stream whose
+        client stops reading acknowledgements blocks only itself. Clients should
         keep their own window of unacknowledged batches (8 is a good default).
         * Stream errors (the stream ends; acknowledged batches stay committed):
         UNAUTHENTICATED / PERMISSION_DENIED (checked on the first message),

@@ -59,7 +59,7 @@ class PredictionServiceStub:
     Protocol:
     * The client sends StreamPredictionsRequest messages, each one batch of 0 to
       1000 predictions with a client-chosen `batch_id`. Every message must fit
-      the server's maximum receive size (4 MiB by default).
+      the server's maximum receive size (8 MiB by default).
     * The server answers each batch with exactly one StreamPredictionsResponse,
       in the order the batches were sent, and only AFTER the transaction holding
       the batch's rows has committed. An acknowledged row is durable; an
@@ -79,7 +79,8 @@ class PredictionServiceStub:
       An empty batch is acknowledged with zero counts (usable as a heartbeat).
     * Flow control: the server reads ahead at most 8 unacknowledged batches per
       stream; beyond that it stops reading and HTTP/2 flow control blocks the
-      client's sends, so server memory per stream is bounded. Clients should
+      client's sends, so server memory per stream is bounded. A stream whose
+      client stops reading acknowledgements blocks only itself. Clients should
       keep their own window of unacknowledged batches (8 is a good default).
     * Stream errors (the stream ends; acknowledged batches stay committed):
       UNAUTHENTICATED / PERMISSION_DENIED (checked on the first message),
@@ -153,7 +154,7 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     Protocol:
     * The client sends StreamPredictionsRequest messages, each one batch of 0 to
       1000 predictions with a client-chosen `batch_id`. Every message must fit
-      the server's maximum receive size (4 MiB by default).
+      the server's maximum receive size (8 MiB by default).
     * The server answers each batch with exactly one StreamPredictionsResponse,
       in the order the batches were sent, and only AFTER the transaction holding
       the batch's rows has committed. An acknowledged row is durable; an
@@ -173,7 +174,8 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
       An empty batch is acknowledged with zero counts (usable as a heartbeat).
     * Flow control: the server reads ahead at most 8 unacknowledged batches per
       stream; beyond that it stops reading and HTTP/2 flow control blocks the
-      client's sends, so server memory per stream is bounded. Clients should
+      client's sends, so server memory per stream is bounded. A stream whose
+      client stops reading acknowledgements blocks only itself. Clients should
       keep their own window of unacknowledged batches (8 is a good default).
     * Stream errors (the stream ends; acknowledged batches stay committed):
       UNAUTHENTICATED / PERMISSION_DENIED (checked on the first message),
@@ -262,7 +264,7 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         Protocol:
         * The client sends StreamPredictionsRequest messages, each one batch of 0 to
           1000 predictions with a client-chosen `batch_id`. Every message must fit
-          the server's maximum receive size (4 MiB by default).
+          the server's maximum receive size (8 MiB by default).
         * The server answers each batch with exactly one StreamPredictionsResponse,
           in the order the batches were sent, and only AFTER the transaction holding
           the batch's rows has committed. An acknowledged row is durable; an
@@ -282,7 +284,8 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
           An empty batch is acknowledged with zero counts (usable as a heartbeat).
         * Flow control: the server reads ahead at most 8 unacknowledged batches per
           stream; beyond that it stops reading and HTTP/2 flow control blocks the
-          client's sends, so server memory per stream is bounded. Clients should
+          client's sends, so server memory per stream is bounded. A stream whose
+          client stops reading acknowledgements blocks only itself. Clients should
           keep their own window of unacknowledged batches (8 is a good default).
         * Stream errors (the stream ends; acknowledged batches stay committed):
           UNAUTHENTICATED / PERMISSION_DENIED (checked on the first message),
