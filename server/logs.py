@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
+import traceback
 from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from sqlalchemy import exc as sa_exc
 
 from server.call_context import maybe_current_call
 
@@ -32,6 +38,59 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
+    def formatException(self, ei: Any) -> str:
+        exc = ei[1] if isinstance(ei, tuple) else None
+        if not isinstance(exc, BaseException):
+            return super().formatException(ei)
+        return format_exception_safely(exc)
+
+
+#: Exceptions whose text can quote stored or bound values: a driver's DETAIL ("Failing
+#: row contains (...)", "Key (email)=(...)"), or SQLAlchemy's statement wrapper around it.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.StatementError,
+    asyncpg.PostgresError,
+    sqlite3.Error,
+)
+
+
+def format_exception_safely(exc: BaseException) -> str:
+    """The traceback of ``exc`` and its causes, with database errors' messages withheld
+    (type and SQLSTATE kept): stack frames say where, and the values stay out of logs."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    parts: list[str] = []
+    for link in reversed(chain):
+        if parts:
+            parts.append("\nwhich led to:\n")
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(traceback.format_tb(link.__traceback__))
+        kind = f"{type(link).__module__}.{type(link).__qualname__}"
+        parts.append(f"{kind}: {_message_of(link)}\n")
+    return "".join(parts).rstrip("\n")
+
+
+def _message_of(exc: BaseException) -> str:
+    if not isinstance(exc, DATABASE_ERRORS):
+        return str(exc)
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(orig, "sqlstate", None)
+    name = getattr(exc, "sqlite_errorname", None) or getattr(orig, "sqlite_errorname", None)
+    code = f" (SQLSTATE {sqlstate})" if sqlstate else f" ({name})" if name else ""
+    return f"<database message withheld: it may quote values>{code}"
+
+
+#: Database drivers' loggers print statements with their parameters and result rows at
+#: INFO/DEBUG (aiosqlite logs every call with its arguments): password hashes, emails,
+#: session token digests. They stay at WARNING whatever FERRULE_LOG_LEVEL says; Ferrule's
+#: own statement logging (slow statements) carries normalized text only.
+DRIVER_LOGGERS = ("aiosqlite", "asyncpg", "sqlalchemy")
+
 
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -39,3 +98,5 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in DRIVER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
