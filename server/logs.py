@@ -89,7 +89,7 @@ def _message_of(exc: BaseException) -> str:
 #: INFO/DEBUG (aiosqlite logs every call with its arguments): password hashes, emails,
 #: session token digests. They stay at WARNING whatever FERRULE_LOG_LEVEL says; Ferrule's
 #: own statement logging (slow statements) carries normalized text only.
-DRIVER_LOGGERS = ("aiosqlite", "asyncpg", "sqlalchemy")
+DRIVER_LOGGERS = ("aiosqlite", "asyncmy", "asyncpg", "sqlalchemy")
 
 
 def configure_logging(level: str) -> None:

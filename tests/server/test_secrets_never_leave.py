@@ -27,20 +27,21 @@ Precisely what is searched where:
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import jwt
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from sqlalchemy import inspect, select, table, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from ferrule.client import (
     AlreadyExists,
@@ -189,7 +190,7 @@ async def _run_session(server: RunningServer, secrets: Secrets) -> None:
     )
     user = await tenant.users.CreateUser(user_request)
     assert await tenant.users.CreateUser(user_request) == user  # replayed
-    secrets.replaced_hash = await _password_hash(server, user.name)
+    secrets.replaced_hash = await _password_hash(server)
     duplicate = pb.CreateUserRequest()
     duplicate.CopyFrom(user_request)
     duplicate.request_id = str(uuid.uuid4())
@@ -218,7 +219,7 @@ async def _run_session(server: RunningServer, secrets: Secrets) -> None:
     await tenant.users.SetUserPassword(
         pb.SetUserPasswordRequest(name=user.name, password=CHANGED_PASSWORD)
     )
-    secrets.current_hash = await _password_hash(server, user.name)
+    secrets.current_hash = await _password_hash(server)
     assert secrets.current_hash != secrets.replaced_hash
     verify = tenant.users.VerifyPassword
     right = pb.VerifyPasswordRequest(
@@ -266,27 +267,17 @@ async def _run_session(server: RunningServer, secrets: Secrets) -> None:
     )
 
 
-async def _password_hash(server: RunningServer, user_name: str) -> str:
-    user_id = user_name.rsplit("/", 1)[1]
-    if server.database_url.startswith("sqlite"):
-        path = server.database_url.split("///", 1)[1]
-        with sqlite3.connect(path) as conn:
-            row = conn.execute(
-                "SELECT password_hash FROM users WHERE id = ?", (uuid.UUID(user_id).hex,)
-            ).fetchone()
-            if row is None:
-                row = conn.execute(
-                    "SELECT password_hash FROM users WHERE id = ?", (user_id,)
-                ).fetchone()
-        assert row is not None
-        return str(row[0])
-    conn = await asyncpg.connect(server.database_url.replace("+asyncpg", "", 1))
+async def _password_hash(server: RunningServer) -> str:
+    engine = create_async_engine(server.database_url, poolclass=NullPool)
     try:
-        value = await conn.fetchval(
-            "SELECT password_hash FROM users WHERE id = $1", uuid.UUID(user_id)
-        )
+        async with engine.connect() as conn:
+            value = (
+                await conn.execute(
+                    text("SELECT password_hash FROM users WHERE email = 'canary@example.com'")
+                )
+            ).scalar_one()
     finally:
-        await conn.close()
+        await engine.dispose()
     assert isinstance(value, str) and value.startswith("$argon2id$")
     return value
 
@@ -308,32 +299,17 @@ def _cells(rows: list[tuple[str, dict[str, Any]]]) -> list[Cell]:
 
 
 async def _dump(server: RunningServer) -> list[Cell]:
-    """Every row of every table, column by column."""
+    """Every row of every table, column by column, on whichever backend the server uses."""
     rows: list[tuple[str, dict[str, Any]]] = []
-    if server.database_url.startswith("sqlite"):
-        path = server.database_url.split("///", 1)[1]
-        with sqlite3.connect(path) as conn:
-            conn.row_factory = sqlite3.Row
-            tables = [
-                name
-                for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            ]
-            for table in tables:
-                for row in conn.execute(f'SELECT * FROM "{table}"'):
-                    rows.append((table, dict(row)))
-        return _cells(rows)
-    conn = await asyncpg.connect(server.database_url.replace("+asyncpg", "", 1))
+    engine = create_async_engine(server.database_url, poolclass=NullPool)
     try:
-        tables = await conn.fetch(
-            "SELECT schemaname, tablename FROM pg_tables "
-            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
-        )
-        for table in tables:
-            name = f'"{table["schemaname"]}"."{table["tablename"]}"'
-            for record in await conn.fetch(f"SELECT * FROM {name}"):
-                rows.append((table["tablename"], dict(record)))
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+            for name in names:
+                result = await conn.execute(select(text("*")).select_from(table(name)))
+                rows += [(name, dict(row)) for row in result.mappings()]
     finally:
-        await conn.close()
+        await engine.dispose()
     return _cells(rows)
 
 
