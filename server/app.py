@@ -246,6 +246,11 @@ class FerruleApp:
                 "DATABASE_APP_ROLE is not set: row-level security is not enforced, tenant "
                 "isolation rests on the repositories alone (see README, Production)"
             )
+        if settings.ferrule_trace_sql_params:
+            log.warning(
+                "FERRULE_TRACE_SQL_PARAMS is on: SQL parameter values, password hashes "
+                "included, are recorded on spans; for debugging on non-production data only"
+            )
         await self.health.start()
         self.request_log.start()
         self.retention.start()

@@ -96,6 +96,14 @@ async def test_no_rls_warning_with_an_app_role_or_on_sqlite(
     assert not [r for r in caplog.records if "DATABASE_APP_ROLE" in r.getMessage()]
 
 
+async def test_recording_sql_parameters_on_spans_is_announced(
+    start_server: StartServer, sqlite_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="ferrule.app"):
+        await start_server(sqlite_database_url, ferrule_trace_sql_params=True)
+    assert any("FERRULE_TRACE_SQL_PARAMS" in r.getMessage() for r in caplog.records)
+
+
 def test_production_connection_options_reach_grpc() -> None:
     options = dict(
         grpc_options(

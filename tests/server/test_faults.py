@@ -14,10 +14,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import shutil
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -32,7 +29,6 @@ from ferrule.v1 import prediction_service_pb2 as pred_pb
 from ferrule.v1 import user_service_pb2 as user_pb
 from tests.server import pg_cluster
 from tests.server.conftest import RunningServer, StartServer, make_token
-from tests.server.process_helpers import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -318,37 +314,6 @@ async def test_killed_backends_under_mixed_load(pg_server: RunningServer) -> Non
 # --- the database stopped and started -------------------------------------------------
 
 
-@contextlib.contextmanager
-def throwaway_cluster() -> Iterator[pg_cluster.Cluster]:
-    """One fresh PostgreSQL cluster (no replica) that this test may stop and start.
-
-    Uses pg_cluster's building blocks: that module only offers a primary+replica pair,
-    and a replica would only slow this test down.
-    """
-    for name in ("initdb", "pg_ctl", "postgres"):
-        pg_cluster.require_binary(pg_cluster.PG_BIN / name, "postgresql-15")
-    base = pg_cluster._private_dir("ferrule-pg-faults-")
-    cluster = pg_cluster.Cluster(base / "data", free_port())
-    try:
-        pg_cluster._run(
-            pg_cluster.PG_BIN / "initdb",
-            "-D",
-            cluster.data_dir,
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--no-sync",
-            "-E",
-            "UTF8",
-        )
-        pg_cluster._configure(cluster.data_dir, cluster.port)
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
-
-
 async def _health_status(channel: grpc.aio.Channel) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
     response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
@@ -367,7 +332,7 @@ async def _wait_for_status(channel: grpc.aio.Channel, wanted: int) -> None:
 async def test_health_follows_the_database_down_and_back(start_server: StartServer) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    with throwaway_cluster() as cluster:
+    with pg_cluster.standalone_cluster() as cluster:
         await asyncio.to_thread(_create_database, cluster)
         server = await start_server(
             cluster.url("ferrule"),

@@ -41,6 +41,11 @@ async def test_health_and_reflection_answer_without_credentials(
         for service in ("", *sorted(FERRULE_SERVICES)):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        listed = await health.List(health_pb2.HealthListRequest(), timeout=5)
+        assert set(listed.statuses) == {"", *FERRULE_SERVICES}
+        assert {s.status for s in listed.statuses.values()} == {
+            health_pb2.HealthCheckResponse.SERVING
+        }
     # The reflection client is blocking: run it off the loop that serves the server.
     await asyncio.to_thread(_check_reflection, pg_server.target)
 
