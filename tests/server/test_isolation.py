@@ -30,7 +30,7 @@ from tests.server.test_bad_input import (
     _all_field_names,
     message_strategy,
     on_loop,
-    start_world,
+    pg_world,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -41,7 +41,7 @@ EXAMPLES = 40
 
 @pytest.fixture(scope="module")
 async def world(pg_admin_url: str) -> AsyncIterator[World]:
-    async for value in start_world(pg_admin_url):
+    async for value in pg_world(pg_admin_url):
         yield value
 
 
