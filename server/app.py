@@ -188,9 +188,11 @@ class FerruleApp:
             query_observers=self.query_observers,
             cache=self.cache,
         )
+        self.authenticator = build_authenticator(settings)
         self.capacity = CapacityInterceptor(
             max_rpcs=settings.ferrule_max_concurrent_rpcs,
             max_anonymous_streams=settings.ferrule_max_anonymous_streams,
+            authenticator=self.authenticator,
         )
         self.server: grpc.aio.Server | None = None
         self.port: int = 0
@@ -213,7 +215,7 @@ class FerruleApp:
         chain += [
             ErrorMappingInterceptor(),
             self.capacity,
-            AuthInterceptor(build_authenticator(self.settings)),
+            AuthInterceptor(self.authenticator),
             MalformedRequestInterceptor(),  # innermost: authenticate before parsing complaints
         ]
         return chain

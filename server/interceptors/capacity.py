@@ -7,7 +7,10 @@ RetryInfo) when full, never queued:
   hold open for as long as it likes: ``FERRULE_MAX_ANONYMOUS_STREAMS``, small.
 An anonymous unary call (health Check) is answered from memory and cannot be held open,
 so it counts against neither: held Watch streams can never make a load balancer's or
-kubelet's Check fail, and no anonymous call can take a tenant's slot.
+kubelet's Check fail, and no anonymous call can take a tenant's slot. A Watch or
+reflection stream that carries a valid bearer token counts as the tenant's: a client
+whose channel sends its credentials (gRPC client-side health checking does) cannot be
+locked out of Watch by anonymous callers filling their budget.
 
 grpc.aio's own ``maximum_concurrent_rpcs`` is not used: it counts every RPC in one
 budget, which is exactly what lets anonymous streams lock tenants out.
@@ -19,8 +22,10 @@ from types import MappingProxyType, TracebackType
 
 import grpc
 
+from server.auth import AuthenticationError, Authenticator
 from server.authorization import RPC_ACCESS, Access
 from server.errors import ResourceExhaustedError
+from server.interceptors.auth import bearer_of
 from server.interceptors.scoped import Context, Continuation, Handler, shape_of, wrap_handler
 
 
@@ -75,11 +80,24 @@ class CapacityInterceptor(grpc.aio.ServerInterceptor):
         *,
         max_rpcs: int,
         max_anonymous_streams: int,
+        authenticator: Authenticator,
         table: MappingProxyType[str, Access] = RPC_ACCESS,
     ) -> None:
         self.authenticated = _Budget(max_rpcs, "RPCs")
         self.anonymous_streams = _Budget(max_anonymous_streams, "anonymous streams")
+        self._authenticator = authenticator
         self._table = table
+
+    def _public_stream_slot(self, context: Context, request: object) -> _Slot:
+        bearer = bearer_of(context)
+        if bearer is not None:
+            try:
+                self._authenticator.authenticate(bearer)
+            except AuthenticationError:
+                pass  # a bad token earns nothing: the call stays anonymous
+            else:
+                return _Slot(self.authenticated)
+        return _Slot(self.anonymous_streams)
 
     async def intercept_service(
         self,
@@ -92,5 +110,5 @@ class CapacityInterceptor(grpc.aio.ServerInterceptor):
         if self._table.get(handler_call_details.method) is Access.ANONYMOUS:
             if shape_of(handler) == "unary_unary":
                 return handler
-            return wrap_handler(handler, self.anonymous_streams.slot)
+            return wrap_handler(handler, self._public_stream_slot)
         return wrap_handler(handler, self.authenticated.slot)

@@ -35,9 +35,10 @@ async def limited(start_server: StartServer, pg_database_url: str) -> RunningSer
     )
 
 
-async def _open_watch(channel: grpc.aio.Channel) -> Any:
+async def _open_watch(channel: grpc.aio.Channel, token: str | None = None) -> Any:
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     watch: Any = health_pb2_grpc.HealthStub(channel).Watch(
-        health_pb2.HealthCheckRequest(service="")
+        health_pb2.HealthCheckRequest(service=""), metadata=metadata
     )
     first = await asyncio.wait_for(watch.read(), 10)
     assert first.status == health_pb2.HealthCheckResponse.SERVING
@@ -104,6 +105,14 @@ async def test_held_anonymous_streams_leave_tenants_capacity_alone(
         )
         assert check.status == health_pb2.HealthCheckResponse.SERVING
         assert budgets.anonymous_streams.in_flight == LIMIT
+        # A Watch that carries a valid token is the tenant's: anonymous callers filling
+        # their budget cannot lock out a client whose channel sends its credentials.
+        credentialed = await _open_watch(channel, token=admin_token(limited))
+        assert budgets.authenticated.in_flight == 1
+        credentialed.cancel()
+        # A bad token earns nothing.
+        refused = await _refused(_open_watch(channel, token="not-a-valid-token"))
+        assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
     # Closing the held streams gives their slots back.
     await eventually(
         lambda: budgets.anonymous_streams.in_flight == 0, what="anonymous slots released"
