@@ -196,6 +196,8 @@ class FerruleApp:
         )
         self.server: grpc.aio.Server | None = None
         self.port: int = 0
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int = 0
 
     async def _write_request_log(self, entries: list[RequestLogEntry]) -> None:
         from db.repositories.request_log import insert_request_log
@@ -258,8 +260,24 @@ class FerruleApp:
         self.retention.start()
         await server.start()
         self.server = server
+        if settings.ferrule_health_listen is not None:
+            await self._start_health_listener(settings.ferrule_health_listen)
         log.info("listening on %s (port %d)", settings.ferrule_listen, self.port)
         return self.port
+
+    async def _start_health_listener(self, address: str) -> None:
+        """Plaintext grpc.health.v1 and nothing else, for probes that cannot speak TLS
+        (Kubernetes' native gRPC probes): no credentials cross it and no data leaves it."""
+        from grpc_health.v1 import health_pb2_grpc
+
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, health_server)
+        self.health_port = health_server.add_insecure_port(address)
+        if self.health_port == 0:
+            raise OSError(f"could not bind {address} (FERRULE_HEALTH_LISTEN)")
+        await health_server.start()
+        self.health_server = health_server
+        log.info("health listening on %s (port %d)", address, self.health_port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight RPCs finish within `grace`, then release resources."""
@@ -268,6 +286,9 @@ class FerruleApp:
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+            self.health_server = None
         await self.request_log.stop()
         await self.retention.stop()
         await self.query_observers.aclose()

@@ -29,11 +29,11 @@ CREDENTIAL_SETTINGS = (
     "ferrule_admin_token",
     "ferrule_page_token_secret",
     "ferrule_tls_cert_file",
-    "redis_url",
 )
 SWITCHES_OFF = (
     "a credential or service (FERRULE_JWT_SECRET, FERRULE_JWT_PUBLIC_KEY_FILE, "
-    "FERRULE_ADMIN_TOKEN, FERRULE_PAGE_TOKEN_SECRET, FERRULE_TLS_CERT_FILE, REDIS_URL, "
+    "FERRULE_ADMIN_TOKEN, FERRULE_PAGE_TOKEN_SECRET, FERRULE_TLS_CERT_FILE, REDIS_URL or "
+    "FERRULE_REDIS_SENTINELS, "
     "a DATABASE_URL other than SQLite) or a non-loopback FERRULE_LISTEN"
 )
 
@@ -52,6 +52,8 @@ def is_loopback_host(host: str) -> bool:
 def blockers(settings: Settings) -> list[str]:
     """Why development mode does not apply (empty: it does)."""
     found = [name.upper() for name in CREDENTIAL_SETTINGS if getattr(settings, name) is not None]
+    if settings.redis is not None:
+        found.append("REDIS_URL")
     if not settings.database_url.startswith("sqlite"):
         found.append("DATABASE_URL")
     host, _, _ = settings.ferrule_listen.rpartition(":")

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
 
     # --- network ---------------------------------------------------------------
     ferrule_listen: str = Field("127.0.0.1:50051", description="host:port the server binds")
+    ferrule_health_listen: str | None = Field(
+        None,
+        description="host:port of a second, plaintext listener serving only grpc.health.v1 "
+        "(Kubernetes' gRPC probes cannot speak TLS)",
+    )
     ferrule_workers: int = Field(1, ge=1, le=64, description="server processes on one port")
     ferrule_grace_seconds: float = Field(10.0, ge=0, description="SIGTERM drain period")
     ferrule_event_loop: Literal["uvloop", "asyncio"] = Field(
@@ -208,9 +213,11 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("ferrule_listen")
+    @field_validator("ferrule_listen", "ferrule_health_listen")
     @classmethod
-    def _check_listen(cls, value: str) -> str:
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"expected host:port, got {value!r}")

@@ -153,3 +153,41 @@ async def test_mtls_refuses_plaintext(mtls_server: RunningServer) -> None:
     plaintext = mtls_server.client(max_attempts=1, default_timeout=5.0)
     with pytest.raises(Unavailable):
         await list_organizations(plaintext)
+
+
+async def test_health_listener_answers_probes_in_plaintext_and_serves_nothing_else(
+    start_server: StartServer,
+    pg_database_url: str,
+    authority: CertificateAuthority,
+    tmp_path: Path,
+) -> None:
+    """Kubernetes' gRPC probes cannot speak TLS: FERRULE_HEALTH_LISTEN gives them a
+    plaintext port with grpc.health.v1 alone, while the API stays TLS-only."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.server.process_helpers import free_port
+
+    health_listen = f"127.0.0.1:{free_port()}"
+    files = write_server_files(tmp_path, authority, client_ca=None)
+    server = await start_server(pg_database_url, ferrule_health_listen=health_listen, **files)
+    async with grpc.aio.insecure_channel(health_listen) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "ferrule.v1.UserService"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        list_orgs = channel.unary_unary(
+            "/ferrule.v1.UserService/ListOrganizations",
+            request_serializer=pb.ListOrganizationsRequest.SerializeToString,
+            response_deserializer=pb.ListOrganizationsResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await list_orgs(pb.ListOrganizationsRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # The API port itself still refuses plaintext.
+    with pytest.raises(Unavailable):
+        await server.client(max_attempts=1).users.ListOrganizations(pb.ListOrganizationsRequest())
+    listed = await tls_client(server, authority).users.ListOrganizations(
+        pb.ListOrganizationsRequest()
+    )
+    assert list(listed.organizations) == []
