@@ -24,6 +24,10 @@ FERRULE_SERVICES = (
     "ferrule.v1.HealthService",
 )
 
+#: SERVING from start to shutdown whatever the database does: what a liveness probe asks.
+#: Restarting a replica cannot bring its database back, so liveness must not follow it.
+LIVENESS_SERVICE = "ferrule.liveness"
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -81,6 +85,7 @@ class HealthProbe:
             await self.check_once()
 
     async def start(self) -> None:
+        await self.servicer.set(LIVENESS_SERVICE, SERVING)
         await self.check_once()
         self._task = asyncio.create_task(self._run(), name="health-probe")
 

@@ -124,6 +124,9 @@ async def test_health_watch_streams_serving_then_not_serving_when_the_database_g
             for watch in (overall, users):
                 changed = await asyncio.wait_for(watch.read(), 30)
                 assert changed.status == not_serving
+            # Liveness does not follow the database: restarting cannot bring it back.
+            liveness = health_pb2.HealthCheckRequest(service="ferrule.liveness")
+            assert (await stub.Check(liveness, timeout=5)).status == serving
 
             await asyncio.to_thread(cluster.start)
             for watch in (overall, users):
