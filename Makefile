@@ -34,6 +34,7 @@ lint: $(STAMP) proto-check
 	$(BIN)/mypy
 	$(BIN)/buf lint
 	$(PY) scripts/buf_breaking.py
+	$(PY) scripts/check_deploy.py
 
 ## system-deps: Debian packages the suite runs (PgBouncer for the transaction-mode tests).
 system-deps:
