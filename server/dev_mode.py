@@ -11,7 +11,6 @@ another database or Redis, an address other machines can reach) switches it off.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import secrets
 import shlex
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from server.settings import Settings
+from server.settings import Settings, is_loopback
 
 #: What ends development mode, by environment variable.
 CREDENTIAL_SETTINGS = (
@@ -38,17 +37,6 @@ SWITCHES_OFF = (
 )
 
 
-def is_loopback_host(host: str) -> bool:
-    """`127.0.0.1`, `[::1]`, `localhost`: only this machine can connect."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def blockers(settings: Settings) -> list[str]:
     """Why development mode does not apply (empty: it does)."""
     found = [name.upper() for name in CREDENTIAL_SETTINGS if getattr(settings, name) is not None]
@@ -57,7 +45,7 @@ def blockers(settings: Settings) -> list[str]:
     if not settings.database_url.startswith("sqlite"):
         found.append("DATABASE_URL")
     host, _, _ = settings.ferrule_listen.rpartition(":")
-    if not is_loopback_host(host):
+    if not is_loopback(host):
         found.append("FERRULE_LISTEN")
     return found
 
