@@ -136,7 +136,7 @@ def call_like_grpcurl(command: str) -> upb.Organization:
             response_deserializer=upb.Organization.FromString,
         )
         reply: upb.Organization = create(
-            request, metadata=[(key.strip().lower(), value.strip())], timeout=10
+            request, metadata=((key.strip().lower(), value.strip()),), timeout=10
         )
     return reply
 
