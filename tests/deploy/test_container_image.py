@@ -61,7 +61,7 @@ def _require_build_tools() -> None:
 
 
 @pytest.fixture(scope="module")
-def image() -> Iterator[BuiltImage]:
+def image(request: pytest.FixtureRequest) -> Iterator[BuiltImage]:
     _require_build_tools()
     BUILD_DIR.mkdir(exist_ok=True)
     buildah = Buildah(Path(tempfile.mkdtemp(prefix="image-test-", dir=BUILD_DIR)))
@@ -76,7 +76,12 @@ def image() -> Iterator[BuiltImage]:
         )
         started = time.monotonic()
         buildah.build(REPO, IMAGE, {"BASE_IMAGE": base}, timeout=1200)
-        yield BuiltImage(buildah, IMAGE, time.monotonic() - started)
+        built = BuiltImage(buildah, IMAGE, time.monotonic() - started)
+        size = buildah("images", "--format", "{{.Size}}", IMAGE)
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:  # a figure for the record, not a check
+            reporter.write_line(f"image {IMAGE}: built in {built.build_seconds:.0f} s, {size}")
+        yield built
     finally:
         buildah.clean_up()
     assert not buildah.root.exists()
