@@ -22,6 +22,7 @@ from ferrule.v1 import analysis_service_pb2 as apb
 from ferrule.v1 import health_service_pb2 as hpb
 from ferrule.v1 import prediction_service_pb2 as ppb
 from ferrule.v1 import user_service_pb2 as upb
+from server.health import LIVENESS_SERVICE
 from tests.server import pg_cluster
 from tests.server.conftest import JWT_SECRET, RunningServer, StartServer
 
@@ -38,11 +39,11 @@ async def test_health_and_reflection_answer_without_credentials(
 ) -> None:
     async with grpc.aio.insecure_channel(pg_server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", *sorted(FERRULE_SERVICES)):
+        for service in ("", *sorted(FERRULE_SERVICES), LIVENESS_SERVICE):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
         listed = await health.List(health_pb2.HealthListRequest(), timeout=5)
-        assert set(listed.statuses) == {"", *FERRULE_SERVICES}
+        assert set(listed.statuses) == {"", *FERRULE_SERVICES, LIVENESS_SERVICE}
         assert {s.status for s in listed.statuses.values()} == {
             health_pb2.HealthCheckResponse.SERVING
         }
