@@ -63,6 +63,8 @@ class InvalidationListener:
         #: Subscriptions made (1 after the first, +1 per reconnection), for health and tests.
         self.subscriptions = 0
         self.client_id: int | None = None
+        #: Writes whose broadcast was not heard within the timeout.
+        self.broadcasts_missed = 0
         self._seen: dict[str, list[asyncio.Future[None]]] = {}
 
     @property
@@ -74,29 +76,47 @@ class InvalidationListener:
         if self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def wait_seen(self, keys: Sequence[str], timeout_s: float) -> bool:
-        """Until this listener has received the invalidation of one of ``keys`` (Redis
-        sends each broadcast to every listener in one pass, so by then the other
-        processes' listeners have it too), or the listener is lost, or the timeout."""
+    def expect(self, keys: Sequence[str]) -> asyncio.Future[None] | None:
+        """Register interest in the invalidation of any of ``keys``, *before* the write
+        that causes it is sent (its broadcast may be handled before the write's reply
+        reaches the writer). None while not subscribed: nothing to wait for."""
         if not keys or not self._near.active:
-            return False
+            return None
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for key in keys:
             self._seen.setdefault(key, []).append(future)
+        return future
+
+    async def wait_seen(
+        self, future: asyncio.Future[None] | None, keys: Sequence[str], timeout_s: float
+    ) -> bool:
+        """Until this listener has received the invalidation :meth:`expect` registered
+        (Redis sends each broadcast to every listener in one pass, so by then the other
+        processes' listeners have it too), or the listener is lost, or the timeout."""
+        if future is None:
+            return False
         try:
             async with asyncio.timeout(timeout_s):
                 await future
             return True
         except TimeoutError:
+            self.broadcasts_missed += 1
+            log.warning("cache invalidation broadcast not heard within %g s", timeout_s)
             return False
         finally:
-            for key in keys:
-                waiting = self._seen.get(key)
-                if waiting is not None:
-                    with contextlib.suppress(ValueError):
-                        waiting.remove(future)
-                    if not waiting:
-                        del self._seen[key]
+            self.forget(future, keys)
+
+    def forget(self, future: asyncio.Future[None] | None, keys: Sequence[str]) -> None:
+        """Drop what :meth:`expect` registered (the write failed or was waited for)."""
+        if future is None:
+            return
+        for key in keys:
+            waiting = self._seen.get(key)
+            if waiting is not None:
+                with contextlib.suppress(ValueError):
+                    waiting.remove(future)
+                if not waiting:
+                    del self._seen[key]
 
     def _wake(self, keys: Sequence[str] | None) -> None:
         if keys is None:

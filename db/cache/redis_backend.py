@@ -263,12 +263,24 @@ class RedisBackend:
         if not markers:
             await self._call(lambda: self._client.delete(*keys))
             return
-        await self._call(lambda: self._invalidate(keys=[*keys, *markers], args=[len(keys)]))
-        await self._wait_broadcast(markers)
+        await self._broadcast(
+            markers, lambda: self._invalidate(keys=[*keys, *markers], args=[len(keys)])
+        )
 
-    async def _wait_broadcast(self, tracked: list[str]) -> None:
-        if self._listener is not None and tracked:
-            await self._listener.wait_seen(tracked, self._timeout)
+    async def _broadcast(self, tracked: list[str], write: Callable[[], Awaitable[T]]) -> T:
+        """Run ``write`` (which modifies the ``tracked`` keys), then wait until this
+        process's listener has heard of it (see the module docstring)."""
+        listener = self._listener
+        if listener is None:
+            return await self._call(write)
+        expected = listener.expect(tracked)
+        try:
+            reply = await self._call(write)
+        except BaseException:
+            listener.forget(expected, tracked)
+            raise
+        await listener.wait_seen(expected, tracked, self._timeout)
+        return reply
 
     async def claim(
         self, key: str, lease_key: str, token: str, ttl_ms: int
@@ -329,9 +341,9 @@ class RedisBackend:
     async def bump_counter(self, key: str, initial: int) -> int:
         if self._near is not None:
             self._near.invalidate((key,))
-        value = int(await self._call(lambda: self._bump_counter(keys=[key], args=[initial])))
-        await self._wait_broadcast([key])
-        return value
+        return int(
+            await self._broadcast([key], lambda: self._bump_counter(keys=[key], args=[initial]))
+        )
 
     async def peek_counter(self, key: str) -> int | None:
         value = await self.get(key)

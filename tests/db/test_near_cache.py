@@ -152,6 +152,10 @@ async def test_a_write_in_another_process_invalidates_the_near_copy(
         await invalidations_reach(near_a, seen + 2)
         assert await a.generation("users.org-1") == generation + 1
         await a.invalidate(key())
+    for cache in (a, b):  # every write heard its own broadcast (none waited it out)
+        listener = backend_of(cache).listener
+        assert listener is not None
+        assert listener.broadcasts_missed == 0
 
 
 async def test_a_read_racing_an_invalidation_does_not_keep_its_value(

@@ -165,14 +165,13 @@ async def test_cache_through_sentinel_survives_a_failover(
                 break
             assert time.monotonic() < deadline, cache.stats()
             await asyncio.sleep(0.1)
-        with redis.Redis(port=replica.port) as promoted:
-            clients = promoted.client_list()
-        assert {"ferrule-cache", "ferrule-listener"} <= {c.get("name") for c in clients}
-
         # The near cache is back, tracking the new master.
         while not (near.active and listener.subscriptions > subscriptions):
             assert time.monotonic() < deadline, "tracking was not re-established"
             await asyncio.sleep(0.05)
+        with redis.Redis(port=replica.port) as promoted:
+            clients = promoted.client_list()
+        assert {"ferrule-cache", "ferrule-listener"} <= {c.get("name") for c in clients}
         assert await read(cache, b"v3") == b"v2"
         hits = near.hits
         assert await read(cache, b"v3") == b"v2"
