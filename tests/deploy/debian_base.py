@@ -98,4 +98,7 @@ def base_tarball(cache_dir: Path, timeout: float = 900) -> Path:
         os.replace(partial, tarball)  # atomic: a concurrent run sees all of it or nothing
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    for stale in cache_dir.glob(f"debian-{SUITE}-python-*.tar"):  # older recipes' bases
+        if stale != tarball:
+            stale.unlink(missing_ok=True)
     return tarball
