@@ -151,7 +151,7 @@ def test_container_migrates_then_serves_against_host_postgres_and_redis(
     redis_namespace: str,
     tmp_path: Path,
 ) -> None:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, health_port = free_port(), free_port(), free_port()
     listen = f"127.0.0.1:{port}"  # loopback: the container shares the host's network
     env = {
         "DATABASE_URL": pg_database_url,
@@ -160,6 +160,7 @@ def test_container_migrates_then_serves_against_host_postgres_and_redis(
         "FERRULE_LISTEN": listen,
         "FERRULE_METRICS_HOST": "127.0.0.1",
         "FERRULE_METRICS_PORT": str(metrics_port),
+        "FERRULE_HEALTH_LISTEN": f"127.0.0.1:{health_port}",
         "FERRULE_JWT_SECRET": JWT_SECRET,
         "FERRULE_ADMIN_TOKEN": ADMIN_TOKEN,
         "FERRULE_HEALTH_PROBE_SECONDS": "0.5",
@@ -195,6 +196,7 @@ def test_container_migrates_then_serves_against_host_postgres_and_redis(
     try:
         try:
             wait_serving(listen, timeout=60)
+            wait_serving(f"127.0.0.1:{health_port}", timeout=10)  # what the probes ask
         except TimeoutError:
             pytest.fail(f"container never served:\n{log.read_text()[-4000:]}")
 
