@@ -78,9 +78,12 @@ def image(request: pytest.FixtureRequest) -> Iterator[BuiltImage]:
         buildah.build(REPO, IMAGE, {"BASE_IMAGE": base}, timeout=1200)
         built = BuiltImage(buildah, IMAGE, time.monotonic() - started)
         size = buildah("images", "--format", "{{.Size}}", IMAGE)
+        # A figure for the record, not a check: shown past pytest's output capture.
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:  # a figure for the record, not a check
-            reporter.write_line(f"image {IMAGE}: built in {built.build_seconds:.0f} s, {size}")
+        if capture is not None and reporter is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"\n{IMAGE}: built in {built.build_seconds:.0f} s, {size}")
         yield built
     finally:
         buildah.clean_up()
