@@ -168,6 +168,13 @@ def test_readme_quick_start_in_a_fresh_clone(
     assert status.stdout == ""
     first.stop()
 
+    # The next `make run` reuses the token: a pasted command keeps working.
+    again = start_make_run(clone, user_env, tmp_path / "again.log")
+    make_run.append(again)
+    assert again.wait_for(r"^\s*(grpcurl .*)$", 120).group(1) == pasted
+    assert call_like_grpcurl(pasted).display_name == "My first organization"
+    again.stop()
+
     # 2. A JWT secret, exactly as the README makes it, and `make run` again.
     secret = subprocess.run(
         ["bash", "-c", f'{secret_line} && printf %s "$FERRULE_JWT_SECRET"'],
