@@ -16,13 +16,13 @@ read scenario, cache as ``--tracing-cache`` says):
   in another process (``bench/_otlp_sink.py``, which counts and drops the spans: each
   mode's count is reported against the calls answered, so a dropped span shows).
 
-Metrics export stays off in every mode. Rounds interleave the servers (off, sampled, ...,
-off, ...) and close with one more ``off``. Rates and CPU are medians over rounds;
-``{mode}_paired_overhead`` (rate) and ``{mode}_paired_cpu_overhead`` (server CPU per call,
-the children's included) are medians over rounds of the ratio against the mean of the
-``off`` runs just before and just after, which cancels the machine's slower drifts. On a
-shared machine the rate moves with how much CPU the client and PostgreSQL got; the CPU
-per call moves less.
+Metrics export stays off in every mode. Each round runs ``off`` and then the traced modes
+(in reverse order every other round); one more ``off`` closes the last round. Rates and
+CPU are medians over rounds; ``{mode}_paired_overhead`` (rate) and
+``{mode}_paired_cpu_overhead`` (server CPU per call, the children's included) are medians
+over rounds of the ratio against the mean of the ``off`` runs just before and just after,
+which cancels the machine's slower drifts. On a shared machine the rate moves with how
+much CPU the client and PostgreSQL got; the CPU per call moves less.
 """
 
 from __future__ import annotations
@@ -84,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tracing-rounds", type=int, default=int(env("BENCH_TRACING_ROUNDS", "3")))
     parser.add_argument(
+        "--tracing-modes",
+        default=env("BENCH_TRACING_MODES", ",".join(MODES)),
+        help="comma-separated modes to run (off is always run): fewer modes, closer pairs",
+    )
+    parser.add_argument(
         "--tracing-cache", choices=("redis", "off"), default="off",
         help="off (default): every GetUser reaches PostgreSQL, so each trace has its SQL"
         " spans; redis: the production read path (mostly cache-hit spans)",
@@ -122,9 +127,13 @@ async def run(args: argparse.Namespace) -> Figures:
         else {"FERRULE_CACHE_ENABLED": "false"}
     )
     base = {"DATABASE_APP_ROLE": "ferrule_app", "OTEL_METRICS_EXPORTER": "none", **cache}
-    rounds: dict[str, list[LoadResult]] = {mode: [] for mode in MODES}
+    asked = {mode.strip() for mode in args.tracing_modes.split(",") if mode.strip()}
+    if asked - set(MODES):
+        raise SystemExit(f"unknown tracing modes {sorted(asked - set(MODES))}: {', '.join(MODES)}")
+    modes = ["off", *(mode for mode in MODES if mode != "off" and mode in asked)]
+    rounds: dict[str, list[LoadResult]] = {mode: [] for mode in modes}
     closing_off: LoadResult | None = None
-    calls_made: dict[str, list[int]] = {mode: [0] for mode in MODES}
+    calls_made: dict[str, list[int]] = {mode: [0] for mode in modes}
     try:
         async with otlp_sink() as (port, received):
             otlp_env = {
@@ -135,7 +144,8 @@ async def run(args: argparse.Namespace) -> Figures:
             async with contextlib.AsyncExitStack() as stack:
                 database_url = await stack.enter_async_context(fresh_database())
                 servers = {}
-                for mode, (ratio, extra) in MODES.items():
+                for mode in modes:
+                    ratio, extra = MODES[mode]
                     module = "bench._noop_tracing_server" if mode == "noop" else "server"
                     env = {**base, **(otlp_env if mode.startswith("otlp") else {}), **extra}
                     if 0 < ratio < 1:
@@ -152,14 +162,17 @@ async def run(args: argparse.Namespace) -> Figures:
                 ]
                 token = org_token(organization, scope="read")
                 plan = []
-                for mode in MODES:
+                for mode in modes:
                     client = await stack.enter_async_context(reader(servers[mode], token))
                     call = counted(get_user_call(client, requests), calls_made[mode])
                     plan.append((mode, call, servers[mode].pid))
                 for _, call, pid in plan:  # warm-up
                     await run_load(call, seconds=1.0, concurrency=concurrency, server_pid=pid)
                 for number in range(args.tracing_rounds):
-                    for mode, call, pid in plan:
+                    # Every other round runs the traced modes in reverse, so that no mode
+                    # is always the one measured right after (or long after) ``off``.
+                    traced = plan[1:] if number % 2 == 0 else plan[:0:-1]
+                    for mode, call, pid in [plan[0], *traced]:
                         result = await run_load(
                             call, seconds=seconds, concurrency=concurrency, server_pid=pid
                         )
@@ -179,7 +192,7 @@ async def run(args: argparse.Namespace) -> Figures:
     best = {mode: median_result(results) for mode, results in rounds.items()}
     base_rate = best["off"].rps
     figures: Figures = {"cache": args.tracing_cache, "concurrency": concurrency}
-    for mode in MODES:
+    for mode in modes:
         result = best[mode]
         overhead = 1 - result.rps / base_rate
         cpu_us = result.server_cpu / result.rps * 1e6 if result.rps else 0.0
@@ -213,7 +226,7 @@ async def run(args: argparse.Namespace) -> Figures:
             figures[f"{mode}_overhead"] = round(overhead, 3)
             base_cpu = best["off"].server_cpu / base_rate * 1e6
             figures[f"{mode}_cpu_overhead"] = round(cpu_us / base_cpu - 1, 3)
-    for mode in MODES:
+    for mode in modes:
         if not mode.startswith("otlp"):
             continue
         # Calls the server answered (warm-up and the gaps between windows included), so
