@@ -50,7 +50,7 @@ class LoadResult:
         return self.calls / self.seconds
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
+def process_cpu_seconds(process: psutil.Process) -> float:
     """CPU of the process and of its live children (a server's workers, or any helper
     process it starts): work moved to a child is still the server's cost."""
     total = 0.0
@@ -94,14 +94,17 @@ async def run_load(
     try:
         await asyncio.sleep(warmup)
         server, me = psutil.Process(server_pid), psutil.Process(os.getpid())
-        server_cpu, my_cpu = _cpu_seconds(server), _cpu_seconds(me)
+        server_cpu, my_cpu = process_cpu_seconds(server), process_cpu_seconds(me)
         measuring = True
         started = perf()
         await asyncio.sleep(seconds)
         measuring = False
         elapsed = perf() - started
         done = len(latencies)
-        server_used, my_used = _cpu_seconds(server) - server_cpu, _cpu_seconds(me) - my_cpu
+        server_used, my_used = (
+            process_cpu_seconds(server) - server_cpu,
+            process_cpu_seconds(me) - my_cpu,
+        )
     finally:
         stop = True
         await asyncio.gather(*tasks, return_exceptions=True)

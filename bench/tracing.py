@@ -23,6 +23,12 @@ CPU are medians over rounds; ``{mode}_paired_overhead`` (rate) and
 over rounds of the ratio against the mean of the ``off`` runs just before and just after,
 which cancels the machine's slower drifts. On a shared machine the rate moves with how
 much CPU the client and PostgreSQL got; the CPU per call moves less.
+
+Then each traced mode runs **side by side** with ``off``: one load, its calls sent to
+the two servers alternately, both servers' CPU measured over the same window, so both
+pay the same moment of a busy machine. ``{mode}_side_by_side_cpu_overhead`` is the median
+over those rounds of the ratio of their server CPU per call: the steadiest figure here
+for an overhead of a few percent (the rate is the same for both by construction).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import statistics
 import subprocess
@@ -37,8 +44,18 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 
+import psutil
+
 from bench.harness import ROOT, fresh_database, org_token, server_process
-from bench.loadgen import Call, LoadResult, median_result, run_load, seed_users, zipf_indexes
+from bench.loadgen import (
+    Call,
+    LoadResult,
+    median_result,
+    process_cpu_seconds,
+    run_load,
+    seed_users,
+    zipf_indexes,
+)
 from bench.reads import (
     REDIS_URL,
     delete_prefix,
@@ -75,6 +92,40 @@ def counted(call: Call, tally: list[int]) -> Call:
     return counting
 
 
+async def side_by_side(
+    calls: tuple[Call, Call], pids: tuple[int, int], *, seconds: float, concurrency: int
+) -> tuple[float, float]:
+    """Server CPU per call (us) of two servers loaded at once, call for call alternately:
+    both see the same moment of a shared machine, which sequential windows cannot give."""
+    counter = itertools.count()
+    counts = [0, 0]
+    measuring = stop = False
+
+    async def worker() -> None:
+        while not stop:
+            i = next(counter)
+            side = i % 2
+            with contextlib.suppress(Exception):  # an error is a call not counted
+                await calls[side](i // 2)
+                if measuring:
+                    counts[side] += 1
+
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    try:
+        await asyncio.sleep(0.5)
+        processes = [psutil.Process(pid) for pid in pids]
+        before = [process_cpu_seconds(process) for process in processes]
+        measuring = True
+        await asyncio.sleep(seconds)
+        measuring = False
+        after = [process_cpu_seconds(process) for process in processes]
+    finally:
+        stop = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+    first, second = ((after[k] - before[k]) / max(counts[k], 1) * 1e6 for k in (0, 1))
+    return first, second
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument("--tracing-users", type=int, default=10_000)
@@ -87,6 +138,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tracing-modes",
         default=env("BENCH_TRACING_MODES", ",".join(MODES)),
         help="comma-separated modes to run (off is always run): fewer modes, closer pairs",
+    )
+    parser.add_argument(
+        "--tracing-side-by-side-rounds",
+        type=int,
+        default=int(env("BENCH_TRACING_SIDE_BY_SIDE_ROUNDS", "5")),
+        help="rounds of each traced mode loaded at the same time as off, call for call",
     )
     parser.add_argument(
         "--tracing-cache", choices=("redis", "off"), default="off",
@@ -134,6 +191,7 @@ async def run(args: argparse.Namespace) -> Figures:
     rounds: dict[str, list[LoadResult]] = {mode: [] for mode in modes}
     closing_off: LoadResult | None = None
     calls_made: dict[str, list[int]] = {mode: [0] for mode in modes}
+    side_by_side_cpu: dict[str, list[float]] = {mode: [] for mode in modes}
     try:
         async with otlp_sink() as (port, received):
             otlp_env = {
@@ -184,6 +242,20 @@ async def run(args: argparse.Namespace) -> Figures:
                     off_call, seconds=seconds, concurrency=concurrency, server_pid=off_pid
                 )
                 print(f"[closing] {describe('off', closing_off)}", flush=True)
+                for mode, call, pid in plan[1:]:
+                    for number in range(args.tracing_side_by_side_rounds):
+                        off_us, mode_us = await side_by_side(
+                            (off_call, call),
+                            (off_pid, pid),
+                            seconds=seconds,
+                            concurrency=concurrency,
+                        )
+                        side_by_side_cpu[mode].append(mode_us / off_us - 1)
+                        print(
+                            f"[side by side {number + 1}] off {off_us:.0f} us/call,"
+                            f" {mode} {mode_us:.0f} us/call",
+                            flush=True,
+                        )
     finally:
         if args.tracing_cache == "redis":
             with contextlib.suppress(Exception):
@@ -222,6 +294,13 @@ async def run(args: argparse.Namespace) -> Figures:
                 f" either side) {paired:.1%} of the rate, {paired_cpu:+.1%} server CPU per call"
             )
             figures[f"{mode}_paired_overhead"] = round(paired, 3)
+            if side_by_side_cpu[mode]:
+                together = statistics.median(side_by_side_cpu[mode])
+                print(
+                    f"  {mode}: side by side with off (median of"
+                    f" {len(side_by_side_cpu[mode])} rounds) {together:+.1%} server CPU per call"
+                )
+                figures[f"{mode}_side_by_side_cpu_overhead"] = round(together, 3)
             figures[f"{mode}_paired_cpu_overhead"] = round(paired_cpu, 3)
             figures[f"{mode}_overhead"] = round(overhead, 3)
             base_cpu = best["off"].server_cpu / base_rate * 1e6
