@@ -1,10 +1,12 @@
 """The near cache across real server processes: two `python -m server` processes share a
 private redis-server; each keeps hot reads in its own memory, and a write through one
-invalidates the other's copy before the write's RPC answers.
+invalidates the other's copy before the write's RPC answers, also while the listeners
+reconnect after CLIENT KILL and across a restart of Redis.
 """
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Iterator
 
@@ -93,23 +95,48 @@ async def test_a_write_through_one_process_is_never_read_stale_through_another(
             else:
                 raise AssertionError("the reader never served the user from memory")
 
-            stale = 0
-            from_memory = 0
-            for round_ in range(ROUNDS):
-                updated = await writer.users.UpdateUser(
-                    upb.UpdateUserRequest(
-                        user=upb.User(name=user.name, full_name=f"round {round_}"),
-                        update_mask=field_mask_pb2.FieldMask(paths=["full_name"]),
+            async def rounds(count: int, label: str, *, redis_up: bool = True) -> int:
+                """Write through one process, read through the other at once: never
+                stale. Returns how many follow-up reads were served from memory."""
+                from_memory = 0
+                for round_ in range(count):
+                    updated = await writer.users.UpdateUser(
+                        upb.UpdateUserRequest(
+                            user=upb.User(name=user.name, full_name=f"{label} {round_}"),
+                            update_mask=field_mask_pb2.FieldMask(paths=["full_name"]),
+                        )
                     )
-                )
-                got = await reader.users.GetUser(get)  # right after the write answered
-                stale += got != updated
-                before = data_commands(own_redis.port)
-                assert await reader.users.GetUser(get) == updated
-                from_memory += data_commands(own_redis.port) == before
-            assert stale == 0
-            # The reader reloaded after each write, then served from memory again.
-            assert from_memory >= ROUNDS // 2, from_memory
+                    got = await reader.users.GetUser(get)  # right after the write answered
+                    assert got == updated, f"{label} round {round_}: stale read"
+                    if redis_up:
+                        before = data_commands(own_redis.port)
+                        assert await reader.users.GetUser(get) == updated
+                        from_memory += data_commands(own_redis.port) == before
+                return from_memory
+
+            # The reader reloads after each write, then serves from memory again.
+            assert await rounds(ROUNDS, "steady") >= ROUNDS // 2
+
+            async def until_served_from_memory(label: str) -> None:
+                for attempt in range(100):
+                    if await rounds(1, f"{label} {attempt}"):
+                        return
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"{label}: the near cache never came back")
+
+            # Both processes' listeners killed: no stale read while they reconnect.
+            with redis.Redis(port=own_redis.port) as admin:
+                killed = admin.client_kill_filter(_type="pubsub")
+            assert killed == 2
+            await rounds(20, "listeners killed")
+            await until_served_from_memory("after the listeners came back")
+
+            # Redis restarted (empty): reads stay right, then hits from memory resume.
+            own_redis.kill()
+            await rounds(5, "redis down", redis_up=False)
+            own_redis.start()
+            await rounds(5, "redis back")
+            await until_served_from_memory("after the restart")
     finally:
         for process in processes:
             stop_tree(process, [])
