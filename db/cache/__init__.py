@@ -1,4 +1,5 @@
-"""Read-through cache between servicers and repositories (Redis or in-process LRU).
+"""Read-through cache between servicers and repositories (Redis fronted by a near cache
+that Redis invalidates, or an in-process LRU).
 
 Values are bytes (servicers store serialized protobufs); see :mod:`db.cache.cache` for
 the semantics and :func:`create_cache` for construction.

@@ -67,10 +67,6 @@ class InvalidationListener:
         self.broadcasts_missed = 0
         self._seen: dict[str, list[asyncio.Future[None]]] = {}
 
-    @property
-    def subscribed(self) -> bool:
-        return self._near.active
-
     def start(self) -> None:
         """Start listening (idempotent; needs the running loop)."""
         if self._task is None and not self._closed:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -44,7 +44,7 @@ from redis.exceptions import RedisError, ResponseError
 from db.cache.breaker import CircuitBreaker
 from db.cache.errors import CacheBackendError, CacheUnavailable
 from db.cache.invalidation_listener import InvalidationListener
-from db.cache.near_cache import NearCache
+from db.cache.near_cache import NearCache, Ticket
 from db.cache.redis_client import RedisConnectionConfig, connection_pool
 
 T = TypeVar("T")
@@ -146,7 +146,8 @@ class RedisBackend:
         self._invalidate = self._client.register_script(_INVALIDATE)
         self._near: NearCache | None = None
         self._listener: InvalidationListener | None = None
-        self._fills: dict[str, Any] = {}
+        #: Tickets of loads that hold a lease, by lease token, until their fill.
+        self._fills: dict[str, Ticket] = {}
         # Markers are written whenever the key layout is known, near cache or not, so
         # that processes configured with one hear of the writes of those without.
         self._data_root = f"{prefix}:" if prefix is not None else None
