@@ -173,6 +173,13 @@ def test_configured_values_pass_the_servers_own_validation(
     assert settings.plaintext_refusal() is None
 
 
+def test_every_overlay_samples_traces_by_parent_and_ratio(rendered: list[dict[str, Any]]) -> None:
+    """Tracing every RPC is the expensive setting (docs/sre.md); deployments sample."""
+    data = config(rendered)
+    assert data["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert 0 < float(data["OTEL_TRACES_SAMPLER_ARG"]) <= 0.1
+
+
 def test_production_serves_tls_with_the_rls_role_redis_and_workers() -> None:
     docs = render("production")
     data = config(docs)
