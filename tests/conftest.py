@@ -13,12 +13,17 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncmy
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy import Row, Uuid, bindparam, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from db.engine_factory import async_engine
 
 TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
@@ -202,3 +207,62 @@ async def redis_url() -> str:
 def redis_namespace() -> str:
     """A key prefix no other test uses, so tests never flush each other's keys."""
     return f"ferrule-test-{uuid.uuid4().hex[:12]}"
+
+
+#: Server backends (everything but the embedded SQLite) -> the fixture of their admin URL.
+ADMIN_URL_FIXTURES = {"postgresql": "pg_admin_url", "mariadb": "mariadb_admin_url"}
+
+
+async def create_database(admin_url: str) -> str:
+    """A fresh, empty database on the server of ``admin_url`` (PostgreSQL or MariaDB); its URL.
+
+    For module-scoped fixtures, which cannot use the per-test factories; pair with
+    :func:`drop_database`.
+    """
+    name = f"ferrule_test_{uuid.uuid4().hex[:12]}"
+    if admin_url.startswith("postgresql"):
+        conn = await asyncpg.connect(_driverless(admin_url))
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+    else:
+        mariadb = await mariadb_connect(admin_url)
+        try:
+            async with mariadb.cursor() as cursor:
+                await cursor.execute(
+                    f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
+                )
+        finally:
+            mariadb.close()
+    return _with_database(admin_url, name)
+
+
+async def drop_database(admin_url: str, url: str) -> None:
+    name = url.rpartition("/")[2]
+    if admin_url.startswith("postgresql"):
+        conn = await asyncpg.connect(_driverless(admin_url))
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+    else:
+        await drop_mariadb_database(admin_url, name)
+
+
+async def query(url: str, sql: str, **params: object) -> list[Row[Any]]:
+    """Rows of ``sql`` (``:name`` parameters; UUID values bound as UUIDs) on any backend,
+    read past the server (the way an operator would look at the table)."""
+    statement = text(sql).bindparams(
+        *(
+            bindparam(key, type_=Uuid())
+            for key, value in params.items()
+            if isinstance(value, uuid.UUID)
+        )
+    )
+    engine = async_engine(url, poolclass=NullPool)
+    try:
+        async with engine.connect() as conn:
+            return list((await conn.execute(statement, params)).all())
+    finally:
+        await engine.dispose()

@@ -21,7 +21,7 @@ from ferrule.client import AsyncFerruleClient, ClientConfig
 from server.app import FerruleApp
 from server.settings import Settings
 from server.telemetry import Telemetry, setup_telemetry
-from tests.conftest import CreateDatabase
+from tests.conftest import ADMIN_URL_FIXTURES, EMPTY_DATABASE_FIXTURES, CreateDatabase
 
 JWT_SECRET = "test-jwt-secret-" + "x" * 32
 ADMIN_TOKEN = "test-admin-token-" + "y" * 16
@@ -119,6 +119,27 @@ async def start_server(create_pg_database: CreateDatabase) -> AsyncIterator[Star
 async def pg_server(start_server: StartServer, pg_database_url: str) -> RunningServer:
     """The server on a fresh, migrated PostgreSQL database."""
     return await start_server(pg_database_url)
+
+
+@pytest.fixture(params=list(ADMIN_URL_FIXTURES))
+def server_database_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database on each server backend (PostgreSQL, MariaDB). Sync: see
+    ``empty_database_url``."""
+    url: str = request.getfixturevalue(EMPTY_DATABASE_FIXTURES[request.param])
+    return url
+
+
+@pytest.fixture
+async def db_server(server_database_url: str, start_server: StartServer) -> RunningServer:
+    """The same test against the server on PostgreSQL and on MariaDB."""
+    return await start_server(server_database_url)
+
+
+@pytest.fixture(scope="module", params=list(ADMIN_URL_FIXTURES))
+def backend_admin_url(request: pytest.FixtureRequest) -> str:
+    """For module-scoped servers: the admin URL of each server backend in turn."""
+    url: str = request.getfixturevalue(ADMIN_URL_FIXTURES[request.param])
+    return url
 
 
 @pytest.fixture

@@ -60,8 +60,8 @@ async def _org(server: RunningServer, **token: str) -> Org:
 
 
 @pytest.fixture
-async def org(pg_server: RunningServer) -> Org:
-    return await _org(pg_server, subject="svc-analyst")
+async def org(db_server: RunningServer) -> Org:
+    return await _org(db_server, subject="svc-analyst")
 
 
 def analysis(text: str, kind: int = SENTIMENT, **fields: object) -> pb.Analysis:

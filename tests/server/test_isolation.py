@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from hashlib import sha256
 
 import grpc
 import pytest
@@ -22,8 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ferrule.client import AsyncFerruleClient, FerruleError
+from tests.conftest import ADMIN_URL_FIXTURES, create_database, drop_database, query
 from tests.server.conftest import make_token
 from tests.server.test_bad_input import (
+    CHECKED_TABLES,
     METHODS,
     Tenant,
     World,
@@ -31,6 +34,7 @@ from tests.server.test_bad_input import (
     message_strategy,
     on_loop,
     pg_world,
+    start_world,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,9 +44,35 @@ EXAMPLES = 40
 
 
 @pytest.fixture(scope="module")
-async def world(pg_admin_url: str) -> AsyncIterator[World]:
+async def postgresql_world(pg_admin_url: str) -> AsyncIterator[World]:
     async for value in pg_world(pg_admin_url):
         yield value
+
+
+@pytest.fixture(scope="module")
+async def mariadb_world(mariadb_admin_url: str) -> AsyncIterator[World]:
+    url = await create_database(mariadb_admin_url)
+
+    async def row_checksum() -> dict[str, str]:
+        return {
+            table: f"{len(rows)}:{sha256('|'.join(sorted(map(repr, rows))).encode()).hexdigest()}"
+            for table in CHECKED_TABLES
+            for rows in [await query(url, f"SELECT * FROM {table}")]
+        }
+
+    try:
+        async for value in start_world(url, row_checksum):
+            yield value
+    finally:
+        await drop_database(mariadb_admin_url, url)
+
+
+@pytest.fixture(scope="module", params=list(ADMIN_URL_FIXTURES))
+def world(request: pytest.FixtureRequest) -> World:
+    """On PostgreSQL (RLS behind the repositories) and on MariaDB, where the repositories'
+    scoping is the only wall."""
+    value: World = request.getfixturevalue(f"{request.param}_world")
+    return value
 
 
 def strings_in(message: Message) -> Iterator[str]:

@@ -172,9 +172,9 @@ async def test_create_and_get_with_derived_risk_level(any_server: RunningServer)
     assert "name" in violations(bad_name.value)
 
 
-async def test_create_validates_every_field(pg_server: RunningServer) -> None:
-    parent = await new_org(pg_server)
-    client = pg_server.for_org(org_id(parent))
+async def test_create_validates_every_field(db_server: RunningServer) -> None:
+    parent = await new_org(db_server)
+    client = db_server.for_org(org_id(parent))
     # Text over its column's length is refused first, by the input boundary, on its own...
     with pytest.raises(InvalidArgument) as too_long:
         await client.predictions.CreatePrediction(
@@ -223,9 +223,9 @@ async def test_create_validates_every_field(pg_server: RunningServer) -> None:
     assert await total(client, parent) == 0
 
 
-async def test_retried_creates_with_a_request_id_write_once(pg_server: RunningServer) -> None:
-    parent = await new_org(pg_server)
-    client = pg_server.for_org(org_id(parent))
+async def test_retried_creates_with_a_request_id_write_once(db_server: RunningServer) -> None:
+    parent = await new_org(db_server)
+    client = db_server.for_org(org_id(parent))
     request = pb.CreatePredictionRequest(
         parent=parent, prediction=prediction(0.4), request_id=str(uuid.uuid4())
     )
@@ -310,14 +310,14 @@ async def test_batch_create_is_atomic_and_names_bad_rows(any_server: RunningServ
     assert await total(client, parent) == 5
 
 
-async def test_other_tenants_and_scopes_are_refused(pg_server: RunningServer) -> None:
-    parent_a = await new_org(pg_server, "A")
-    parent_b = await new_org(pg_server, "B")
-    client_a = pg_server.for_org(org_id(parent_a))
+async def test_other_tenants_and_scopes_are_refused(db_server: RunningServer) -> None:
+    parent_a = await new_org(db_server, "A")
+    parent_b = await new_org(db_server, "B")
+    client_a = db_server.for_org(org_id(parent_a))
     mine = await client_a.predictions.CreatePrediction(
         pb.CreatePredictionRequest(parent=parent_a, prediction=prediction())
     )
-    client_b = pg_server.for_org(org_id(parent_b), scope="read write admin")
+    client_b = db_server.for_org(org_id(parent_b), scope="read write admin")
     calls: list[Awaitable[object]] = [
         client_b.predictions.GetPrediction(pb.GetPredictionRequest(name=mine.name)),
         client_b.predictions.GetPrediction(
@@ -362,7 +362,7 @@ async def test_other_tenants_and_scopes_are_refused(pg_server: RunningServer) ->
     )
     assert list(listed_b.predictions) == []
 
-    reader = pg_server.for_org(org_id(parent_a), scope="read")
+    reader = db_server.for_org(org_id(parent_a), scope="read")
     assert (await reader.predictions.GetPrediction(pb.GetPredictionRequest(name=mine.name))) == mine
     for call in (
         reader.predictions.CreatePrediction(
@@ -384,9 +384,9 @@ async def test_other_tenants_and_scopes_are_refused(pg_server: RunningServer) ->
     assert await total(client_a, parent_a) == 1
 
 
-async def test_list_filters_orders_and_pages(pg_server: RunningServer) -> None:
-    parent = await new_org(pg_server)
-    client = pg_server.for_org(org_id(parent))
+async def test_list_filters_orders_and_pages(db_server: RunningServer) -> None:
+    parent = await new_org(db_server)
+    client = db_server.for_org(org_id(parent))
     items = [
         prediction(
             i / 40,
@@ -479,15 +479,15 @@ async def test_list_filters_orders_and_pages(pg_server: RunningServer) -> None:
         assert field in violations(caught.value)
 
 
-async def test_export_streams_every_row_once(pg_server: RunningServer) -> None:
-    parent = await new_org(pg_server)
-    client = pg_server.for_org(org_id(parent), scope="read write")
+async def test_export_streams_every_row_once(db_server: RunningServer) -> None:
+    parent = await new_org(db_server)
+    client = db_server.for_org(org_id(parent), scope="read write")
     items = [prediction(i / 3000, at=NOW - timedelta(seconds=i % 100)) for i in range(3000)]
     created = await batch_create(client, parent, items)
-    other = await new_org(pg_server, "other")
-    await batch_create(pg_server.for_org(org_id(other)), other, [prediction()])
+    other = await new_org(db_server, "other")
+    await batch_create(db_server.for_org(org_id(other)), other, [prediction()])
 
-    reader = pg_server.for_org(org_id(parent), scope="read")
+    reader = db_server.for_org(org_id(parent), scope="read")
     sizes: list[int] = []
     names: list[str] = []
     async for chunk in reader.predictions.ExportPredictions(
@@ -572,24 +572,24 @@ async def test_risk_distribution_and_statistics(any_server: RunningServer) -> No
     assert "filter.risk_level" in violations(caught.value)
 
 
-async def test_purge_removes_only_old_rows(pg_server: RunningServer) -> None:
-    parent_a = await new_org(pg_server, "A")
-    parent_b = await new_org(pg_server, "B")
+async def test_purge_removes_only_old_rows(db_server: RunningServer) -> None:
+    parent_a = await new_org(db_server, "A")
+    parent_b = await new_org(db_server, "B")
     year = timedelta(days=365)
     old_a = await batch_create(
-        pg_server.for_org(org_id(parent_a)),
+        db_server.for_org(org_id(parent_a)),
         parent_a,
         [prediction(at=NOW - year - timedelta(days=i + 1)) for i in range(30)],
     )
     young_a = await batch_create(
-        pg_server.for_org(org_id(parent_a)),
+        db_server.for_org(org_id(parent_a)),
         parent_a,
         [prediction(at=NOW - year + timedelta(days=1)), prediction()],
     )
     await batch_create(
-        pg_server.for_org(org_id(parent_b)), parent_b, [prediction(at=NOW - 2 * year)]
+        db_server.for_org(org_id(parent_b)), parent_b, [prediction(at=NOW - 2 * year)]
     )
-    admin_a = pg_server.for_org(org_id(parent_a), scope="read write admin")
+    admin_a = db_server.for_org(org_id(parent_a), scope="read write admin")
     older_than = duration_pb2.Duration()
     older_than.FromTimedelta(year)
 
@@ -605,7 +605,7 @@ async def test_purge_removes_only_old_rows(pg_server: RunningServer) -> None:
     left = await admin_a.predictions.ListPredictions(pb.ListPredictionsRequest(parent=parent_a))
     assert {p.name for p in left.predictions} == {p.name for p in young_a}
 
-    admin = pg_server.admin()
+    admin = db_server.admin()
     everywhere = await admin.predictions.PurgePredictions(
         pb.PurgePredictionsRequest(parent="organizations/-", older_than=older_than)
     )
@@ -622,16 +622,16 @@ async def test_purge_removes_only_old_rows(pg_server: RunningServer) -> None:
         assert "older_than" in violations(caught.value)
 
 
-async def test_request_log_records_calls(pg_server: RunningServer) -> None:
-    parent = await new_org(pg_server)
-    client = pg_server.for_org(org_id(parent), subject="logged-caller")
+async def test_request_log_records_calls(db_server: RunningServer) -> None:
+    parent = await new_org(db_server)
+    client = db_server.for_org(org_id(parent), subject="logged-caller")
     missing = f"{parent}/predictions/{uuid.uuid4()}"
     with pytest.raises(NotFound):
         await client.predictions.GetPrediction(pb.GetPredictionRequest(name=missing))
     await client.predictions.CreatePrediction(
         pb.CreatePredictionRequest(parent=parent, prediction=prediction())
     )
-    admin = pg_server.admin()
+    admin = db_server.admin()
     get_method = "/ferrule.v1.PredictionService/GetPrediction"
     logs: list[pb.RequestLog] = []
     for _ in range(50):  # written in the background within about a second
@@ -679,12 +679,12 @@ async def test_request_log_records_calls(pg_server: RunningServer) -> None:
     assert "order_by" in violations(caught.value)
 
 
-async def test_cached_reads_stay_correct_across_a_purge(pg_server: RunningServer) -> None:
+async def test_cached_reads_stay_correct_across_a_purge(db_server: RunningServer) -> None:
     # Until the app wires its cache into Dependencies, install the in-process one here.
     cache = create_cache(None, prefix="test", timeout_ms=50, local_max_entries=1000)
-    setattr(pg_server.app.deps, "cache", cache)  # noqa: B010
-    parent = await new_org(pg_server)
-    client = pg_server.for_org(org_id(parent), scope="read write admin")
+    setattr(db_server.app.deps, "cache", cache)  # noqa: B010
+    parent = await new_org(db_server)
+    client = db_server.for_org(org_id(parent), scope="read write admin")
     old = await client.predictions.CreatePrediction(
         pb.CreatePredictionRequest(
             parent=parent, prediction=prediction(0.9, at=NOW - timedelta(days=30))

@@ -21,7 +21,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import psutil
 import pytest
 
@@ -30,6 +29,7 @@ from ferrule.client import AsyncFerruleClient, ClientConfig
 from ferrule.client.ingest import AsyncPredictionStreamer
 from ferrule.v1 import prediction_service_pb2 as pb
 from ferrule.v1 import user_service_pb2 as user_pb
+from tests.conftest import query
 from tests.server.conftest import ADMIN_TOKEN, JWT_SECRET, make_token
 
 pytestmark = pytest.mark.timeout(90)
@@ -98,13 +98,25 @@ class ServerProcess:
         )
 
 
-@pytest.fixture
-async def server(pg_database_url: str) -> AsyncIterator[ServerProcess]:
-    await upgrade_to_head(pg_database_url)
-    process = ServerProcess(pg_database_url, free_port())
+async def serve(database_url: str) -> AsyncIterator[ServerProcess]:
+    await upgrade_to_head(database_url)
+    process = ServerProcess(database_url, free_port())
     await process.start()
     yield process
     process.kill()
+
+
+@pytest.fixture
+async def server(server_database_url: str) -> AsyncIterator[ServerProcess]:
+    """The server process on PostgreSQL and on MariaDB."""
+    async for process in serve(server_database_url):
+        yield process
+
+
+@pytest.fixture
+async def pg_process(pg_database_url: str) -> AsyncIterator[ServerProcess]:
+    async for process in serve(pg_database_url):
+        yield process
 
 
 async def new_org(server: ServerProcess) -> uuid.UUID:
@@ -124,15 +136,6 @@ def rows(start: int, count: int) -> list[pb.Prediction]:
         message.features.update({"i": i, "band": "B2"})
         out.append(message)
     return out
-
-
-async def fetch(database_url: str, query: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
-        result: list[asyncpg.Record] = await conn.fetch(query, *args)
-        return result
-    finally:
-        await conn.close()
 
 
 @pytest.mark.parametrize("kill_after_acks", [1, 5])
@@ -170,12 +173,12 @@ async def test_acknowledged_rows_survive_a_kill_right_after_the_ack(
 
     assert len(acked) == kill_after_acks
     counts = {
-        r["request_id"]: r["n"]
-        for r in await fetch(
+        r.request_id: r.n
+        for r in await query(
             server.database_url,
             "SELECT request_id, count(*) AS n FROM predictions"
-            " WHERE organization_id = $1 GROUP BY request_id",
-            org,
+            " WHERE organization_id = :org GROUP BY request_id",
+            org=org,
         )
     }
     for batch_id, accepted in acked.items():
@@ -235,21 +238,22 @@ async def test_helper_resumes_after_the_server_is_killed(server: ServerProcess) 
 
     assert killed.is_set() and totals.reconnects >= 1
     assert totals.accepted + totals.duplicates == total and not totals.rejected
-    stored = await fetch(
+    stored = await query(
         server.database_url,
-        "SELECT id, probability FROM predictions WHERE organization_id = $1",
-        org,
+        "SELECT id, probability FROM predictions WHERE organization_id = :org",
+        org=org,
     )
     assert len(stored) == total
-    assert md5_of([r["id"] for r in stored]) == md5_of(
+    assert md5_of([r.id for r in stored]) == md5_of(
         expected_ids(parent, "resume", total, batch_size)
     )
-    assert sum(r["probability"] for r in stored) == pytest.approx(
+    assert sum(r.probability for r in stored) == pytest.approx(
         sum((i % 1000) / 1000 for i in range(total))
     )
 
 
-async def test_server_memory_stays_bounded_while_streaming(server: ServerProcess) -> None:
+async def test_server_memory_stays_bounded_while_streaming(pg_process: ServerProcess) -> None:
+    server = pg_process
     org = await new_org(server)
     process = psutil.Process(server.pid)
     start_rss = process.memory_info().rss

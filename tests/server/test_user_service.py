@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from importlib.util import find_spec
 from typing import Any
 
-import asyncpg
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -36,6 +35,7 @@ from ferrule.client import (
 from ferrule.v1 import user_service_pb2 as pb
 from server import services
 from server.app import FerruleApp
+from tests.conftest import create_database, drop_database, query
 from tests.server.conftest import RunningServer, server_settings
 
 PASSWORD = "correct horse battery staple"
@@ -54,20 +54,10 @@ def available_services_only() -> Iterator[None]:
         yield
 
 
-def _driverless(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 @pytest.fixture(scope="module")
-async def srv(pg_admin_url: str) -> AsyncIterator[RunningServer]:
-    """One server on one fresh PostgreSQL database for the whole module."""
-    name = f"ferrule_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(_driverless(pg_admin_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = f"{pg_admin_url.rpartition('/')[0]}/{name}"
+async def srv(backend_admin_url: str) -> AsyncIterator[RunningServer]:
+    """One server on one fresh database for the whole module, on each server backend."""
+    url = await create_database(backend_admin_url)
     await upgrade_to_head(url)
     app = FerruleApp(server_settings(url))
     with available_services_only():
@@ -77,11 +67,7 @@ async def srv(pg_admin_url: str) -> AsyncIterator[RunningServer]:
     for client in running.clients:
         await client.close()
     await app.stop(grace=0.5)
-    admin = await asyncpg.connect(_driverless(pg_admin_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await drop_database(backend_admin_url, url)
 
 
 @pytest.fixture
@@ -146,14 +132,10 @@ def assert_no_secret(*messages: Message) -> None:
 
 
 async def count_users(srv: RunningServer, org: uuid.UUID) -> int:
-    conn = await asyncpg.connect(_driverless(srv.database_url))
-    try:
-        count: int = await conn.fetchval(
-            "SELECT count(*) FROM users WHERE organization_id = $1", org
-        )
-        return count
-    finally:
-        await conn.close()
+    rows = await query(
+        srv.database_url, "SELECT count(*) FROM users WHERE organization_id = :org", org=org
+    )
+    return int(rows[0][0])
 
 
 # --- organizations ---------------------------------------------------------------------
