@@ -135,8 +135,9 @@ async def cached_server(
 
 
 @pytest.fixture
-async def srv(start_server: StartServer, pg_database_url: str, redis_url: str) -> RunningServer:
-    return await cached_server(start_server, pg_database_url, redis_url)
+async def srv(server_database_url: str, start_server: StartServer, redis_url: str) -> RunningServer:
+    """A cached server on PostgreSQL and on MariaDB (the invalidation table runs on both)."""
+    return await cached_server(start_server, server_database_url, redis_url)
 
 
 # --- hit after miss ---------------------------------------------------------------------

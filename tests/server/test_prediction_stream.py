@@ -14,15 +14,19 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
+from sqlalchemy import RowMapping, select
+from sqlalchemy.pool import NullPool
 
+from db.engine_factory import async_engine
+from db.models import Prediction
 from ferrule.client import AsyncFerruleClient, InvalidArgument, PermissionDenied
 from ferrule.client.ingest import AsyncPredictionStreamer
 from ferrule.v1 import prediction_service_pb2 as pb
 from ferrule.v1 import user_service_pb2 as user_pb
 from server.app import FerruleApp
+from tests.conftest import query
 from tests.polling import eventually
 from tests.server.conftest import RunningServer, StartServer, server_settings
 
@@ -67,31 +71,37 @@ async def exchange(
     return [ack async for ack in client.predictions.StreamPredictions(source(), timeout=30)]
 
 
-def pg_dsn(database_url: str) -> str:
-    return database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
-async def stored(database_url: str, org: uuid.UUID) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(pg_dsn(database_url))
-    try:
-        rows: list[asyncpg.Record] = await conn.fetch(
-            "SELECT id, subject_id, probability, request_id, risk_level, features, create_by"
-            " FROM predictions WHERE organization_id = $1 ORDER BY id",
-            org,
+async def stored(database_url: str, org: uuid.UUID) -> list[RowMapping]:
+    """The organization's stored predictions, typed by the model (UUIDs, enum values)."""
+    statement = (
+        select(
+            Prediction.id,
+            Prediction.subject_id,
+            Prediction.probability,
+            Prediction.request_id,
+            Prediction.risk_level,
+            Prediction.features,
+            Prediction.create_by,
         )
-        return rows
+        .where(Prediction.organization_id == org)
+        .order_by(Prediction.id)
+    )
+    engine = async_engine(database_url, poolclass=NullPool)
+    try:
+        async with engine.connect() as conn:
+            return list((await conn.execute(statement)).mappings().all())
     finally:
-        await conn.close()
+        await engine.dispose()
 
 
 def digest(ids: Sequence[uuid.UUID]) -> str:
     return hashlib.md5("".join(sorted(str(i) for i in ids)).encode()).hexdigest()
 
 
-async def test_mixed_rows_give_exact_per_batch_counts(pg_server: RunningServer) -> None:
-    org = await new_org(pg_server)
+async def test_mixed_rows_give_exact_per_batch_counts(db_server: RunningServer) -> None:
+    org = await new_org(db_server)
     parent = f"organizations/{org}"
-    client = pg_server.for_org(org, subject="svc-ingest")
+    client = db_server.for_org(org, subject="svc-ingest")
     first = [row(0), row(1, probability=1.5), row(2), row(3, subject_id=""), row(4)]
     second = [
         row(10),
@@ -115,7 +125,7 @@ async def test_mixed_rows_give_exact_per_batch_counts(pg_server: RunningServer) 
         (1, ["model_version"]),
         (2, ["name"]),
     ]
-    rows = await stored(pg_server.database_url, org)
+    rows = await stored(db_server.database_url, org)
     assert sorted(r["subject_id"] for r in rows) == ["emp-0", "emp-10", "emp-13", "emp-2", "emp-4"]
     by_subject = {r["subject_id"]: r for r in rows}
     expected_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{parent}/streamBatches/b-1/2")
@@ -126,10 +136,10 @@ async def test_mixed_rows_give_exact_per_batch_counts(pg_server: RunningServer) 
     assert by_subject["emp-4"]["risk_level"] == "LOW"  # derived from probability 0.04
 
 
-async def test_resent_batches_and_reused_ids_write_nothing(pg_server: RunningServer) -> None:
-    org = await new_org(pg_server)
+async def test_resent_batches_and_reused_ids_write_nothing(db_server: RunningServer) -> None:
+    org = await new_org(db_server)
     parent = f"organizations/{org}"
-    client = pg_server.for_org(org)
+    client = db_server.for_org(org)
     chosen = f"{parent}/predictions/{uuid.uuid4()}"
     batches = [
         request(parent, "r-1", [row(i) for i in range(50)]),
@@ -137,7 +147,7 @@ async def test_resent_batches_and_reused_ids_write_nothing(pg_server: RunningSer
     ]
     first = await exchange(client, batches)
     assert [(a.accepted, a.duplicates, len(a.rejected)) for a in first] == [(50, 0, 0), (2, 0, 1)]
-    before = await stored(pg_server.database_url, org)
+    before = await stored(db_server.database_url, org)
 
     # The same batches again, on a new stream, and again twice within one stream.
     again = await exchange(client, batches + batches)
@@ -150,21 +160,18 @@ async def test_resent_batches_and_reused_ids_write_nothing(pg_server: RunningSer
     rows = [row(200, name=chosen), row(201, name=fresh), row(202, name=fresh)]
     reused = await exchange(client, [request(parent, "r-3", rows)])
     assert [(a.accepted, a.duplicates) for a in reused] == [(1, 2)]
-    after = await stored(pg_server.database_url, org)
+    after = await stored(db_server.database_url, org)
     assert len(after) == len(before) + 1
     assert digest([r["id"] for r in before]) == digest(
         [r["id"] for r in after if r["id"] != uuid.UUID(fresh.rsplit("/", 1)[1])]
     )
 
-    conn = await asyncpg.connect(pg_dsn(pg_server.database_url))
-    try:
-        recorded = await conn.fetch(
-            "SELECT batch_id, accepted, duplicates, rejected FROM ingest_batches"
-            " WHERE organization_id = $1 ORDER BY batch_id",
-            org,
-        )
-    finally:
-        await conn.close()
+    recorded = await query(
+        db_server.database_url,
+        "SELECT batch_id, accepted, duplicates, rejected FROM ingest_batches"
+        " WHERE organization_id = :org ORDER BY batch_id",
+        org=org,
+    )
     assert [tuple(r) for r in recorded] == [("r-1", 50, 0, 0), ("r-2", 2, 0, 1), ("r-3", 1, 2, 0)]
 
 
@@ -179,11 +186,11 @@ async def test_resent_batches_and_reused_ids_write_nothing(pg_server: RunningSer
     ],
 )
 async def test_protocol_errors_end_the_stream_after_earlier_acks(
-    pg_server: RunningServer, make: Any, field: str
+    db_server: RunningServer, make: Any, field: str
 ) -> None:
-    org = await new_org(pg_server)
+    org = await new_org(db_server)
     parent = f"organizations/{org}"
-    client = pg_server.for_org(org)
+    client = db_server.for_org(org)
     acks: list[pb.StreamPredictionsResponse] = []
 
     async def source() -> AsyncIterator[pb.StreamPredictionsRequest]:
@@ -198,23 +205,23 @@ async def test_protocol_errors_end_the_stream_after_earlier_acks(
         await drain()
     assert [(a.batch_id, a.accepted) for a in acks] == [("ok-1", 1)]
     assert [f for f, _ in raised.value.field_violations] == [field]
-    assert len(await stored(pg_server.database_url, org)) == 1
+    assert len(await stored(db_server.database_url, org)) == 1
 
 
-async def test_first_message_needs_a_parent_the_caller_may_write(pg_server: RunningServer) -> None:
-    org, other = await new_org(pg_server), await new_org(pg_server)
-    client = pg_server.for_org(org)
+async def test_first_message_needs_a_parent_the_caller_may_write(db_server: RunningServer) -> None:
+    org, other = await new_org(db_server), await new_org(db_server)
+    client = db_server.for_org(org)
     with pytest.raises(InvalidArgument):
         await exchange(client, [request("", "b", [row(0)])])
     with pytest.raises(PermissionDenied):
         await exchange(client, [request(f"organizations/{other}", "b", [row(0)])])
-    assert await stored(pg_server.database_url, other) == []
+    assert await stored(db_server.database_url, other) == []
 
 
-async def test_helper_totals_and_rejected_rows(pg_server: RunningServer) -> None:
-    org = await new_org(pg_server)
+async def test_helper_totals_and_rejected_rows(db_server: RunningServer) -> None:
+    org = await new_org(db_server)
     parent = f"organizations/{org}"
-    client = pg_server.for_org(org)
+    client = db_server.for_org(org)
     acked: list[str] = []
     async with AsyncPredictionStreamer(
         client, parent, batch_size=7, max_in_flight=3, on_ack=lambda a: acked.append(a.batch_id)
@@ -229,14 +236,14 @@ async def test_helper_totals_and_rejected_rows(pg_server: RunningServer) -> None
         (64, 1, "probability"),
     ]
     assert len(acked) == 15
-    assert len(await stored(pg_server.database_url, org)) == 98
+    assert len(await stored(db_server.database_url, org)) == 98
 
 
 async def test_helper_resumes_after_the_server_restarts(
-    start_server: StartServer, pg_database_url: str
+    server_database_url: str, start_server: StartServer
 ) -> None:
     """Stop the server mid-stream, start another on the same port: every row once."""
-    first = await start_server(pg_database_url)
+    first = await start_server(server_database_url)
     org = await new_org(first)
     parent = f"organizations/{org}"
     port = int(first.target.rsplit(":", 1)[1])
@@ -254,7 +261,7 @@ async def test_helper_resumes_after_the_server_restarts(
             if i == total // 3:
                 await first.app.stop(grace=0)
                 app = FerruleApp(
-                    server_settings(pg_database_url, ferrule_listen=f"127.0.0.1:{port}")
+                    server_settings(server_database_url, ferrule_listen=f"127.0.0.1:{port}")
                 )
                 await app.start()
                 restarted.append(app)
@@ -269,7 +276,7 @@ async def test_helper_resumes_after_the_server_restarts(
     totals = streamer.totals
     assert totals.reconnects >= 1
     assert totals.accepted + totals.duplicates == total and not totals.rejected
-    rows = await stored(pg_database_url, org)
+    rows = await stored(server_database_url, org)
     assert len(rows) == total
     assert sorted(r["subject_id"] for r in rows) == sorted(f"emp-{i}" for i in range(total))
     assert sum(r["probability"] for r in rows) == pytest.approx(
