@@ -18,9 +18,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncmy
 import asyncpg
 import jwt
 import psutil
+from sqlalchemy.engine import make_url
 
 from ferrule.client import AsyncFerruleClient, ClientConfig
 from ferrule.v1 import user_service_pb2 as user_pb
@@ -29,6 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DATABASE_URL = os.environ.get(
     "BENCH_DATABASE_URL",
     os.environ.get("TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"),
+)
+MARIADB_ADMIN_URL = os.environ.get(
+    "BENCH_MARIADB_URL",
+    os.environ.get("TEST_MARIADB_URL", "mariadb+asyncmy://root@127.0.0.1:3306/test"),
 )
 JWT_SECRET = "bench-jwt-secret-" + "b" * 32
 ADMIN_TOKEN = "bench-admin-token-" + "a" * 16
@@ -74,6 +80,46 @@ async def fresh_database(prefix: str = "ferrule_bench") -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+async def mariadb_connection(url: str, database: str | None = None) -> asyncmy.Connection:
+    """A plain asyncmy connection (UTC session) to the server of ``url``."""
+    parsed = make_url(url)
+    return await asyncmy.connect(
+        host=parsed.host or "127.0.0.1",
+        port=parsed.port or 3306,
+        user=parsed.username or "root",
+        password=parsed.password or "",
+        db=database,
+        init_command="SET time_zone = '+00:00'",
+    )
+
+
+@contextlib.asynccontextmanager
+async def fresh_mariadb_database(prefix: str = "ferrule_bench") -> AsyncIterator[str]:
+    """:func:`fresh_database` on MariaDB (``BENCH_MARIADB_URL``)."""
+    from db.migrate import upgrade_to_head
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = await mariadb_connection(MARIADB_ADMIN_URL)
+    try:
+        async with admin.cursor() as cursor:
+            await cursor.execute(
+                f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
+            )
+    finally:
+        admin.close()
+    url = f"{MARIADB_ADMIN_URL.rpartition('/')[0]}/{name}"
+    try:
+        await upgrade_to_head(url)
+        yield url
+    finally:
+        admin = await mariadb_connection(MARIADB_ADMIN_URL)
+        try:
+            async with admin.cursor() as cursor:
+                await cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        finally:
+            admin.close()
 
 
 @dataclass

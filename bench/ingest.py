@@ -1,4 +1,5 @@
-"""Ingest scenario: StreamPredictions through the client helper vs raw asyncpg COPY.
+"""Ingest scenario: StreamPredictions through the client helper vs raw asyncpg COPY
+(on MariaDB, ``--ingest-backend mariadb``: vs a raw asyncmy multi-row INSERT).
 
 Same run, same rows: both paths start from the same in-memory source rows and pay their
 own conversion (the stream builds ``Prediction`` messages with a ``Struct`` of features;
@@ -10,6 +11,10 @@ COPY into a bare copy of the table (``LIKE predictions INCLUDING ALL``: indexes 
 checks but no foreign key and no row-level security), is reported too.
 Also measured: server RSS during the stream, BatchCreatePredictions (1000 rows per
 call) and one CreatePrediction per row.
+
+On MariaDB the reference is the fastest plain client write of the same rows: asyncmy
+multi-row ``INSERT`` statements of 1000 rows, committed every 4 statements (the stream's
+group commit holds up to 4 batches of 1000), before and after the streams.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from bench.harness import (
     ServerProcess,
     driverless,
     fresh_database,
+    fresh_mariadb_database,
+    mariadb_connection,
     org_token,
     server_process,
 )
@@ -83,6 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ingest-app-role", default=env("BENCH_INGEST_APP_ROLE", "ferrule_app"),
         help="DATABASE_APP_ROLE of the server (row-level security on); '' for none",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ingest-backend", choices=("postgresql", "mariadb"),
+        default=env("BENCH_INGEST_BACKEND", "postgresql"),
+        help="database the server runs on (env BENCH_INGEST_BACKEND)",
     )  # fmt: skip
     parser.add_argument("--ingest-batch-size", type=int, default=1000)
     parser.add_argument("--ingest-in-flight", type=int, default=8)
@@ -317,7 +329,108 @@ async def count_rows(database_url: str, organization: uuid.UUID) -> int:
         await conn.close()
 
 
+#: Rows per raw INSERT statement and statements per commit (MariaDB reference).
+RAW_INSERT_ROWS = 1000
+RAW_INSERTS_PER_COMMIT = 4
+
+
+async def measure_raw_insert(database_url: str, pool: list[SourceRow], rows: int) -> float:
+    """Rows/s of raw asyncmy multi-row INSERTs of ``rows`` rows into ``predictions``."""
+    conn = await mariadb_connection(database_url, database_url.rpartition("/")[2])
+    try:
+        organization = uuid.uuid4()
+        async with conn.cursor() as cursor:
+            await cursor.execute(
+                "INSERT INTO organizations (id, display_name, version) VALUES (%s, 'raw', 1)",
+                (str(organization),),
+            )
+            await conn.commit()
+            placeholders = "(" + ", ".join(["%s"] * len(COPY_COLUMNS)) + ")"
+            prefix = f"INSERT INTO predictions ({', '.join(COPY_COLUMNS)}) VALUES "
+            records = copy_records(pool, rows, organization)
+            started = time.perf_counter()
+            statements = 0
+            while chunk := [r for _, r in zip(range(RAW_INSERT_ROWS), records, strict=False)]:
+                values = [
+                    str(v)
+                    if isinstance(v, uuid.UUID)
+                    else v.replace(tzinfo=None)
+                    if isinstance(v, datetime)
+                    else v
+                    for record in chunk
+                    for v in record
+                ]
+                await cursor.execute(prefix + ", ".join([placeholders] * len(chunk)), values)
+                statements += 1
+                if statements % RAW_INSERTS_PER_COMMIT == 0:
+                    await conn.commit()
+            await conn.commit()
+            elapsed = time.perf_counter() - started
+            await cursor.execute(
+                "SELECT count(*) FROM predictions WHERE organization_id = %s", (str(organization),)
+            )
+            (count,) = await cursor.fetchone()
+        assert count == rows, (count, rows)
+        return rows / elapsed
+    finally:
+        conn.close()
+
+
+async def count_mariadb_rows(database_url: str, organization: uuid.UUID) -> int:
+    conn = await mariadb_connection(database_url, database_url.rpartition("/")[2])
+    try:
+        async with conn.cursor() as cursor:
+            await cursor.execute(
+                "SELECT count(*) FROM predictions WHERE organization_id = %s", (str(organization),)
+            )
+            (count,) = await cursor.fetchone()
+        return int(count)
+    finally:
+        conn.close()
+
+
+async def run_mariadb(args: argparse.Namespace) -> Figures:
+    """The stream on MariaDB against raw asyncmy multi-row INSERTs, in the same run."""
+    rows: int = args.ingest_rows
+    pool = source_pool()
+    figures: Figures = {"rows": rows, "backend": "mariadb"}
+    async with fresh_mariadb_database() as database_url, server_process(database_url) as server:
+        raw_rate = await measure_raw_insert(database_url, pool, rows)
+        print(f"raw asyncmy INSERT:          {raw_rate:>10,.0f} rows/s", flush=True)
+        rates: dict[str, float] = {}
+        for features_as in ("struct", "json"):
+            organization = await server.create_organization(f"stream-{features_as}")
+            rates[features_as], reconnects = await measure_stream(
+                server, organization, pool, args, features_as=features_as
+            )
+            stored = await count_mariadb_rows(database_url, organization)
+            if stored != rows or reconnects:
+                raise RuntimeError(f"{stored} rows stored of {rows}, {reconnects} reconnects")
+            print(f"StreamPredictions ({features_as}):  {rates[features_as]:>10,.0f} rows/s")
+        raw_again = await measure_raw_insert(database_url, pool, rows)
+        print(f"raw asyncmy INSERT (again):  {raw_again:>10,.0f} rows/s", flush=True)
+        mean_raw = (raw_rate + raw_again) / 2
+        print(
+            f"stream / mean raw INSERT: Struct {rates['struct'] / mean_raw:.1%},"
+            f" JSON {rates['json'] / mean_raw:.1%}",
+            flush=True,
+        )
+    figures.update(
+        {
+            "raw_insert_rows_per_s": round(raw_rate),
+            "raw_insert_again_rows_per_s": round(raw_again),
+            "stream_rows_per_s": round(rates["struct"]),
+            "stream_json_rows_per_s": round(rates["json"]),
+            "ratio_vs_mean_raw_insert": round(rates["struct"] / mean_raw, 3),
+            "ratio_json_vs_mean_raw_insert": round(rates["json"] / mean_raw, 3),
+        }
+    )
+    return figures
+
+
 async def run(args: argparse.Namespace) -> Figures:
+    if args.ingest_backend == "mariadb":
+        return await run_mariadb(args)
     rows: int = args.ingest_rows
     pool = source_pool()
     figures: Figures = {"rows": rows}

@@ -55,6 +55,13 @@ async def insert_skipping_duplicates(
 
 async def _require_only_duplicates(session: AsyncSession, *, skipped: int) -> None:
     warnings = int((await session.execute(_WARNING_COUNT)).scalar_one())
+    require_only_duplicates(warnings=warnings, skipped=skipped)
+
+
+def require_only_duplicates(*, warnings: int, skipped: int) -> None:
+    """After an INSERT IGNORE that skipped ``skipped`` rows: any warning beyond one per
+    skipped row was a value MySQL clipped or replaced, refused here (the caller's
+    transaction then rolls back)."""
     if warnings > skipped:
         raise ValidationError(
             [FieldViolation("rows", "a value does not fit its column (too long or malformed)")]

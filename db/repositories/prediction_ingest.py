@@ -18,11 +18,12 @@ RLS; the INSERT ... SELECT goes through the policies like any insert. The stagin
 table lives per connection (``ON COMMIT DELETE ROWS``): no catalog churn per group,
 and ``IF NOT EXISTS`` re-creates it on a fresh backend (PgBouncer transaction mode).
 
-MySQL/MariaDB: the same statements as SQLite's path, with the rows in multi-row
-``INSERT IGNORE`` statements (:mod:`db.repositories.mysql_inserts`: duplicates skipped,
-any other data problem still an error), so a row a concurrent stream committed first is
-skipped rather than failing the group; recording the batch id is a plain INSERT, so two
-transactions writing the same batch cannot both commit it.
+MySQL/MariaDB: the batch ids are looked up, then the rows go in multi-row ``INSERT
+IGNORE ... RETURNING id`` statements of 1000 rows sent on asyncmy directly (duplicates
+skipped, any other data problem still an error: see :mod:`db.repositories.mysql_inserts`),
+so a row a concurrent stream committed first is skipped rather than failing the group;
+recording the batch id is a plain INSERT, so two transactions writing the same batch
+cannot both commit it (the second fails, rolls back, and its client re-sends).
 
 SQLite (the embedded default) takes a portable path: look the keys up, insert the rest.
 """
@@ -35,13 +36,15 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
+import asyncmy.errors
 import asyncpg
 from sqlalchemy import Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from db.error_translation import translate_error
 from db.errors import (
     AccessDeniedError,
     ConcurrentModificationError,
@@ -50,7 +53,7 @@ from db.errors import (
 )
 from db.models import IngestBatch, Prediction
 from db.models.base import MYSQL_DIALECTS
-from db.repositories.mysql_inserts import insert_skipping_duplicates
+from db.repositories.mysql_inserts import insert_skipping_duplicates, require_only_duplicates
 
 __all__ = [
     "STAGED_COLUMNS",
@@ -274,19 +277,70 @@ async def _ingest_mysql(
     batches: Sequence[PendingBatch],
 ) -> dict[str, int]:
     fresh = await _unrecorded(session, organization_id, batches)
-    table = cast(Table, Prediction.__table__)
-    values = [_prediction_values(row, organization_id, create_by) for b in fresh for row in b.rows]
-    written: set[uuid.UUID] = set()
-    for start in range(0, len(values), MYSQL_INSERT_ROWS):
-        chunk = values[start : start + MYSQL_INSERT_ROWS]
-        written |= await insert_skipping_duplicates(session, table, chunk, table.c.id)
+    records = [row for b in fresh for row in b.rows]
+    if session.get_bind().dialect.insert_returning:
+        written = await _insert_staged_mariadb(session, organization_id, create_by, records)
+    else:  # MySQL: no RETURNING; the portable helper looks the ids up first
+        table = cast(Table, Prediction.__table__)
+        written = set()
+        for start in range(0, len(records), MYSQL_INSERT_ROWS):
+            chunk = [
+                _prediction_values(row, organization_id, create_by)
+                for row in records[start : start + MYSQL_INSERT_ROWS]
+            ]
+            written |= await insert_skipping_duplicates(session, table, chunk, table.c.id)
     accepted: dict[str, int] = {}
-    for row in values:
-        if row["id"] in written:
-            written.discard(row["id"])  # a repeated id counts once, for its first batch
-            accepted[row["request_id"]] = accepted.get(row["request_id"], 0) + 1
+    for row in records:
+        if row[0] in written:
+            written.discard(row[0])  # a repeated id counts once, for its first batch
+            accepted[row[8]] = accepted.get(row[8], 0) + 1
     await _record_batches(session, organization_id, fresh, accepted)
     return accepted
+
+
+_MARIADB_INSERT = (
+    "INSERT IGNORE INTO predictions (id, organization_id, subject_id, probability,"
+    " risk_level, model_name, model_version, features, predict_time, request_id, create_by)"
+    " VALUES "
+)
+_MARIADB_ROW = "(" + ", ".join(["%s"] * 11) + ")"
+
+
+async def _insert_staged_mariadb(
+    session: AsyncSession,
+    organization_id: uuid.UUID,
+    create_by: str | None,
+    records: Sequence[StagedRow],
+) -> set[uuid.UUID]:
+    """The hot path on MariaDB: multi-row INSERT IGNORE ... RETURNING on asyncmy directly
+    (the rows are validated and already in the column types: no per-value bind processing
+    or statement compilation), duplicates checked as in :mod:`db.repositories.mysql_inserts`.
+    Returns the ids written."""
+    connection = await session.connection()
+    driver: Any = (await connection.get_raw_connection()).driver_connection
+    organization = str(organization_id)
+    written: set[uuid.UUID] = set()
+    try:
+        async with driver.cursor() as cursor:
+            for start in range(0, len(records), MYSQL_INSERT_ROWS):
+                chunk = records[start : start + MYSQL_INSERT_ROWS]
+                params: list[Any] = []
+                for r in chunk:
+                    when = r[7].astimezone(UTC).replace(tzinfo=None)
+                    params += (str(r[0]), organization, *r[1:7], when, r[8], create_by)
+                sql = _MARIADB_INSERT + ", ".join([_MARIADB_ROW] * len(chunk)) + " RETURNING id"
+                await cursor.execute(sql, params)
+                ids = {uuid.UUID(str(found)) for (found,) in await cursor.fetchall()}
+                await cursor.execute("SELECT @@warning_count")
+                (warnings,) = await cursor.fetchone()
+                require_only_duplicates(warnings=int(warnings), skipped=len(chunk) - len(ids))
+                written |= ids
+    except asyncmy.errors.Error as exc:
+        mapped = translate_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
+    return written
 
 
 #: Rows per multi-row INSERT on MySQL/MariaDB: statements stay far below max_allowed_packet.
