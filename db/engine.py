@@ -10,7 +10,6 @@ aiosqlite with foreign keys on, WAL and a busy timeout on every connection.
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -143,9 +142,6 @@ MYSQL_INIT_COMMAND = (
 
 
 def _create_mysql_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
-    # asyncmy logs the text of every server warning, and a duplicate key's text quotes the
-    # duplicate value (an email, say): values never reach the logs.
-    logging.getLogger("asyncmy").setLevel(logging.ERROR)
     engine = async_engine(
         url,
         echo=config.echo,
