@@ -446,7 +446,11 @@ async def test_cancellation_at_random_points_keeps_every_reply_in_step(
 
     try:
         cancelled = completed = 0
-        for _round in range(20):
+        # How many calls a cancel catches mid-flight depends on how busy the machine is, so
+        # rounds continue (boundedly) until enough of both kinds have happened.
+        for _round in range(200):
+            if _round >= 20 and cancelled >= 400 and completed >= 100:
+                break
             tasks = [
                 asyncio.create_task(op(rng.randrange(n_keys), rng.randrange(3))) for _ in range(60)
             ]
@@ -470,7 +474,7 @@ async def test_cancellation_at_random_points_keeps_every_reply_in_step(
             assert not failures, failures
             cancelled += sum(isinstance(r, asyncio.CancelledError | TimeoutError) for r in results)
             completed += sum(r is None for r in results)
-        assert cancelled >= 200, cancelled
+        assert cancelled >= 400, cancelled
         assert completed >= 100, completed
         for _ in range(2):
             await asyncio.gather(*(op(i, kind) for i in range(n_keys) for kind in range(3)))
