@@ -13,6 +13,7 @@ from ferrule.client import InvalidArgument, PermissionDenied
 from ferrule.v1 import health_service_pb2 as hpb
 from ferrule.v1 import user_service_pb2 as upb
 from server.telemetry import setup_telemetry
+from tests.conftest import mariadb_connect
 from tests.server.conftest import RunningServer, StartServer
 
 SLOW_TRIGGER = """
@@ -48,15 +49,15 @@ async def test_health_report_describes_database_schema_process_and_queries(
     assert report.query_statistics.failed_count == 0
 
 
-async def test_health_reports_are_for_admins_only(pg_server: RunningServer) -> None:
+async def test_health_reports_are_for_admins_only(db_server: RunningServer) -> None:
     """Server version, pid and every tenant's query statistics are not a tenant's business."""
-    org = await pg_server.admin().users.CreateOrganization(
+    org = await db_server.admin().users.CreateOrganization(
         upb.CreateOrganizationRequest(organization=upb.Organization(display_name="h"))
     )
-    tenant_writer = pg_server.for_org(org.name.split("/")[1], scope="read write")
+    tenant_writer = db_server.for_org(org.name.split("/")[1], scope="read write")
     with pytest.raises(PermissionDenied):
         await tenant_writer.health.GetHealthReport(hpb.GetHealthReportRequest())
-    reader = pg_server.for_org(org.name.split("/")[1], scope="read")
+    reader = db_server.for_org(org.name.split("/")[1], scope="read")
     with pytest.raises(PermissionDenied):
         await reader.health.GetSlowQueryReport(hpb.GetSlowQueryReportRequest())
     with pytest.raises(PermissionDenied):
@@ -118,10 +119,51 @@ async def test_a_slow_statement_is_reported_with_its_trace_id_and_plan(
     assert not [e for e in after.entries if e.statement.startswith("INSERT INTO organizations")]
 
 
-async def test_slow_query_report_validates_its_arguments(pg_server: RunningServer) -> None:
-    admin = pg_server.admin()
+async def test_slow_query_report_validates_its_arguments(db_server: RunningServer) -> None:
+    admin = db_server.admin()
     with pytest.raises(InvalidArgument) as info:
         await admin.health.GetSlowQueryReport(hpb.GetSlowQueryReportRequest(order_by="nonsense"))
     assert info.value.field_violations[0][0] == "order_by"
     with pytest.raises(InvalidArgument):
         await admin.health.GetSlowQueryReport(hpb.GetSlowQueryReportRequest(top_n=-1))
+
+
+MARIADB_SLOW_TRIGGER = """
+CREATE TRIGGER ferrule_test_slow BEFORE INSERT ON organizations FOR EACH ROW
+BEGIN
+  IF NEW.display_name LIKE 'slow%' THEN DO SLEEP(0.4); END IF;
+END
+"""
+
+
+async def test_a_slow_statement_on_mariadb_is_reported_with_its_trace_id(
+    mariadb_database_url: str, start_server: StartServer
+) -> None:
+    spans = InMemorySpanExporter()
+    telemetry = setup_telemetry(
+        environ={}, set_global=False, span_processors=[SimpleSpanProcessor(spans)]
+    )
+    server = await start_server(
+        mariadb_database_url, telemetry=telemetry, ferrule_slow_query_ms=200
+    )
+    conn = await mariadb_connect(mariadb_database_url)
+    try:
+        async with conn.cursor() as cursor:
+            await cursor.execute(f"USE `{mariadb_database_url.rsplit('/', 1)[1]}`")
+            await cursor.execute(MARIADB_SLOW_TRIGGER)
+    finally:
+        conn.close()
+    admin = server.admin()
+    await admin.users.CreateOrganization(
+        upb.CreateOrganizationRequest(organization=upb.Organization(display_name="slow"))
+    )
+    server_spans = [s for s in spans.get_finished_spans() if s.name.endswith("CreateOrganization")]
+    trace_id = format(server_spans[0].context.trace_id, "032x")
+    report = await admin.health.GetSlowQueryReport(hpb.GetSlowQueryReportRequest(top_n=5))
+    inserts = [e for e in report.entries if e.statement.startswith("INSERT INTO organizations")]
+    assert len(inserts) == 1, [e.statement for e in report.entries]
+    assert inserts[0].max_duration.ToMilliseconds() >= 400
+    assert trace_id in inserts[0].sample_trace_ids
+    assert inserts[0].rpc_methods == ["ferrule.v1.UserService/CreateOrganization"]
+    reset = await admin.health.ResetSlowQueryReport(hpb.ResetSlowQueryReportRequest())
+    assert reset.cleared_entry_count >= 1
