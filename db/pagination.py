@@ -15,9 +15,10 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, func, literal, or_, select, tuple_
+from sqlalchemy import ColumnElement, Row, Select, and_, func, literal, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.sql.elements import KeyedColumnElement
 
 from db.errors import FieldViolation, ValidationError
 
@@ -38,7 +39,8 @@ class SortKey:
     and the same on every backend, which the keyset needs to be exact.
     """
 
-    attribute: InstrumentedAttribute[Any]
+    #: A mapped column, or a named column of a derived table (e.g. a search's score).
+    attribute: InstrumentedAttribute[Any] | KeyedColumnElement[Any]
     descending: bool = False
     null_as: Any = None
 
@@ -47,7 +49,7 @@ class SortKey:
         return self.attribute.key
 
     @property
-    def sql(self) -> ColumnElement[Any] | InstrumentedAttribute[Any]:
+    def sql(self) -> ColumnElement[Any] | InstrumentedAttribute[Any] | KeyedColumnElement[Any]:
         """What the ORDER BY and the keyset comparison use."""
         if self.null_as is None:
             return self.attribute
@@ -188,6 +190,28 @@ def clamp_page_size(page_size: int) -> int:
     return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
+def _page_statement(
+    stmt: Select[T], keys: Sequence[SortKey], size: int, cursor: Sequence[JSONValue] | None
+) -> Select[T]:
+    page_stmt = stmt
+    if cursor is not None:
+        if len(cursor) != len(keys):
+            raise _invalid("page_token", "the page token does not belong to this query")
+        values = [_decode_value(k, v) for k, v in zip(keys, cursor, strict=True)]
+        page_stmt = page_stmt.where(_after(keys, values))
+    order = [k.sql.desc() if k.descending else k.sql.asc() for k in keys]
+    return page_stmt.order_by(None).order_by(*order).limit(size + 1)
+
+
+def _page(rows: list[T], keys: Sequence[SortKey], size: int, total: int | None) -> Page[T]:
+    next_cursor: list[JSONValue] | None = None
+    if len(rows) > size:
+        rows = rows[:size]
+        last = rows[-1]
+        next_cursor = [encode_value(k.value_of(last)) for k in keys]
+    return Page(items=rows, next_cursor=next_cursor, total_size=total, keys=keys, rows=rows)
+
+
 async def paginate(
     session: AsyncSession,
     stmt: Select[T],
@@ -207,18 +231,22 @@ async def paginate(
     if include_total:
         counted = select(func.count()).select_from(stmt.order_by(None).subquery())
         total = (await session.execute(counted)).scalar_one()
-    page_stmt = stmt
-    if cursor is not None:
-        if len(cursor) != len(keys):
-            raise _invalid("page_token", "the page token does not belong to this query")
-        values = [_decode_value(k, v) for k, v in zip(keys, cursor, strict=True)]
-        page_stmt = page_stmt.where(_after(keys, values))
-    order = [k.sql.desc() if k.descending else k.sql.asc() for k in keys]
-    page_stmt = page_stmt.order_by(None).order_by(*order).limit(size + 1)
+    page_stmt = _page_statement(stmt, keys, size, cursor)
     rows = list((await session.execute(page_stmt)).unique().scalars().all())
-    next_cursor: list[JSONValue] | None = None
-    if len(rows) > size:
-        rows = rows[:size]
-        last = rows[-1]
-        next_cursor = [encode_value(k.value_of(last)) for k in keys]
-    return Page(items=rows, next_cursor=next_cursor, total_size=total, keys=keys, rows=rows)
+    return _page(rows, keys, size, total)
+
+
+async def paginate_rows(
+    session: AsyncSession,
+    stmt: Select[*tuple[Any, ...]],
+    keys: Sequence[SortKey],
+    *,
+    page_size: int,
+    cursor: Sequence[JSONValue] | None = None,
+) -> Page[Row[Any]]:
+    """One page of ``stmt``'s rows (a select of named columns, ``keys`` among them), as
+    :func:`paginate` reads it; for orders over computed values such as a search score."""
+    size = clamp_page_size(page_size)
+    page_stmt = _page_statement(stmt, keys, size, cursor)
+    rows: list[Row[Any]] = list((await session.execute(page_stmt)).all())
+    return _page(rows, keys, size, None)

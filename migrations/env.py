@@ -2,7 +2,10 @@
 
 On MySQL/MariaDB (no partial indexes) the initial migration builds unique-among-live-rows
 keys from generated columns; comparison leaves those stand-ins, and the partial indexes
-they replace, out (see ``MYSQL_LIVE_KEYS`` in the initial migration).
+they replace, out (see ``MYSQL_LIVE_KEYS`` in the initial migration). The full-text search
+objects of migration 0003 (``db.search_sql``) exist only in the database on every backend:
+the PostgreSQL ``tsvector`` column and its GIN index, SQLite's FTS5 table with its shadow
+tables, the MariaDB FULLTEXT index; comparison leaves them out too.
 
 The URL is ``DATABASE_URL`` when set, else the ini's ``sqlalchemy.url``. Programmatic
 callers (``db.migrate``, tests) may pass an open synchronous connection through
@@ -22,6 +25,7 @@ from sqlalchemy import Column, Connection, Index, pool
 import db.models
 from db.engine_factory import async_engine
 from db.models import Base
+from db.search_sql import MYSQL_FULLTEXT_INDEX, PG_VECTOR_COLUMN, PG_VECTOR_INDEX, SQLITE_FTS_TABLE
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -47,9 +51,25 @@ _PARTIAL_INDEXES = frozenset(
 )
 
 
+def _is_search_object(name: str | None, type_: str) -> bool:
+    if name is None:
+        return False
+    if type_ == "table":
+        return name == SQLITE_FTS_TABLE or name.startswith(SQLITE_FTS_TABLE + "_")
+    if type_ == "index":
+        return name in (PG_VECTOR_INDEX, MYSQL_FULLTEXT_INDEX)
+    return type_ == "column" and name == PG_VECTOR_COLUMN
+
+
+def _include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    return not (reflected and compare_to is None and _is_search_object(name, type_))
+
+
 def _include_on_mysql(
     obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
 ) -> bool:
+    if not _include(obj, name, type_, reflected, compare_to):
+        return False
     if type_ == "index" and isinstance(obj, Index) and name in _PARTIAL_INDEXES:
         return False
     # The generated columns standing in for partial unique indexes exist only in the database.
@@ -69,7 +89,7 @@ def _configure(connection: Connection) -> None:
         target_metadata=target_metadata,
         compare_type=True,
         compare_server_default=False,
-        include_object=_include_on_mysql if mysql else None,
+        include_object=_include_on_mysql if mysql else _include,
         # SQLite cannot ALTER most things: batch mode copies the table instead.
         render_as_batch=connection.dialect.name == "sqlite",
     )

@@ -73,6 +73,7 @@ RPC_ACCESS: MappingProxyType[str, Access] = MappingProxyType(
         "/ferrule.v1.AnalysisService/CreateAnalysis": _W,
         "/ferrule.v1.AnalysisService/GetAnalysis": _R,
         "/ferrule.v1.AnalysisService/ListAnalyses": _R,
+        "/ferrule.v1.AnalysisService/SearchAnalyses": _R,
         "/ferrule.v1.AnalysisService/UpdateAnalysis": _W,
         "/ferrule.v1.AnalysisService/DeleteAnalysis": _W,
         "/ferrule.v1.AnalysisService/UndeleteAnalysis": _W,

@@ -78,6 +78,7 @@ _MESSAGE_MODELS: dict[str, type[Base]] = {
     "ferrule.v1.AnalysisBatch": AnalysisBatch,
     "ferrule.v1.Analysis": TextAnalysis,
     "ferrule.v1.ListAnalysesRequest": TextAnalysis,
+    "ferrule.v1.SearchAnalysesRequest": TextAnalysis,
     "ferrule.v1.GetAnalysisStatisticsRequest": TextAnalysis,
     "ferrule.v1.ModelPerformance": ModelPerformanceRecord,
     "ferrule.v1.ListModelPerformancesRequest": ModelPerformanceRecord,
@@ -90,6 +91,8 @@ _MESSAGE_MODELS: dict[str, type[Base]] = {
 _FIELD_COLUMNS: dict[tuple[str, str], InstrumentedAttribute[Any]] = {
     ("ferrule.v1.UserSession", "ip_address"): UserSession.peer,
     ("ferrule.v1.SearchUsersRequest", "query"): User.email,  # matched against email/username
+    # Searched for in the texts; the servicer holds it to the longest text.
+    ("ferrule.v1.SearchAnalysesRequest", "query"): TextAnalysis.text,
     ("ferrule.v1.StreamPredictionsRequest", "batch_id"): IngestBatch.batch_id,
 }
 #: A `request_id` of any message is the idempotency key's.

@@ -177,6 +177,15 @@ class Settings(BaseSettings):
         description="earlier page token keys, still accepted (comma-separated) after a rotation",
     )
 
+    ferrule_search_config: str = Field(
+        "english",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description=(
+            "PostgreSQL text search configuration of SearchAnalyses; the migration builds "
+            "the search column with it, so set it alike for both (docs/search.md)"
+        ),
+    )
+
     # --- retention (server/retention.py) ------------------------------------------
     ferrule_retention_interval_seconds: float = Field(600.0, gt=0)
     ferrule_request_log_retention_days: float = Field(30.0, gt=0)

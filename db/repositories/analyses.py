@@ -22,6 +22,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import InstrumentedAttribute
 
+from db import search_sql
 from db.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -34,11 +35,12 @@ from db.models import utcnow
 from db.models.analyses import TextAnalysis
 from db.models.base import MYSQL_DIALECTS, new_id
 from db.models.enums import AnalysisState, AnalysisType, OptimizationTier
-from db.pagination import JSONValue, Page, SortKey, paginate, parse_order_by
+from db.pagination import JSONValue, Page, SortKey, paginate, paginate_rows, parse_order_by
 from db.point_reads import PointReader
 from db.repositories.base import RecordRead, Repository, domain_errors, not_found_in
 from db.repositories.batches import BatchesRepository
 from db.repositories.mysql_inserts import insert_skipping_duplicates
+from db.search_query import SearchQuery
 
 S = TypeVar("S", bound=Select[*tuple[Any, ...]])
 
@@ -179,6 +181,16 @@ class AnalysisFilter:
     create_time_from: datetime | None = None
     create_time_to: datetime | None = None
     show_deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """An analysis matching a search, its relevance (higher is more relevant; comparable
+    within one search only) and a snippet of its text (HTML, matches in <b>)."""
+
+    analysis: TextAnalysis
+    score: float
+    snippet: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +456,77 @@ class AnalysesRepository(Repository[TextAnalysis]):
             page_size=page_size,
             cursor=cursor,
             include_total=include_total,
+        )
+
+    async def search(
+        self,
+        query: SearchQuery,
+        filter: AnalysisFilter | None = None,
+        *,
+        page_size: int = 0,
+        cursor: Sequence[JSONValue] | None = None,
+        pg_config: str = search_sql.DEFAULT_PG_CONFIG,
+    ) -> Page[SearchHit]:
+        """A keyset page of the analyses matching ``query``, most relevant first (ties by
+        id), each with its score and snippet; ``pg_config`` is PostgreSQL's text search
+        configuration (the one the search column was built with).
+
+        Two statements: the page of (id, score) through the index, then the page's rows
+        with their snippets, so snippets are made for the page only.
+        """
+        filter = filter or AnalysisFilter()
+        dialect = self.session.get_bind().dialect.name
+        rendered = search_sql.render(query, dialect, pg_config)
+        hits = select(TextAnalysis.id.label("id"), rendered.score.label("score"))
+        if rendered.joins_fts:
+            fts = search_sql.fts_table
+            hits = hits.select_from(
+                fts.join(TextAnalysis, search_sql.analysis_rowid == fts.c.rowid)
+            )
+        hits = self.live(self.scoped(hits.where(rendered.match)), show_deleted=filter.show_deleted)
+        ranked = self._apply_filter(hits, filter).subquery("hits")
+        keys = [SortKey(ranked.c.score, descending=True), SortKey(ranked.c.id, descending=True)]
+        page = await paginate_rows(
+            self.session,
+            select(ranked.c.id, ranked.c.score),
+            keys,
+            page_size=page_size,
+            cursor=cursor,
+        )
+        ids = [row.id for row in page.items]
+        if not ids:
+            return Page([], None, keys=keys)
+        snippets: dict[uuid.UUID, str] = {}
+        by_id: dict[uuid.UUID, TextAnalysis] = {}
+        if dialect == "postgresql":
+            headline = search_sql.pg_headline(query, pg_config)
+            for analysis, snippet in await self.session.execute(
+                select(TextAnalysis, headline).where(TextAnalysis.id.in_(ids))
+            ):
+                by_id[analysis.id], snippets[analysis.id] = analysis, snippet
+        else:
+            loaded = await self.session.execute(
+                select(TextAnalysis).where(TextAnalysis.id.in_(ids))
+            )
+            by_id = {a.id: a for a in loaded.scalars()}
+            if dialect == "sqlite":
+                rows = await self.session.execute(search_sql.sqlite_snippets(query, ids))
+                snippets = {analysis_id: snippet for analysis_id, snippet in rows}
+            else:
+                words = query.included_words()
+                snippets = {i: search_sql.cut_snippet(a.text, words) for i, a in by_id.items()}
+        return Page(
+            [
+                SearchHit(
+                    by_id[row.id],
+                    float(row.score),
+                    search_sql.snippet_html(snippets.get(row.id, "")),
+                )
+                for row in page.items
+            ],
+            page.next_cursor,
+            keys=page.keys,
+            rows=page.rows,
         )
 
     async def statistics(self, filter: AnalysisFilter | None = None) -> AnalysisStatistics:

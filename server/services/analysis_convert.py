@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from db.models.analyses import ModelPerformanceRecord, TextAnalysis
 from db.models.enums import AnalysisState, AnalysisType, OptimizationTier
-from db.repositories.analyses import MAX_RESULT_BYTES, NewAnalysis, field_violations
+from db.repositories.analyses import MAX_RESULT_BYTES, NewAnalysis, SearchHit, field_violations
 from db.repositories.batches import BatchProgress, BatchState, BatchView
 from db.repositories.model_performance import NewModelPerformance
 from ferrule.v1 import analysis_service_pb2 as pb
@@ -181,6 +181,12 @@ def progress_to_proto(progress: BatchProgress) -> pb.BatchProgress:
     )
     set_duration_ms(out.mean_processing_duration, progress.mean_processing_ms)
     return out
+
+
+def search_hit_to_proto(hit: SearchHit) -> pb.SearchResult:
+    return pb.SearchResult(
+        analysis=analysis_to_proto(hit.analysis), score=hit.score, snippet=hit.snippet
+    )
 
 
 def batch_state_to_proto(state: BatchState) -> pb.BatchState.ValueType:

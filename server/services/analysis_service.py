@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from db import search_query
 from db.models.analyses import TextAnalysis
 from db.models.enums import AnalysisState, AnalysisType
 from db.repositories import batches as batches_repo
 from db.repositories import model_performance as mp_repo
 from db.repositories.analyses import (
+    MAX_TEXT_CHARS,
     AnalysesRepository,
     AnalysisFilter,
     AnalysisStatistics,
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = "ferrule.v1.AnalysisService"
 MAX_BATCH_CREATE = 1000
+#: The longest query SearchAnalyses reads (as long as the longest text it searches).
+MAX_SEARCH_QUERY_CHARS = MAX_TEXT_CHARS
 
 ANALYSIS_MUTABLE_PATHS = frozenset(
     {
@@ -129,18 +133,8 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
     ) -> pb.ListAnalysesResponse:
         organization_id, tenant = _parent(request.parent)
         v = Violations()
-        start, end = cv.time_range(v, request, request, "create_time_range")
-        filter = AnalysisFilter(
-            analysis_type=cv.analysis_type(
-                v, request.analysis_type, "analysis_type", required=False
-            ),
-            state=cv.analysis_state(v, request.state, "state", required=False),
-            batch_id=cv.batch_id_in(v, request.batch, organization_id, "batch"),
-            model_used=request.model_used or None,
-            create_time_from=start,
-            create_time_to=end,
-            show_deleted=request.show_deleted,
-        )
+        filter = self._analysis_filter(v, request, organization_id)
+        start, end = filter.create_time_from, filter.create_time_to
         with v.collect():
             order_keys(request.order_by)
         v.raise_if_any()
@@ -170,6 +164,63 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
             analyses=filled.items,
             next_page_token=filled.next_page_token,
             total_size=page.total_size or 0,
+        )
+
+    async def SearchAnalyses(
+        self, request: pb.SearchAnalysesRequest, context: Context
+    ) -> pb.SearchAnalysesResponse:
+        organization_id, tenant = _parent(request.parent)
+        v = Violations()
+        if not request.query:
+            v.add("query", "required")
+        elif len(request.query) > MAX_SEARCH_QUERY_CHARS:
+            v.add("query", f"must be at most {MAX_SEARCH_QUERY_CHARS} characters")
+        filter = self._analysis_filter(v, request, organization_id)
+        v.raise_if_any()
+        page_req = page_request(
+            self.deps,
+            request,
+            request.parent,
+            request.query,
+            request.analysis_type,
+            request.state,
+            request.batch,
+            request.model_used,
+            filter.create_time_from,
+            filter.create_time_to,
+            request.show_deleted,
+        )
+        async with transaction(self.deps, tenant, read_only=True) as session:
+            page = await AnalysesRepository(session, tenant).search(
+                search_query.parse(request.query),
+                filter,
+                page_size=page_req.page_size,
+                cursor=page_req.cursor,
+                pg_config=self.deps.settings.ferrule_search_config,
+            )
+        filled = page_req.fill(page, cv.search_hit_to_proto)
+        return pb.SearchAnalysesResponse(
+            results=filled.items, next_page_token=filled.next_page_token
+        )
+
+    @staticmethod
+    def _analysis_filter(
+        v: Violations,
+        request: pb.ListAnalysesRequest | pb.SearchAnalysesRequest,
+        organization_id: uuid.UUID,
+    ) -> AnalysisFilter:
+        """The typed filters ListAnalyses and SearchAnalyses share."""
+        start, end = cv.time_range(v, request, request, "create_time_range")
+        return AnalysisFilter(
+            analysis_type=cv.analysis_type(
+                v, request.analysis_type, "analysis_type", required=False
+            ),
+            state=cv.analysis_state(v, request.state, "state", required=False),
+            batch_id=cv.batch_id_in(v, request.batch, organization_id, "batch"),
+            model_used=request.model_used or None,
+            create_time_from=start,
+            create_time_to=end,
+            show_deleted=request.show_deleted,
         )
 
     async def UpdateAnalysis(

@@ -72,6 +72,7 @@ REQUIRED_RPCS: dict[str, set[str]] = {
         "CreateAnalysis",
         "GetAnalysis",
         "ListAnalyses",
+        "SearchAnalyses",
         "UpdateAnalysis",
         "DeleteAnalysis",
         "UndeleteAnalysis",

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
 from db.models import Base
+from db.search_sql import MYSQL_FULLTEXT_INDEX, PG_VECTOR_COLUMN, PG_VECTOR_INDEX, SQLITE_FTS_TABLE
 
 
 def _run(connection: Connection, action: str, revision: str = "head") -> None:
@@ -24,7 +25,45 @@ def _run(connection: Connection, action: str, revision: str = "head") -> None:
 
 
 def _tables(connection: Connection) -> set[str]:
-    return set(inspect(connection).get_table_names()) - {"alembic_version"}
+    """The tables, without the search index's (SQLite's FTS5 table and its shadows)."""
+    names = set(inspect(connection).get_table_names()) - {"alembic_version"}
+    return {n for n in names if not n.startswith(SQLITE_FTS_TABLE)}
+
+
+def _search_objects(connection: Connection) -> set[str]:
+    """The full-text search objects of migration 0003 present in the database."""
+    inspector = inspect(connection)
+    found = {n for n in inspector.get_table_names() if n.startswith(SQLITE_FTS_TABLE)}
+    if "text_analyses" in inspector.get_table_names():
+        found |= {c["name"] for c in inspector.get_columns("text_analyses")} & {PG_VECTOR_COLUMN}
+        found |= {str(i["name"]) for i in inspector.get_indexes("text_analyses")} & {
+            PG_VECTOR_INDEX,
+            MYSQL_FULLTEXT_INDEX,
+        }
+    if connection.dialect.name == "sqlite":
+        triggers = connection.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+        ).scalars()
+        found |= {t for t in triggers if "search" in t}
+    return found
+
+
+#: What 0003 builds on each backend.
+SEARCH_OBJECTS = {
+    "postgresql": {PG_VECTOR_COLUMN, PG_VECTOR_INDEX},
+    "sqlite": {
+        SQLITE_FTS_TABLE,
+        f"{SQLITE_FTS_TABLE}_config",
+        f"{SQLITE_FTS_TABLE}_data",
+        f"{SQLITE_FTS_TABLE}_docsize",
+        f"{SQLITE_FTS_TABLE}_idx",
+        "text_analyses_search_insert",
+        "text_analyses_search_delete",
+        "text_analyses_search_update",
+    },
+    "mysql": {MYSQL_FULLTEXT_INDEX},
+    "mariadb": {MYSQL_FULLTEXT_INDEX},
+}
 
 
 async def test_upgrade_downgrade_upgrade_round_trip(empty_database_url: str) -> None:
@@ -35,6 +74,14 @@ async def test_upgrade_downgrade_upgrade_round_trip(empty_database_url: str) -> 
             await conn.run_sync(_run, "upgrade")
             assert await conn.run_sync(_tables) == set(Base.metadata.tables)
         assert await current_revision(engine) == head_revision()
+        async with engine.begin() as conn:
+            expected = SEARCH_OBJECTS[conn.dialect.name]
+            assert await conn.run_sync(_search_objects) == expected
+            await conn.run_sync(_run, "downgrade", "0002")
+            assert await conn.run_sync(_search_objects) == set()
+            assert await conn.run_sync(_tables) == set(Base.metadata.tables)
+            await conn.run_sync(_run, "upgrade")
+            assert await conn.run_sync(_search_objects) == expected
         async with engine.begin() as conn:
             await conn.run_sync(_run, "downgrade", "base")
             assert await conn.run_sync(_tables) == set()

@@ -729,6 +729,134 @@ class ListAnalysesResponse(_message.Message):
 Global___ListAnalysesResponse: _TypeAlias = ListAnalysesResponse  # noqa: Y015
 
 @_typing.final
+class SearchAnalysesRequest(_message.Message):
+    """Request of AnalysisService.SearchAnalyses. Set filters are combined with AND."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ANALYSIS_TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    MODEL_USED_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_RANGE_FIELD_NUMBER: _builtins.int
+    SHOW_DELETED_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. "organizations/{organization}"."""
+    query: _builtins.str
+    """Required. The search query, 1 to 100000 characters; see SearchAnalyses."""
+    page_size: _builtins.int
+    """Optional. Page size: 0 means 50, more than 1000 is lowered to 1000,
+    negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """Optional. `next_page_token` of the previous page; empty for the first page."""
+    analysis_type: Global___AnalysisType.ValueType
+    """Optional. Only this type; unspecified matches all."""
+    state: Global___AnalysisState.ValueType
+    """Optional. Only this state; unspecified matches all."""
+    batch: _builtins.str
+    """Optional. Only members of this batch
+    ("organizations/{organization}/batches/{batch}").
+    """
+    model_used: _builtins.str
+    """Optional. Only analyses whose model_used equals this exactly."""
+    show_deleted: _builtins.bool
+    """Optional. Include soft-deleted analyses. Default false."""
+    @_builtins.property
+    def create_time_range(self) -> _common_pb2.TimeRange:
+        """Optional. Only analyses created in this half-open range."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        query: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        analysis_type: Global___AnalysisType.ValueType = ...,
+        state: Global___AnalysisState.ValueType = ...,
+        batch: _builtins.str = ...,
+        model_used: _builtins.str = ...,
+        create_time_range: _common_pb2.TimeRange | None = ...,
+        show_deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_range", b"create_time_range"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis_type", b"analysis_type", "batch", b"batch", "create_time_range", b"create_time_range", "model_used", b"model_used", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "query", b"query", "show_deleted", b"show_deleted", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchAnalysesRequest: _TypeAlias = SearchAnalysesRequest  # noqa: Y015
+
+@_typing.final
+class SearchResult(_message.Message):
+    """One analysis matching a search."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANALYSIS_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    SNIPPET_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    """Relevance: higher is more relevant. Comparable only within one search
+    (each backend has its own scale).
+    """
+    snippet: _builtins.str
+    """An excerpt of the text around the matches, as HTML: the text's characters
+    escaped, matched words in <b>...</b>.
+    """
+    @_builtins.property
+    def analysis(self) -> Global___Analysis:
+        """The analysis."""
+
+    def __init__(
+        self,
+        *,
+        analysis: Global___Analysis | None = ...,
+        score: _builtins.float = ...,
+        snippet: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "score", b"score", "snippet", b"snippet"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchResult: _TypeAlias = SearchResult  # noqa: Y015
+
+@_typing.final
+class SearchAnalysesResponse(_message.Message):
+    """Response of AnalysisService.SearchAnalyses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when this is the last page."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchResult]:
+        """The page of results, most relevant first (ties in id order, descending)."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SearchResult] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchAnalysesResponse: _TypeAlias = SearchAnalysesResponse  # noqa: Y015
+
+@_typing.final
 class UpdateAnalysisRequest(_message.Message):
     """Request of AnalysisService.UpdateAnalysis."""
 

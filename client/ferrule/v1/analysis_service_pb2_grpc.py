@@ -54,6 +54,11 @@ class AnalysisServiceStub:
                 request_serializer=ferrule_dot_v1_dot_analysis__service__pb2.ListAnalysesRequest.SerializeToString,
                 response_deserializer=ferrule_dot_v1_dot_analysis__service__pb2.ListAnalysesResponse.FromString,
                 _registered_method=True)
+        self.SearchAnalyses = channel.unary_unary(
+                '/ferrule.v1.AnalysisService/SearchAnalyses',
+                request_serializer=ferrule_dot_v1_dot_analysis__service__pb2.SearchAnalysesRequest.SerializeToString,
+                response_deserializer=ferrule_dot_v1_dot_analysis__service__pb2.SearchAnalysesResponse.FromString,
+                _registered_method=True)
         self.UpdateAnalysis = channel.unary_unary(
                 '/ferrule.v1.AnalysisService/UpdateAnalysis',
                 request_serializer=ferrule_dot_v1_dot_analysis__service__pb2.UpdateAnalysisRequest.SerializeToString,
@@ -150,6 +155,20 @@ class AnalysisServiceServicer:
 
     def ListAnalyses(self, request, context):
         """Lists analyses of an organization with typed filters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchAnalyses(self, request, context):
+        """Full-text search over the texts of an organization's analyses, most
+        relevant first, with the typed filters of ListAnalyses. The query grammar
+        is the same on every backend and every input is valid: words, "quoted
+        phrases" (words adjacent, in order), -exclusion (-word, -"a phrase"), and
+        OR between two items; everything else is plain words. Words are runs of
+        letters and digits. At most 64 words count. Stemming and stopwords follow
+        the backend (see docs/search.md). Errors: INVALID_ARGUMENT (empty query,
+        bad filter or page token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -283,6 +302,11 @@ def add_AnalysisServiceServicer_to_server(servicer, server):
                     servicer.ListAnalyses,
                     request_deserializer=ferrule_dot_v1_dot_analysis__service__pb2.ListAnalysesRequest.FromString,
                     response_serializer=ferrule_dot_v1_dot_analysis__service__pb2.ListAnalysesResponse.SerializeToString,
+            ),
+            'SearchAnalyses': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchAnalyses,
+                    request_deserializer=ferrule_dot_v1_dot_analysis__service__pb2.SearchAnalysesRequest.FromString,
+                    response_serializer=ferrule_dot_v1_dot_analysis__service__pb2.SearchAnalysesResponse.SerializeToString,
             ),
             'UpdateAnalysis': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateAnalysis,
@@ -436,6 +460,33 @@ class AnalysisService:
             '/ferrule.v1.AnalysisService/ListAnalyses',
             ferrule_dot_v1_dot_analysis__service__pb2.ListAnalysesRequest.SerializeToString,
             ferrule_dot_v1_dot_analysis__service__pb2.ListAnalysesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchAnalyses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferrule.v1.AnalysisService/SearchAnalyses',
+            ferrule_dot_v1_dot_analysis__service__pb2.SearchAnalysesRequest.SerializeToString,
+            ferrule_dot_v1_dot_analysis__service__pb2.SearchAnalysesResponse.FromString,
             options,
             channel_credentials,
             insecure,

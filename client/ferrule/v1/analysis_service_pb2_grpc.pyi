@@ -52,6 +52,16 @@ class AnalysisServiceStub:
     """Returns an analysis, also when soft-deleted. Errors: NOT_FOUND."""
     ListAnalyses: _grpc.UnaryUnaryMultiCallable[_analysis_service_pb2.ListAnalysesRequest, _analysis_service_pb2.ListAnalysesResponse]
     """Lists analyses of an organization with typed filters."""
+    SearchAnalyses: _grpc.UnaryUnaryMultiCallable[_analysis_service_pb2.SearchAnalysesRequest, _analysis_service_pb2.SearchAnalysesResponse]
+    """Full-text search over the texts of an organization's analyses, most
+    relevant first, with the typed filters of ListAnalyses. The query grammar
+    is the same on every backend and every input is valid: words, "quoted
+    phrases" (words adjacent, in order), -exclusion (-word, -"a phrase"), and
+    OR between two items; everything else is plain words. Words are runs of
+    letters and digits. At most 64 words count. Stemming and stopwords follow
+    the backend (see docs/search.md). Errors: INVALID_ARGUMENT (empty query,
+    bad filter or page token).
+    """
     UpdateAnalysis: _grpc.UnaryUnaryMultiCallable[_analysis_service_pb2.UpdateAnalysisRequest, _analysis_service_pb2.Analysis]
     """Records results and state transitions. Mutable paths: state,
     sentiment_score, quality_score, emotion_scores, result,
@@ -130,6 +140,16 @@ class AnalysisServiceAsyncStub(AnalysisServiceStub):
     """Returns an analysis, also when soft-deleted. Errors: NOT_FOUND."""
     ListAnalyses: _aio.UnaryUnaryMultiCallable[_analysis_service_pb2.ListAnalysesRequest, _analysis_service_pb2.ListAnalysesResponse]  # type: ignore[assignment]
     """Lists analyses of an organization with typed filters."""
+    SearchAnalyses: _aio.UnaryUnaryMultiCallable[_analysis_service_pb2.SearchAnalysesRequest, _analysis_service_pb2.SearchAnalysesResponse]  # type: ignore[assignment]
+    """Full-text search over the texts of an organization's analyses, most
+    relevant first, with the typed filters of ListAnalyses. The query grammar
+    is the same on every backend and every input is valid: words, "quoted
+    phrases" (words adjacent, in order), -exclusion (-word, -"a phrase"), and
+    OR between two items; everything else is plain words. Words are runs of
+    letters and digits. At most 64 words count. Stemming and stopwords follow
+    the backend (see docs/search.md). Errors: INVALID_ARGUMENT (empty query,
+    bad filter or page token).
+    """
     UpdateAnalysis: _aio.UnaryUnaryMultiCallable[_analysis_service_pb2.UpdateAnalysisRequest, _analysis_service_pb2.Analysis]  # type: ignore[assignment]
     """Records results and state transitions. Mutable paths: state,
     sentiment_score, quality_score, emotion_scores, result,
@@ -223,6 +243,22 @@ class AnalysisServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_analysis_service_pb2.ListAnalysesResponse, _abc.Awaitable[_analysis_service_pb2.ListAnalysesResponse]]:
         """Lists analyses of an organization with typed filters."""
+
+    @_abc_1.abstractmethod
+    def SearchAnalyses(
+        self,
+        request: _analysis_service_pb2.SearchAnalysesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_analysis_service_pb2.SearchAnalysesResponse, _abc.Awaitable[_analysis_service_pb2.SearchAnalysesResponse]]:
+        """Full-text search over the texts of an organization's analyses, most
+        relevant first, with the typed filters of ListAnalyses. The query grammar
+        is the same on every backend and every input is valid: words, "quoted
+        phrases" (words adjacent, in order), -exclusion (-word, -"a phrase"), and
+        OR between two items; everything else is plain words. Words are runs of
+        letters and digits. At most 64 words count. Stemming and stopwords follow
+        the backend (see docs/search.md). Errors: INVALID_ARGUMENT (empty query,
+        bad filter or page token).
+        """
 
     @_abc_1.abstractmethod
     def UpdateAnalysis(
