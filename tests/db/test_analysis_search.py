@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import event, insert, pool, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from db.engine import Database
+from db.engine import Database, DatabaseConfig
+from db.migrate import upgrade_to_head
 from db.models.analyses import TextAnalysis
 from db.models.enums import AnalysisState, AnalysisType
 from db.pagination import JSONValue
@@ -25,9 +26,11 @@ from db.repositories.analyses import (
     SearchHit,
     content_hash,
 )
+from db.repositories.organizations import OrganizationsRepository
 from db.search_query import parse
 from db.search_sql import PG_VECTOR_INDEX
 from db.tenancy import Tenant
+from tests.db.conftest import APP_ROLE
 
 S = AnalysisType.SENTIMENT
 FILLER = [
@@ -269,17 +272,29 @@ async def test_pagination_walks_every_match_once(database: Database, tenant_a: T
     assert scores == sorted(scores, reverse=True)
 
 
-async def test_postgresql_plan_uses_the_gin_index(
-    database: Database, tenant_a: Tenant, migrated_url: str
-) -> None:
+@pytest.fixture
+async def pg_migrated_url(pg_database_url: str) -> str:
+    await upgrade_to_head(pg_database_url)
+    return pg_database_url
+
+
+async def test_postgresql_plan_uses_the_gin_index(pg_migrated_url: str) -> None:
     """5,000 analyses of one organization, ten of them about the searched word: the plan of
     the page statement the repository runs reads the GIN index.
 
     Explained as the table's owner: under row-level security PostgreSQL will not use a
     non-leakproof operator such as ``@@`` as an index condition (docs/search.md)."""
-    async with database.transaction(tenant_a) as session:
-        if session.get_bind().dialect.name != "postgresql":
-            pytest.skip("the GIN index is PostgreSQL's")
+    database = Database(DatabaseConfig(url=pg_migrated_url, app_role=APP_ROLE, pool_size=2))
+    try:
+        await _explain_search(database, pg_migrated_url)
+    finally:
+        await database.dispose()
+
+
+async def _explain_search(database: Database, migrated_url: str) -> None:
+    async with database.transaction(Tenant.all()) as session:
+        org = await OrganizationsRepository(session, Tenant.all()).create("plan")
+    tenant_a = Tenant.of(org.id)
     bodies = [
         f"entry {i} " + ("aurora borealis" if i % 500 == 0 else FILLER[i % 6]) for i in range(5000)
     ]
