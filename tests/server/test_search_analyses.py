@@ -63,7 +63,10 @@ async def _org(server: RunningServer) -> tuple[str, AsyncFerruleClient]:
 
 
 async def _create(
-    client: AsyncFerruleClient, parent: str, *texts: str, kind: int = SENTIMENT
+    client: AsyncFerruleClient,
+    parent: str,
+    *texts: str,
+    kind: pb.AnalysisType.ValueType = SENTIMENT,
 ) -> list[pb.Analysis]:
     created: list[pb.Analysis] = []
     for start in range(0, len(texts), 500):
