@@ -3,14 +3,23 @@ server on a real port, called through the client package and its pagers."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from db.engine import Database
 from db.repositories.organizations import OrganizationsRepository
 from db.tenancy import Tenant
-from ferrule.client import AsyncFerruleClient, InvalidArgument, aiterate_items, aiterate_pages
+from ferrule.client import (
+    AsyncFerruleClient,
+    FerruleClient,
+    InvalidArgument,
+    aiterate_items,
+    aiterate_pages,
+    iterate_items,
+)
 from ferrule.v1 import analysis_service_pb2 as pb
-from tests.server.conftest import RunningServer
+from tests.server.conftest import RunningServer, make_token
 
 SENTIMENT = pb.ANALYSIS_TYPE_SENTIMENT
 QUALITY = pb.ANALYSIS_TYPE_QUALITY
@@ -202,3 +211,18 @@ async def test_another_tenant_sees_none_of_its_texts(any_server: RunningServer) 
         await client_a.analyses.SearchAnalyses(
             pb.SearchAnalysesRequest(parent=parent_a, query="plan", page_token=page.next_page_token)
         )
+
+
+async def test_the_sync_client_pager_walks_a_search(any_server: RunningServer) -> None:
+    parent, client = await _org(any_server)
+    created = await _create(client, parent, *FILLER, *[f"comet tail {i}" for i in range(7)])
+    request = pb.SearchAnalysesRequest(parent=parent, query="comet", page_size=3)
+    token = make_token(parent.removeprefix("organizations/"), scope="read")
+
+    def walk() -> list[str]:
+        with FerruleClient(any_server.target, token=token) as sync:
+            results = iterate_items(sync.analyses.SearchAnalyses, request, "results")
+            return [r.analysis.name for r in results]
+
+    names = await asyncio.to_thread(walk)
+    assert sorted(names) == sorted(a.name for a in created[len(FILLER) :])

@@ -1,7 +1,8 @@
 """Pagers for List RPCs (AIP-158): follow ``next_page_token`` until it comes back empty.
 
 They take the stub method and the first request, so they work for every List RPC of
-every service, sync or asyncio. The request is copied, never modified in place.
+every service, and for ``AnalysisService.SearchAnalyses`` (items field ``"results"``),
+sync or asyncio. The request is copied, never modified in place.
 """
 
 from __future__ import annotations
