@@ -36,7 +36,7 @@ APP_ROLE = "ferrule_app"
 
 def _word(rank: int) -> str:
     """A pronounceable, unstemmable made-up word per rank ("bakodu", "bakofa", ...)."""
-    syllables = "ba ko du fa ri ne lo mu zi te".split()
+    syllables = ["ba", "ko", "du", "fa", "ri", "ne", "lo", "mu", "zi", "te"]
     out = []
     n = rank
     for _ in range(4):
