@@ -104,11 +104,16 @@ _FIELD_NAME_COLUMNS: dict[str, InstrumentedAttribute[Any]] = {
 #: JSON checks to the result).
 _OWN_BOUND: frozenset[tuple[str, str]] = frozenset({("ferrule.v1.Prediction", "features_json")})
 
-#: Repeated fields whose elements are refused one by one by their RPC (StreamPredictions
-#: rejects a bad row in its ack instead of failing the stream); the row rules in
-#: server/services/prediction_rows.py apply this module's checks to each element.
+#: Fields the prediction row rules (server/services/prediction_rows.py) check with this
+#: module's rules and constants, so the walk leaves them alone: StreamPredictions rejects
+#: a bad row in its ack instead of failing the stream, and every write path already walks
+#: each row's features once to convert them (walking them here too would double the
+#: cost of BatchCreatePredictions' thousand rows).
 ROWS_CHECKED_BY_SERVICE: frozenset[tuple[str, str]] = frozenset(
-    {("ferrule.v1.StreamPredictionsRequest", "predictions")}
+    {
+        ("ferrule.v1.StreamPredictionsRequest", "predictions"),
+        ("ferrule.v1.Prediction", "features"),
+    }
 )
 
 
@@ -232,10 +237,11 @@ def _struct(message: Any, path: str, found: list[FieldViolation], depth: int = 1
         found.append(FieldViolation(path, TOO_DEEP))
         return
     for key, item in message.fields.items():
-        problem = text_problem(key, None)
-        if problem:
-            found.append(FieldViolation(f"{path}.{key!r}", f"keys {problem}"))
-        _value(item, f"{path}.{key}", found, depth)
+        if "\x00" in key or not key.isascii():
+            problem = text_problem(key, None)
+            if problem:
+                found.append(FieldViolation(f"{path}.{key!r}", f"keys {problem}"))
+        _value(item, path, key, found, depth)
 
 
 def _list(message: Any, path: str, found: list[FieldViolation], depth: int = 1) -> None:
@@ -243,22 +249,35 @@ def _list(message: Any, path: str, found: list[FieldViolation], depth: int = 1) 
         found.append(FieldViolation(path, TOO_DEEP))
         return
     for i, item in enumerate(message.values):
-        _value(item, f"{path}[{i}]", found, depth)
+        _value(item, path, i, found, depth)
 
 
-def _value(message: Any, path: str, found: list[FieldViolation], depth: int = 0) -> None:
+def _value(
+    message: Any, path: str, key: str | int, found: list[FieldViolation], depth: int = 0
+) -> None:
+    """One Value under ``path`` at ``key`` (the path is only built when it is needed)."""
     kind = message.WhichOneof("kind")
     if kind == "string_value":
-        problem = text_problem(message.string_value, None)
-        if problem:
-            found.append(FieldViolation(path, problem))
+        text = message.string_value
+        if "\x00" in text or not text.isascii():
+            problem = text_problem(text, None)
+            if problem:
+                found.append(FieldViolation(_item_path(path, key), problem))
     elif kind == "number_value":
         if not math.isfinite(message.number_value):
-            found.append(FieldViolation(path, NOT_FINITE))
+            found.append(FieldViolation(_item_path(path, key), NOT_FINITE))
     elif kind == "struct_value":
-        _struct(message.struct_value, path, found, depth + 1)
+        _struct(message.struct_value, _item_path(path, key), found, depth + 1)
     elif kind == "list_value":
-        _list(message.list_value, path, found, depth + 1)
+        _list(message.list_value, _item_path(path, key), found, depth + 1)
+
+
+def _item_path(path: str, key: str | int) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+
+
+def _top_value(message: Any, path: str, found: list[FieldViolation]) -> None:
+    _value(message, path.rpartition(".")[0], path.rpartition(".")[2], found)
 
 
 _WELL_KNOWN = {
@@ -267,21 +286,44 @@ _WELL_KNOWN = {
     "google.protobuf.FieldMask": _field_mask,
     "google.protobuf.Struct": _struct,
     "google.protobuf.ListValue": _list,
-    "google.protobuf.Value": _value,
+    "google.protobuf.Value": _top_value,
 }
 
+# What the walk does with a set field, decided once per message type.
+_SKIP, _TEXT, _DOUBLE, _MESSAGE, _MAP = range(5)
 _DOUBLES = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT})
 
 
-def _scalar(
-    message_name: str, fd: FieldDescriptor, value: Any, path: str, found: list[FieldViolation]
-) -> None:
+def _rule(message_name: str, fd: FieldDescriptor) -> tuple[int, bool, int | None]:
+    """(what to do, repeated, text limit) for one field."""
+    if (message_name, fd.name) in ROWS_CHECKED_BY_SERVICE:
+        return _SKIP, False, None
+    entry = fd.message_type
+    if entry is not None:
+        return (_MAP if entry.GetOptions().map_entry else _MESSAGE), fd.is_repeated, None
     if fd.type == FieldDescriptor.TYPE_STRING:
-        problem = text_problem(value, text_limit(message_name, fd.name))
+        return _TEXT, fd.is_repeated, text_limit(message_name, fd.name)
+    if fd.type in _DOUBLES:
+        return _DOUBLE, fd.is_repeated, None
+    return _SKIP, False, None
+
+
+_PLANS: dict[str, dict[str, tuple[int, bool, int | None]]] = {}
+
+
+def _plan(descriptor: Any) -> dict[str, tuple[int, bool, int | None]]:
+    name: str = descriptor.full_name
+    plan = _PLANS.get(name)
+    if plan is None:
+        plan = _PLANS[name] = {fd.name: _rule(name, fd) for fd in descriptor.fields}
+    return plan
+
+
+def _text(value: str, limit: int | None, path: str, found: list[FieldViolation]) -> None:
+    if "\x00" in value or not value.isascii() or (limit is not None and len(value) > limit):
+        problem = text_problem(value, limit)
         if problem:
             found.append(FieldViolation(path, problem))
-    elif fd.type in _DOUBLES and not math.isfinite(value):
-        found.append(FieldViolation(path, NOT_FINITE))
 
 
 def _walk(message: Message, path: str, found: list[FieldViolation]) -> None:
@@ -290,31 +332,47 @@ def _walk(message: Message, path: str, found: list[FieldViolation]) -> None:
     if special is not None:
         special(message, path.removesuffix("."), found)
         return
+    plan = _plan(descriptor)
     for fd, value in message.ListFields():
-        where = path + fd.name
-        if (descriptor.full_name, fd.name) in ROWS_CHECKED_BY_SERVICE:
+        action, repeated, limit = plan[fd.name]
+        if action == _SKIP:
             continue
-        entry = fd.message_type
-        if entry is not None and entry.GetOptions().map_entry:
-            key_fd, value_fd = entry.fields_by_name["key"], entry.fields_by_name["value"]
-            for key, item in value.items():
-                item_path = f"{where}[{key!r}]"
-                if isinstance(key, str):
-                    _scalar(entry.full_name, key_fd, key, item_path, found)
-                if value_fd.message_type is not None:
-                    _walk(item, item_path + ".", found)
-                else:
-                    _scalar(entry.full_name, value_fd, item, item_path, found)
-        elif fd.is_repeated:
-            for i, item in enumerate(value):
-                if entry is not None:
-                    _walk(item, f"{where}[{i}].", found)
-                else:
-                    _scalar(descriptor.full_name, fd, item, f"{where}[{i}]", found)
-        elif entry is not None:
-            _walk(value, where + ".", found)
+        if action == _TEXT:
+            if repeated:
+                for i, item in enumerate(value):
+                    _text(item, limit, f"{path}{fd.name}[{i}]", found)
+            else:
+                _text(value, limit, path + fd.name, found)
+        elif action == _MESSAGE:
+            if repeated:
+                for i, item in enumerate(value):
+                    _walk(item, f"{path}{fd.name}[{i}].", found)
+            else:
+                _walk(value, f"{path}{fd.name}.", found)
+        elif action == _DOUBLE:
+            finite = all(map(math.isfinite, value)) if repeated else math.isfinite(value)
+            if not finite:
+                found.append(FieldViolation(path + fd.name, NOT_FINITE))
         else:
-            _scalar(descriptor.full_name, fd, value, where, found)
+            _map(fd, value, path + fd.name, found)
+
+
+def _map(fd: FieldDescriptor, value: Any, where: str, found: list[FieldViolation]) -> None:
+    entry = fd.message_type
+    assert entry is not None
+    plan = _plan(entry)
+    _, _, key_limit = plan["key"]
+    value_action, _, value_limit = plan["value"]
+    for key, item in value.items():
+        item_path = f"{where}[{key!r}]"
+        if isinstance(key, str):
+            _text(key, key_limit, item_path, found)
+        if value_action == _MESSAGE:
+            _walk(item, item_path + ".", found)
+        elif value_action == _TEXT:
+            _text(item, value_limit, item_path, found)
+        elif value_action == _DOUBLE and not math.isfinite(item):
+            found.append(FieldViolation(item_path, NOT_FINITE))
 
 
 # --- the caller's identity --------------------------------------------------------------
