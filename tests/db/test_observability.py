@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,7 @@ from db.observability import (
     normalize_statement,
     statement_context,
 )
+from tests.polling import eventually
 
 SECRET = "s3cr3t-7f1c-do-not-export"
 LITERAL_SECRET = "lit3ral-91ab-do-not-export"
@@ -161,24 +163,28 @@ async def test_comment_names_the_rpc_in_pg_stat_activity(
     async def sleeper() -> None:
         with statement_context(METHOD, tenant="org-1"):
             async with engine.connect() as conn:
-                await conn.execute(text("SELECT pg_sleep(0.8)"))
+                await conn.execute(text("SELECT pg_sleep(60)"))  # until seen, then cancelled
 
     task = asyncio.create_task(sleeper())
     watcher = await asyncpg.connect(pg_database_url.replace("+asyncpg", ""))
     try:
         seen: str | None = None
-        for _ in range(100):
+
+        async def running() -> bool:
+            nonlocal seen
             seen = await watcher.fetchval(
                 "SELECT query FROM pg_stat_activity"
                 " WHERE datname = current_database() AND query LIKE '%pg_sleep%'"
                 " AND pid <> pg_backend_pid() AND state = 'active'"
             )
-            if seen is not None:
-                break
-            await asyncio.sleep(0.02)
+            return seen is not None
+
+        await eventually(running, what="the statement in pg_stat_activity")
     finally:
         await watcher.close()
-        await task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         observers.close()
     assert seen is not None, "the statement never showed up in pg_stat_activity"
     assert seen.startswith(f"/* rpc='{METHOD}' */ SELECT pg_sleep")

@@ -48,6 +48,7 @@ from db.repositories.predictions import (
 from db.repositories.users import ProfileFields, UserRecord, UsersRepository, read_user_record
 from db.tenancy import Tenant
 from tests.db.conftest import APP_ROLE
+from tests.polling import eventually
 
 METHOD = "ferrule.v1.UserService/GetUser"
 # Deliberately no organization filter: only row-level security stands between tenants.
@@ -190,9 +191,12 @@ async def test_cancelled_reads_return_their_connections_clean(
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, asyncio.CancelledError) for r in results)
-    await asyncio.sleep(0.05)
-    assert database.pool_status().checked_out == 0
-    assert await _open_transactions(database) == 0
+
+    async def all_returned_clean() -> bool:
+        checked_out = database.pool_status().checked_out
+        return checked_out == 0 and await _open_transactions(database) == 0
+
+    await eventually(all_returned_clean, what="every cancelled read's connection back, clean")
     # Every pooled connection still answers in step.
     records = await asyncio.gather(*(read_user_record(reader, user_id) for _ in range(10)))
     assert {r.id for r in records} == {user_id}

@@ -19,6 +19,7 @@ from db.errors import (
 from db.models import Organization, User
 from db.repositories.organizations import OrganizationsRepository
 from db.tenancy import Tenant
+from tests.polling import eventually
 
 
 async def test_commits_on_success_and_rolls_back_on_error(database: Database) -> None:
@@ -141,22 +142,34 @@ async def test_cancelled_query_returns_its_connection_clean(pg_database: Databas
     async def slow() -> None:
         async with pg_database.transaction(Tenant.all()) as session:
             started.set()
-            await session.execute(text("SELECT pg_sleep(30)"))
+            await session.execute(text("SELECT pg_sleep(600)"))  # only a cancel ends it
+
+    async def sleeping() -> int:
+        async with pg_database.transaction(Tenant.all()) as session:
+            return int(
+                (
+                    await session.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE query LIKE 'SELECT pg_sleep(600)%' AND state = 'active'"
+                        )
+                    )
+                ).scalar_one()
+            )
 
     task = asyncio.create_task(slow())
-    await asyncio.wait_for(started.wait(), 10)
-    await asyncio.sleep(0.2)  # let the sleep reach the server
+    await eventually(started.is_set, what="the transaction begun")
+
+    async def reached_the_server() -> bool:
+        return await sleeping() == 1
+
+    await eventually(reached_the_server, what="the sleep running on the server")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, 60)
     assert pg_database.pool_status().checked_out == 0
-    async with pg_database.transaction(Tenant.all()) as session:
-        active = (
-            await session.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE query LIKE 'SELECT pg_sleep(30)%' AND state = 'active'"
-                )
-            )
-        ).scalar_one()
-        assert active == 0  # the server-side query was cancelled too
+
+    async def cancelled_on_the_server() -> bool:
+        return await sleeping() == 0
+
+    await eventually(cancelled_on_the_server, what="the server-side query cancelled too")

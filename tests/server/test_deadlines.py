@@ -13,11 +13,12 @@ import pytest
 
 from ferrule.client import DeadlineExceeded, FerruleError
 from ferrule.v1 import user_service_pb2 as pb
+from tests.polling import eventually
 from tests.server.conftest import RunningServer
 
 SLOW_TRIGGER = """
 CREATE FUNCTION ferrule_test_slow() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN PERFORM pg_sleep(5); RETURN NEW; END $$;
+BEGIN PERFORM pg_sleep(600); RETURN NEW; END $$;
 CREATE TRIGGER ferrule_test_slow BEFORE INSERT ON organizations
 FOR EACH ROW WHEN (NEW.display_name LIKE 'slow%') EXECUTE FUNCTION ferrule_test_slow();
 """
@@ -30,11 +31,26 @@ def _dsn(url: str) -> str:
 async def _our_backends(conn: asyncpg.Connection, database: str) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
-            "SELECT pid, state, query FROM pg_stat_activity "
+            "SELECT pid, state, query, wait_event FROM pg_stat_activity "
             "WHERE datname = $1 AND pid <> pg_backend_pid()",
             database,
         )
     )
+
+
+def _in_pg_sleep(backend: asyncpg.Record) -> bool:
+    """In the trigger's pg_sleep (the statement text is the INSERT that fired it)."""
+    return bool(backend["state"] == "active" and backend["wait_event"] == "PgSleep")
+
+
+async def _sleeping(server: RunningServer) -> bool:
+    conn = await asyncpg.connect(_dsn(server.database_url))
+    try:
+        database = server.database_url.rsplit("/", 1)[1]
+        backends = await _our_backends(conn, database)
+        return any(_in_pg_sleep(r) for r in backends)
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
@@ -59,16 +75,12 @@ async def test_deadline_expiring_mid_query_cancels_the_query(
     database = slow_pg_server.database_url.rsplit("/", 1)[1]
     conn = await asyncpg.connect(_dsn(slow_pg_server.database_url))
     try:
-        for _ in range(50):  # bounded: up to ~5 s for the backend to notice
-            running = [
-                r
-                for r in await _our_backends(conn, database)
-                if "pg_sleep" in (r["query"] or "") and r["state"] == "active"
-            ]
-            if not running:
-                break
-            await asyncio.sleep(0.1)
-        assert not running, f"the slow query outlived its RPC: {running}"
+
+        async def slow_query_gone() -> bool:
+            return not [r for r in await _our_backends(conn, database) if _in_pg_sleep(r)]
+
+        # pg_sleep(600) outlasts the wait: only a cancelled statement ends in time.
+        await eventually(slow_query_gone, what="the slow query ending with its RPC")
         assert await conn.fetchval("SELECT count(*) FROM organizations") == 0
     finally:
         await conn.close()
@@ -84,11 +96,13 @@ async def test_cancelled_calls_leave_no_connection_checked_out(
                 pb.CreateOrganizationRequest(
                     organization=pb.Organization(display_name=f"slow {batch}-{i}")
                 ),
-                timeout=30,
+                timeout=600,  # longer than any wait below: only cancelling ends them
             )
             for i in range(50)
         ]
-        await asyncio.sleep(0.3)
+        await eventually(  # some calls are mid-query when they are cancelled
+            lambda: _sleeping(slow_pg_server), what="calls waiting in pg_sleep"
+        )
         for call in calls:
             call.cancel()
         for call in calls:
@@ -97,15 +111,13 @@ async def test_cancelled_calls_leave_no_connection_checked_out(
     database = slow_pg_server.database_url.rsplit("/", 1)[1]
     conn = await asyncpg.connect(_dsn(slow_pg_server.database_url))
     try:
-        for _ in range(100):  # bounded: up to ~10 s for cancellations to settle
-            pool = slow_pg_server.app.database.pool_status()
+
+        async def settled() -> bool:
             backends = await _our_backends(conn, database)
             busy = [r for r in backends if r["state"] in ("active", "idle in transaction")]
-            if pool.checked_out == 0 and not busy:
-                break
-            await asyncio.sleep(0.1)
-        assert pool.checked_out == 0
-        assert not busy, busy
+            return slow_pg_server.app.database.pool_status().checked_out == 0 and not busy
+
+        await eventually(settled, what="no connection checked out or busy after cancellations")
         assert await conn.fetchval("SELECT count(*) FROM organizations") == 0
     finally:
         await conn.close()

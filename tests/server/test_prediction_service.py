@@ -26,6 +26,7 @@ from ferrule.v1 import common_pb2
 from ferrule.v1 import prediction_service_pb2 as pb
 from ferrule.v1 import user_service_pb2 as upb
 from server.services import SERVICE_MODULES
+from tests.polling import eventually
 from tests.server.conftest import RunningServer
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -634,14 +635,16 @@ async def test_request_log_records_calls(db_server: RunningServer) -> None:
     admin = db_server.admin()
     get_method = "/ferrule.v1.PredictionService/GetPrediction"
     logs: list[pb.RequestLog] = []
-    for _ in range(50):  # written in the background within about a second
+
+    async def logged() -> bool:  # written in the background
+        nonlocal logs
         response = await admin.predictions.ListRequestLogs(
             pb.ListRequestLogsRequest(parent=parent, method=get_method)
         )
         logs = list(response.request_logs)
-        if logs:
-            break
-        await asyncio.sleep(0.1)
+        return bool(logs)
+
+    await eventually(logged, what="the GetPrediction request log")
     assert len(logs) == 1
     entry = logs[0]
     assert entry.status_code == "NOT_FOUND"
@@ -652,7 +655,9 @@ async def test_request_log_records_calls(db_server: RunningServer) -> None:
     assert entry.create_time.seconds > 0
 
     everywhere: list[pb.RequestLog] = []
-    for _ in range(50):
+
+    async def logged_everywhere() -> bool:
+        nonlocal everywhere
         response = await admin.predictions.ListRequestLogs(
             pb.ListRequestLogsRequest(
                 parent="organizations/-",
@@ -662,9 +667,9 @@ async def test_request_log_records_calls(db_server: RunningServer) -> None:
             )
         )
         everywhere = list(response.request_logs)
-        if everywhere:
-            break
-        await asyncio.sleep(0.1)
+        return bool(everywhere)
+
+    await eventually(logged_everywhere, what="the CreatePrediction request log")
     assert [e.caller for e in everywhere] == ["logged-caller"]
 
     with pytest.raises(InvalidArgument) as caught:

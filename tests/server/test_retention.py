@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -12,6 +11,7 @@ from sqlalchemy import func, insert, select, text, update
 from db.models import IdempotencyKey, IngestBatch, RequestLogEntry, UserSession
 from db.models.base import utcnow
 from ferrule.v1 import user_service_pb2 as pb
+from tests.polling import eventually
 from tests.server.conftest import RunningServer
 
 TABLES = ("request_log", "idempotency_keys", "ingest_batches", "user_sessions")
@@ -53,10 +53,11 @@ async def test_retention_purges_old_rows_only(any_server: RunningServer) -> None
                     organization_id=uuid.UUID(org_id), batch_id=batch, accepted=1
                 )
             )
-    for _ in range(100):  # the request log is written in the background
-        if await _count(any_server, "request_log") >= 4:
-            break
-        await asyncio.sleep(0.05)
+
+    async def logged() -> bool:  # the request log is written in the background
+        return await _count(any_server, "request_log") >= 4
+
+    await eventually(logged, what="four request log rows")
 
     before = {table: await _count(any_server, table) for table in TABLES}
     assert all(before[table] >= 2 for table in TABLES), before

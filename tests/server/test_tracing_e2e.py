@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind
 from ferrule.client import AsyncFerruleClient, ClientConfig
 from ferrule.v1 import user_service_pb2 as pb
 from server.telemetry import setup_telemetry
+from tests.polling import eventually
 from tests.server.conftest import ADMIN_TOKEN, StartServer
 
 SECRET = "hunter2-SECRET-7f3a9c"
@@ -122,15 +123,18 @@ async def test_request_log_row_carries_the_trace_id(
     span = next(s for s in exporter.get_finished_spans() if s.name.endswith("ListOrganizations"))
     trace_id = format(span.context.trace_id, "032x")
     conn = await asyncpg.connect(pg_database_url.replace("+asyncpg", ""))
+    row: asyncpg.Record | None = None
     try:
-        for _ in range(50):  # written in the background within about a second
+
+        async def logged() -> bool:  # written in the background
+            nonlocal row
             row = await conn.fetchrow(
                 "SELECT trace_id, status_code, caller FROM request_log WHERE method LIKE $1",
                 "%ListOrganizations",
             )
-            if row is not None:
-                break
-            await asyncio.sleep(0.1)
+            return row is not None
+
+        await eventually(logged, what="the request log row")
     finally:
         await conn.close()
     assert row is not None
