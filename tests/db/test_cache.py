@@ -23,6 +23,7 @@ from db.cache import (
     create_cache,
 )
 from tests.db.cache_fixtures import SlowProxy
+from tests.polling import eventually
 
 TENANT = "org-1"
 
@@ -181,12 +182,16 @@ async def test_unknown_generation_is_loaded_never_stored(cache: Cache) -> None:
 
 async def test_ttl_expiry(cache: Cache) -> None:
     loader = CountingLoader(b"short")
-    await cache.get_or_load(user_key(), loader, ttl=0.2)
-    await cache.get_or_load(user_key(), loader, ttl=0.2)
+    # Long enough that the second read comes first on a busy machine, short enough to wait.
+    await cache.get_or_load(user_key(), loader, ttl=2)
+    await cache.get_or_load(user_key(), loader, ttl=2)
     assert loader.calls == 1
-    await asyncio.sleep(0.35)
-    await cache.get_or_load(user_key(), loader, ttl=0.2)
-    assert loader.calls == 2
+
+    async def reloaded() -> bool:
+        await cache.get_or_load(user_key(), loader, ttl=2)
+        return loader.calls == 2
+
+    await eventually(reloaded, what="the entry expiring", interval=0.1)
 
 
 async def test_local_lru_bound_holds() -> None:
@@ -214,11 +219,7 @@ async def test_local_lru_bound_holds() -> None:
 
 
 async def _until(predicate: Callable[[], bool], what: str) -> None:
-    for _ in range(500):
-        if predicate():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
+    await eventually(predicate, what=what, interval=0.005)
 
 
 async def test_single_flight_50_concurrent_misses_one_load(cache: Cache) -> None:

@@ -14,10 +14,14 @@ import pytest
 
 from db.cache import Cache, CacheKey, create_cache
 from tests.db.cache_fixtures import RedisProcess, free_port
+from tests.polling import DEADLINE_S
 
 TIMEOUT_MS = 50
-#: Loose bound for a call while Redis is down or hung: ten times the per-call timeout.
-OUTAGE_BOUND_S = 10 * TIMEOUT_MS / 1000
+#: Bound for a call while Redis is down or hung. It tells a call bounded by the per-call
+#: timeout from one that waits on a dead or hung connection (which waits for ever); the
+#: forty-fold margin is for a machine whose cores are busy with other work, not a
+#: latency target (latency is measured in `make bench`).
+OUTAGE_BOUND_S = 40 * TIMEOUT_MS / 1000
 COOLDOWN_S = 0.3
 
 
@@ -60,12 +64,13 @@ async def timed_read(cache: Cache, i: int, value: bytes) -> float:
 
 async def wait_until_recovered(cache: Cache, read: Callable[[], Awaitable[float]]) -> None:
     """Keep reading (every read must still be right) until the cache is healthy again."""
-    for _ in range(100):
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
         await read()
         if not cache.stats().degraded:
             return
+        assert time.monotonic() < deadline, f"cache did not recover: {cache.stats()}"
         await asyncio.sleep(0.05)
-    raise AssertionError(f"cache did not recover: {cache.stats()}")
 
 
 async def test_redis_killed_mid_burst_then_restarted(own_redis: RedisProcess) -> None:
