@@ -2,28 +2,39 @@
 embedded SQLite.
 
 Each test that needs a database gets a fresh one (created here, dropped afterwards), so
-no test depends on state another test or session left behind. Under ``CI=true`` a
-missing PostgreSQL, MariaDB or Redis fails the run instead of skipping.
+no test depends on state another test or session left behind. Databases at the head
+revision are copies of a template migrated once (``tests/template_databases.py``); the
+``empty_*`` fixtures give databases with no schema, for the migration tests. Under
+``CI=true`` a missing PostgreSQL, MariaDB or Redis fails the run instead of skipping.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncmy
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import Row, Uuid, bindparam, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from db.engine_factory import async_engine
+from tests.template_databases import (
+    PgDatabases,
+    build_sqlite_template,
+    clone_mariadb_database,
+    clone_sqlite_database,
+    drop_mariadb_database,
+    ensure_mariadb_template,
+    ensure_pg_template,
+    mariadb_connect,
+    with_database,
+)
 
 TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
@@ -36,11 +47,6 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 def _driverless(url: str) -> str:
     """asyncpg wants ``postgresql://``; SQLAlchemy wants ``postgresql+asyncpg://``."""
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
 
 
 def _unavailable(what: str, exc: BaseException) -> None:
@@ -62,56 +68,68 @@ async def pg_admin_url() -> str:
     return TEST_DATABASE_URL
 
 
-CreateDatabase = Callable[[], Awaitable[str]]
+@pytest.fixture(scope="session")
+async def pg_template(pg_admin_url: str) -> str:
+    """The migrated template database every PostgreSQL test database is cloned from."""
+    return await ensure_pg_template(pg_admin_url)
+
+
+@pytest.fixture(scope="session")
+async def pg_databases(pg_admin_url: str, pg_template: str) -> AsyncIterator[PgDatabases]:
+    """Where the tests' PostgreSQL databases come from and go back to (see PgDatabases)."""
+    databases = PgDatabases(pg_admin_url, pg_template)
+    yield databases
+    await databases.aclose()
+
+
+class CreateDatabase(Protocol):
+    async def __call__(self, *, migrated: bool = True) -> str: ...
 
 
 @pytest.fixture
-async def create_pg_database(pg_admin_url: str) -> AsyncIterator[CreateDatabase]:
-    """Factory: each call creates an empty database and returns its SQLAlchemy URL."""
+def create_pg_database(pg_admin_url: str, pg_databases: PgDatabases) -> Iterator[CreateDatabase]:
+    """Factory: each call creates a database of its own and returns its SQLAlchemy URL:
+    a clone of the migrated template, or an empty one with ``migrated=False``. They are
+    dropped after the test."""
     created: list[str] = []
 
-    async def create() -> str:
-        name = f"ferrule_test_{uuid.uuid4().hex[:12]}"
-        conn = await asyncpg.connect(_driverless(pg_admin_url))
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
+    async def create(*, migrated: bool = True) -> str:
+        name = await pg_databases.take(migrated=migrated)
         created.append(name)
-        return _with_database(pg_admin_url, name)
+        return with_database(pg_admin_url, name)
 
     yield create
-    conn = await asyncpg.connect(_driverless(pg_admin_url))
-    try:
-        for name in created:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    pg_databases.release(created)
 
 
 @pytest.fixture
 async def pg_database_url(create_pg_database: CreateDatabase) -> str:
-    """A fresh, empty PostgreSQL database for this test."""
+    """A fresh PostgreSQL database for this test, at the head revision."""
     return await create_pg_database()
 
 
 @pytest.fixture
-def sqlite_database_url(tmp_path: Path) -> str:
-    """A fresh SQLite file for this test (the embedded default's driver)."""
+async def empty_pg_database_url(create_pg_database: CreateDatabase) -> str:
+    """A fresh, empty PostgreSQL database (no schema) for this test."""
+    return await create_pg_database(migrated=False)
+
+
+@pytest.fixture(scope="session")
+async def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The migrated SQLite file every SQLite test database is copied from."""
+    return await build_sqlite_template(tmp_path_factory.mktemp("template") / "ferrule.db")
+
+
+@pytest.fixture
+def sqlite_database_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A fresh SQLite file for this test (the embedded default's driver), at head."""
+    return clone_sqlite_database(sqlite_template, tmp_path / "ferrule.db")
+
+
+@pytest.fixture
+def empty_sqlite_database_url(tmp_path: Path) -> str:
+    """A fresh, empty SQLite file for this test."""
     return f"sqlite+aiosqlite:///{tmp_path / 'ferrule.db'}"
-
-
-async def mariadb_connect(url: str) -> asyncmy.Connection:
-    """A plain asyncmy connection (no database selected) to the server at ``url``."""
-    parsed = make_url(url)
-    return await asyncmy.connect(
-        host=parsed.host or "127.0.0.1",
-        port=parsed.port or 3306,
-        user=parsed.username or "root",
-        password=parsed.password or "",
-        connect_timeout=5,
-        autocommit=True,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -126,39 +144,26 @@ async def mariadb_admin_url() -> str:
     return TEST_MARIADB_URL
 
 
-async def drop_mariadb_database(admin_url: str, name: str) -> None:
-    """Drop ``name`` after killing the sessions still using it (as PostgreSQL's FORCE)."""
-    conn = await mariadb_connect(admin_url)
-    try:
-        async with conn.cursor() as cursor:
-            await cursor.execute(
-                "SELECT id FROM information_schema.processlist WHERE db = %s", (name,)
-            )
-            for (session_id,) in await cursor.fetchall():
-                with contextlib.suppress(asyncmy.errors.Error):
-                    await cursor.execute(f"KILL {int(session_id)}")
-            await cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
-    finally:
-        conn.close()
+@pytest.fixture(scope="session")
+async def mariadb_template(mariadb_admin_url: str) -> str:
+    """The migrated template database every MariaDB test database is copied from."""
+    return await ensure_mariadb_template(mariadb_admin_url)
 
 
 @pytest.fixture
-async def create_mariadb_database(mariadb_admin_url: str) -> AsyncIterator[CreateDatabase]:
-    """Factory: each call creates an empty MariaDB database and returns its URL."""
+async def create_mariadb_database(
+    mariadb_admin_url: str, mariadb_template: str
+) -> AsyncIterator[CreateDatabase]:
+    """Factory: each call creates a MariaDB database of its own and returns its URL: a
+    copy of the migrated template, or an empty one with ``migrated=False``."""
     created: list[str] = []
 
-    async def create() -> str:
-        name = f"ferrule_test_{uuid.uuid4().hex[:12]}"
-        conn = await mariadb_connect(mariadb_admin_url)
-        try:
-            async with conn.cursor() as cursor:
-                await cursor.execute(
-                    f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
-                )
-        finally:
-            conn.close()
+    async def create(*, migrated: bool = True) -> str:
+        name = await clone_mariadb_database(
+            mariadb_admin_url, mariadb_template if migrated else None
+        )
         created.append(name)
-        return _with_database(mariadb_admin_url, name)
+        return with_database(mariadb_admin_url, name)
 
     yield create
     for name in created:
@@ -167,26 +172,39 @@ async def create_mariadb_database(mariadb_admin_url: str) -> AsyncIterator[Creat
 
 @pytest.fixture
 async def mariadb_database_url(create_mariadb_database: CreateDatabase) -> str:
-    """A fresh, empty MariaDB database for this test."""
+    """A fresh MariaDB database for this test, at the head revision."""
     return await create_mariadb_database()
 
 
-#: Backend -> the fixture giving a fresh, empty database on it.
-EMPTY_DATABASE_FIXTURES = {
-    "postgresql": "pg_database_url",
-    "mariadb": "mariadb_database_url",
-    "sqlite": "sqlite_database_url",
+@pytest.fixture
+async def empty_mariadb_database_url(create_mariadb_database: CreateDatabase) -> str:
+    """A fresh, empty MariaDB database (no schema) for this test."""
+    return await create_mariadb_database(migrated=False)
+
+
+#: Backend -> the fixtures giving a fresh database on it: at head, and empty.
+DATABASE_FIXTURES = {
+    "postgresql": ("pg_database_url", "empty_pg_database_url"),
+    "mariadb": ("mariadb_database_url", "empty_mariadb_database_url"),
+    "sqlite": ("sqlite_database_url", "empty_sqlite_database_url"),
 }
 
 
-@pytest.fixture(params=list(EMPTY_DATABASE_FIXTURES))
-def empty_database_url(request: pytest.FixtureRequest) -> str:
-    """The same test against every backend: a fresh, empty database URL.
+@pytest.fixture(params=list(DATABASE_FIXTURES))
+def database_url(request: pytest.FixtureRequest) -> str:
+    """The same test against every backend: a fresh database URL at the head revision.
 
     Sync on purpose: an async fixture cannot call ``getfixturevalue`` on another async
     fixture while the event loop runs.
     """
-    url: str = request.getfixturevalue(EMPTY_DATABASE_FIXTURES[request.param])
+    url: str = request.getfixturevalue(DATABASE_FIXTURES[request.param][0])
+    return url
+
+
+@pytest.fixture(params=list(DATABASE_FIXTURES))
+def empty_database_url(request: pytest.FixtureRequest) -> str:
+    """The same test against every backend: a fresh, empty database URL (no schema)."""
+    url: str = request.getfixturevalue(DATABASE_FIXTURES[request.param][1])
     return url
 
 
@@ -235,7 +253,7 @@ async def create_database(admin_url: str) -> str:
                 )
         finally:
             mariadb.close()
-    return _with_database(admin_url, name)
+    return with_database(admin_url, name)
 
 
 async def drop_database(admin_url: str, url: str) -> None:

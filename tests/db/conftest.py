@@ -1,4 +1,4 @@
-"""Data-layer fixtures: a migrated database on each backend, organizations, a cheap hasher."""
+"""Data-layer fixtures: a database at head on each backend, organizations, a cheap hasher."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 from argon2 import PasswordHasher
 
 from db.engine import Database, DatabaseConfig
-from db.migrate import upgrade_to_head
 from db.models import Organization
 from db.repositories.organizations import OrganizationsRepository
 from db.tenancy import Tenant
@@ -24,18 +23,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture
-async def migrated_url(empty_database_url: str) -> str:
-    """A fresh database on each backend, brought to head through Alembic."""
-    await upgrade_to_head(empty_database_url)
-    return empty_database_url
-
-
-@pytest.fixture
-async def database(migrated_url: str) -> AsyncIterator[Database]:
-    """The Database handle; on PostgreSQL every transaction runs as the non-bypass app role,
-    so every repository test also runs under row-level security."""
-    app_role = APP_ROLE if migrated_url.startswith("postgresql") else None
-    db = Database(DatabaseConfig(url=migrated_url, app_role=app_role, pool_size=5))
+async def database(database_url: str) -> AsyncIterator[Database]:
+    """The Database handle on a fresh database at head, on each backend; on PostgreSQL every
+    transaction runs as the non-bypass app role, so every repository test also runs under
+    row-level security."""
+    app_role = APP_ROLE if database_url.startswith("postgresql") else None
+    db = Database(DatabaseConfig(url=database_url, app_role=app_role, pool_size=5))
     yield db
     await db.dispose()
 

@@ -18,7 +18,6 @@ from sqlalchemy import text
 from db.engine import Database, DatabaseConfig
 from db.error_translation import translate_error
 from db.errors import ValidationError
-from db.migrate import upgrade_to_head
 from db.repositories.organizations import OrganizationsRepository
 from db.tenancy import Tenant
 from server.errors import map_exception
@@ -27,8 +26,7 @@ from tests.db.conftest import APP_ROLE
 SECRET = "s3cret-value"
 
 
-async def _migrated(url: str, app_role: str | None) -> AsyncIterator[Database]:
-    await upgrade_to_head(url)
+async def _database(url: str, app_role: str | None) -> AsyncIterator[Database]:
     db = Database(DatabaseConfig(url=url, app_role=app_role, pool_size=2))
     yield db
     await db.dispose()
@@ -36,13 +34,13 @@ async def _migrated(url: str, app_role: str | None) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def pg_database(pg_database_url: str) -> AsyncIterator[Database]:
-    async for db in _migrated(pg_database_url, APP_ROLE):
+    async for db in _database(pg_database_url, APP_ROLE):
         yield db
 
 
 @pytest.fixture
 async def sqlite_database(sqlite_database_url: str) -> AsyncIterator[Database]:
-    async for db in _migrated(sqlite_database_url, None):
+    async for db in _database(sqlite_database_url, None):
         yield db
 
 
@@ -104,7 +102,7 @@ async def test_postgres_data_exceptions_are_invalid_argument(pg_database: Databa
 
 @pytest.fixture
 async def mariadb_database(mariadb_database_url: str) -> AsyncIterator[Database]:
-    async for db in _migrated(mariadb_database_url, None):
+    async for db in _database(mariadb_database_url, None):
         yield db
 
 

@@ -15,8 +15,8 @@ from db.errors import DatabaseUnavailableError
 from db.migrate import upgrade_to_head
 from db.repositories.organizations import OrganizationsRepository
 from db.tenancy import Tenant
-from tests.conftest import mariadb_connect
 from tests.db.mariadb_instance import MariaDBInstance, mariadb_instance
+from tests.template_databases import mariadb_connect
 
 
 @pytest.fixture

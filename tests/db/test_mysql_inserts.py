@@ -17,7 +17,6 @@ from sqlalchemy import Table, func, select
 
 from db.engine import Database, DatabaseConfig
 from db.errors import ValidationError
-from db.migrate import upgrade_to_head
 from db.models import Organization, Prediction
 from db.repositories.mysql_inserts import insert_skipping_duplicates
 from db.repositories.organizations import OrganizationsRepository
@@ -29,7 +28,6 @@ NOW = datetime(2026, 5, 1, tzinfo=UTC)
 
 @pytest.fixture
 async def mariadb(mariadb_database_url: str) -> AsyncIterator[Database]:
-    await upgrade_to_head(mariadb_database_url)
     database = Database(DatabaseConfig(url=mariadb_database_url, pool_size=2))
     yield database
     await database.dispose()

@@ -57,13 +57,13 @@ SLEEP = PointRead(select(func.pg_sleep(literal(2.0))))
 
 
 @pytest.fixture(params=["session-scoped", "transaction-scoped"])
-async def database(migrated_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+async def database(database_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Database]:
     """Both PostgreSQL paths: the dedicated point-read pool (one connection, so tenants
     take turns on it) and the transaction-scoped batch used without it (PgBouncer)."""
-    postgres = migrated_url.startswith("postgresql")
+    postgres = database_url.startswith("postgresql")
     db = Database(
         DatabaseConfig(
-            url=migrated_url,
+            url=database_url,
             app_role=APP_ROLE if postgres else None,
             pool_size=5,
             point_read_pool_size=1 if request.param == "session-scoped" else 0,
@@ -115,7 +115,7 @@ async def test_another_organizations_user_is_not_found(
         await read_user_record(database.point_reader(Tenant(None)), user_id)
 
 
-@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_row_level_security_applies_to_point_reads(
     database: Database, tenant_a: Tenant, tenant_b: Tenant, cheap_hasher: PasswordHasher
 ) -> None:
@@ -142,7 +142,7 @@ async def _open_transactions(database: Database) -> int:
         await watcher.close()
 
 
-@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_numbers_come_back_as_through_a_session(database: Database, tenant_a: Tenant) -> None:
     # The numeric result processors depend on the type the server sends (float or numeric).
     read = PointRead(
@@ -169,7 +169,7 @@ async def test_numbers_come_back_as_through_a_session(database: Database, tenant
     ]
 
 
-@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_the_deadline_cancels_the_statement(database: Database, org_a: Organization) -> None:
     reader = database.point_reader(Tenant.of(org_a.id), timeout_ms=50)
     with pytest.raises(StatementTimeoutError):
@@ -178,7 +178,7 @@ async def test_the_deadline_cancels_the_statement(database: Database, org_a: Org
     assert await _open_transactions(database) == 0
 
 
-@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_cancelled_reads_return_their_connections_clean(
     database: Database, tenant_a: Tenant, cheap_hasher: PasswordHasher
 ) -> None:
@@ -202,7 +202,7 @@ async def test_cancelled_reads_return_their_connections_clean(
     assert {r.id for r in records} == {user_id}
 
 
-@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_point_reads_are_traced_commented_and_digested(
     database: Database, tenant_a: Tenant, cheap_hasher: PasswordHasher
 ) -> None:
@@ -242,7 +242,7 @@ async def test_point_reads_are_traced_commented_and_digested(
     assert slow.rpc_methods == ((METHOD, 1),)
 
 
-@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_tenants_taking_turns_on_one_connection_each_see_only_their_rows(
     database: Database, tenant_a: Tenant, tenant_b: Tenant, cheap_hasher: PasswordHasher
 ) -> None:
@@ -262,7 +262,7 @@ async def test_tenants_taking_turns_on_one_connection_each_see_only_their_rows(
     assert role == (APP_ROLE,)
 
 
-@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_point_reads_cannot_write(database: Database, tenant_a: Tenant) -> None:
     # A data-modifying CTE is still a SELECT statement to the driver.
     inserted = (

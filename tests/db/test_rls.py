@@ -12,7 +12,6 @@ from sqlalchemy import text
 
 from db.engine import Database, DatabaseConfig
 from db.errors import DomainError
-from db.migrate import upgrade_to_head
 from db.models import Organization
 from db.repositories.organizations import OrganizationsRepository
 from db.repositories.users import UsersRepository
@@ -22,7 +21,6 @@ from tests.db.conftest import APP_ROLE
 
 @pytest.fixture
 async def rls_db(pg_database_url: str) -> AsyncIterator[Database]:
-    await upgrade_to_head(pg_database_url)
     db = Database(DatabaseConfig(url=pg_database_url, app_role=APP_ROLE, pool_size=2))
     yield db
     await db.dispose()

@@ -1,8 +1,8 @@
 """End-to-end fixtures: the real server on a free port, called through the real client.
 
 `start_server` runs FerruleApp (the same assembly `python -m server` runs) in the test's
-event loop against a freshly migrated database; tests then talk to it only through the
-published client package (`ferrule.client`).
+event loop against a fresh database at head (cloned from the migrated template); tests
+then talk to it only through the published client package (`ferrule.client`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ferrule.client import AsyncFerruleClient, ClientConfig
 from server.app import FerruleApp
 from server.settings import Settings
 from server.telemetry import Telemetry, setup_telemetry
-from tests.conftest import ADMIN_URL_FIXTURES, EMPTY_DATABASE_FIXTURES, CreateDatabase
+from tests.conftest import ADMIN_URL_FIXTURES, DATABASE_FIXTURES, CreateDatabase
 
 JWT_SECRET = "test-jwt-secret-" + "x" * 32
 ADMIN_TOKEN = "test-admin-token-" + "y" * 16
@@ -86,6 +86,8 @@ def server_settings(database_url: str, **overrides: Any) -> Settings:
 async def start_server(create_pg_database: CreateDatabase) -> AsyncIterator[StartServer]:
     """Factory: `await start_server(database_url, **settings)` -> RunningServer.
 
+    The database fixtures' URLs are at head already; `migrate=True` runs the migrations
+    first, for a database that is not (one from `create_pg_database(migrated=False)`).
     Depends on the database factory so that pytest tears the servers down *before* it
     drops the databases they use (fixtures finish in reverse order of setup).
     """
@@ -94,7 +96,7 @@ async def start_server(create_pg_database: CreateDatabase) -> AsyncIterator[Star
     async def start(
         database_url: str,
         *,
-        migrate: bool = True,
+        migrate: bool = False,
         telemetry: Telemetry | None = None,
         **overrides: Any,
     ) -> RunningServer:
@@ -117,15 +119,15 @@ async def start_server(create_pg_database: CreateDatabase) -> AsyncIterator[Star
 
 @pytest.fixture
 async def pg_server(start_server: StartServer, pg_database_url: str) -> RunningServer:
-    """The server on a fresh, migrated PostgreSQL database."""
+    """The server on a fresh PostgreSQL database at head."""
     return await start_server(pg_database_url)
 
 
 @pytest.fixture(params=list(ADMIN_URL_FIXTURES))
 def server_database_url(request: pytest.FixtureRequest) -> str:
-    """A fresh, empty database on each server backend (PostgreSQL, MariaDB). Sync: see
-    ``empty_database_url``."""
-    url: str = request.getfixturevalue(EMPTY_DATABASE_FIXTURES[request.param])
+    """A fresh database at head on each server backend (PostgreSQL, MariaDB). Sync: see
+    ``database_url``."""
+    url: str = request.getfixturevalue(DATABASE_FIXTURES[request.param][0])
     return url
 
 
@@ -143,9 +145,9 @@ def backend_admin_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def any_server(empty_database_url: str, start_server: StartServer) -> RunningServer:
+async def any_server(database_url: str, start_server: StartServer) -> RunningServer:
     """The same test against PostgreSQL, MariaDB and the embedded SQLite default.
 
     The database is requested first so that the server stops before it is dropped.
     """
-    return await start_server(empty_database_url)
+    return await start_server(database_url)

@@ -25,8 +25,8 @@ BUDGET = response_byte_budget(MAX_MESSAGE_BYTES)
 
 
 @pytest.fixture
-async def small_messages(start_server: StartServer, empty_database_url: str) -> RunningServer:
-    return await start_server(empty_database_url, ferrule_max_message_bytes=MAX_MESSAGE_BYTES)
+async def small_messages(start_server: StartServer, database_url: str) -> RunningServer:
+    return await start_server(database_url, ferrule_max_message_bytes=MAX_MESSAGE_BYTES)
 
 
 async def new_org(server: RunningServer) -> str:

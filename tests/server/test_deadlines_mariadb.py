@@ -17,8 +17,9 @@ import pytest
 
 from ferrule.client import DeadlineExceeded, FerruleError
 from ferrule.v1 import user_service_pb2 as pb
-from tests.conftest import mariadb_connect, query
+from tests.conftest import query
 from tests.server.conftest import RunningServer, StartServer
+from tests.template_databases import mariadb_connect
 
 #: Seconds within which a stopped statement must be gone (far below its natural run time).
 SETTLE_SECONDS = 5

@@ -343,6 +343,7 @@ async def test_health_follows_the_database_down_and_back(start_server: StartServ
         await asyncio.to_thread(_create_database, cluster)
         server = await start_server(
             cluster.url("ferrule"),
+            migrate=True,
             ferrule_health_probe_seconds=0.2,
             database_pool_timeout=2.0,
         )

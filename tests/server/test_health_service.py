@@ -13,8 +13,8 @@ from ferrule.client import InvalidArgument, PermissionDenied
 from ferrule.v1 import health_service_pb2 as hpb
 from ferrule.v1 import user_service_pb2 as upb
 from server.telemetry import setup_telemetry
-from tests.conftest import mariadb_connect
 from tests.server.conftest import RunningServer, StartServer
+from tests.template_databases import mariadb_connect
 
 SLOW_TRIGGER = """
 CREATE FUNCTION ferrule_test_slow() RETURNS trigger LANGUAGE plpgsql AS $$

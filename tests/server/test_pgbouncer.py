@@ -17,7 +17,6 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from db.migrate import upgrade_to_head
 from ferrule.client import AsyncFerruleClient
 from ferrule.v1 import user_service_pb2 as pb
 from tests.conftest import TEST_DATABASE_URL
@@ -50,7 +49,6 @@ def bouncer(pg_admin_url: str) -> Iterator[PgBouncer]:
 async def bounced(
     start_server: StartServer, pg_database_url: str, bouncer: PgBouncer
 ) -> RunningServer:
-    await upgrade_to_head(pg_database_url)  # migrations connect directly, as a deploy would
     return await start_server(
         bouncer.url(database_name(pg_database_url)),
         migrate=False,

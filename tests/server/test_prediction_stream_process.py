@@ -24,7 +24,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from db.migrate import upgrade_to_head
 from ferrule.client import AsyncFerruleClient, ClientConfig
 from ferrule.client.ingest import AsyncPredictionStreamer
 from ferrule.v1 import prediction_service_pb2 as pb
@@ -99,7 +98,6 @@ class ServerProcess:
 
 
 async def serve(database_url: str) -> AsyncIterator[ServerProcess]:
-    await upgrade_to_head(database_url)
     process = ServerProcess(database_url, free_port())
     await process.start()
     yield process

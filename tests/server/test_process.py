@@ -14,7 +14,6 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from db.migrate import upgrade_to_head
 from ferrule.client import AsyncFerruleClient, ClientConfig, FerruleError
 from ferrule.v1 import user_service_pb2 as pb
 from tests.polling import eventually
@@ -80,8 +79,10 @@ def test_bad_configuration_fails_fast_with_the_variable_name() -> None:
     assert "Traceback" not in err
 
 
-async def test_refuses_an_outdated_schema_unless_told_to_migrate(pg_database_url: str) -> None:
-    env = server_env(pg_database_url, free_port(), FERRULE_MIGRATE_ON_START="0")
+async def test_refuses_an_outdated_schema_unless_told_to_migrate(
+    empty_pg_database_url: str,
+) -> None:
+    env = server_env(empty_pg_database_url, free_port(), FERRULE_MIGRATE_ON_START="0")
     proc = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "server"],
@@ -97,7 +98,6 @@ async def test_refuses_an_outdated_schema_unless_told_to_migrate(pg_database_url
 async def test_sigterm_during_a_burst_keeps_every_acknowledged_write(
     pg_database_url: str,
 ) -> None:
-    await upgrade_to_head(pg_database_url)
     port = free_port()
     proc = start_server_process(server_env(pg_database_url, port, FERRULE_GRACE_SECONDS="5"))
     try:
@@ -179,7 +179,6 @@ async def test_a_stop_signal_during_start_up_drains_every_worker(
     shuts down cleanly (the signal waits for its handler), so the supervisor exits 0."""
     import psutil
 
-    await upgrade_to_head(pg_database_url)
     env = server_env(
         pg_database_url,
         free_port(),

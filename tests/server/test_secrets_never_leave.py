@@ -315,14 +315,14 @@ async def _dump(server: RunningServer) -> list[Cell]:
 
 async def test_no_secret_in_logs_spans_errors_request_log_or_tables(
     start_server: StartServer,
-    empty_database_url: str,
+    database_url: str,
     captured_logs: CapturingHandler,
 ) -> None:
     spans = InMemorySpanExporter()
     telemetry = setup_telemetry(
         environ={}, set_global=False, span_processors=[SimpleSpanProcessor(spans)]
     )
-    server = await start_server(empty_database_url, telemetry=telemetry, ferrule_request_log=True)
+    server = await start_server(database_url, telemetry=telemetry, ferrule_request_log=True)
     secrets = Secrets()
     await _run_session(server, secrets)
 

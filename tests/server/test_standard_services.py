@@ -111,7 +111,9 @@ async def test_health_watch_streams_serving_then_not_serving_when_the_database_g
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     with pg_cluster.standalone_cluster() as cluster:
         await asyncio.to_thread(_create_database, cluster, "ferrule")
-        server = await start_server(cluster.url("ferrule"), ferrule_health_probe_seconds=0.2)
+        server = await start_server(
+            cluster.url("ferrule"), migrate=True, ferrule_health_probe_seconds=0.2
+        )
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             overall = stub.Watch(health_pb2.HealthCheckRequest(service=""))
