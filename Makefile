@@ -36,13 +36,22 @@ lint: $(STAMP) proto-check
 	$(PY) scripts/buf_breaking.py
 	$(PY) scripts/check_deploy.py
 
-## system-deps: Debian packages the suite runs (PgBouncer for the transaction-mode tests).
-system-deps:
-	@test -x /usr/sbin/pgbouncer || { \
-		echo "installing pgbouncer (Debian package)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer; }
+## system-deps: Debian packages the suite runs beside the Python ones (installs only what is
+## missing): PgBouncer (transaction-mode tests), redis-sentinel (failover tests), h2load
+## from nghttp2-client, buildah and debootstrap (image tests). `.ci/run` calls it; `make
+## test` does not (it never needs root).
+SYSTEM_PACKAGES := pgbouncer redis-sentinel nghttp2-client buildah debootstrap
 
-test: $(STAMP) system-deps
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+test: $(STAMP)
 	$(BIN)/pytest -m 'not image' $(PYTEST_ARGS)
 
 ## image-test: build the Containerfile with buildah on a Debian base made here, and run it.
