@@ -32,6 +32,7 @@ lint: $(STAMP) proto-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo --no-cache
 	$(BIN)/buf lint
 	$(PY) scripts/buf_breaking.py
 	$(PY) scripts/check_deploy.py

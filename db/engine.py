@@ -287,7 +287,14 @@ class Database:
         ``engine`` (default: the primary, so cache loaders never store a replica's lag)."""
         if timeout_ms is None:
             timeout_ms = self.config.default_statement_timeout_ms
-        return PointReader(self, tenant, timeout_ms, engine or self.engine)
+        engine = engine or self.engine
+        return PointReader(
+            tenant,
+            timeout_ms,
+            engine,
+            point_read_engine=self.point_read_engine if engine is self.engine else None,
+            app_role=self.config.app_role,
+        )
 
     async def ping(self) -> PingResult:
         """Round-trip latency and server version; raises a db error when unreachable."""

@@ -35,6 +35,16 @@ from db.errors import (
     ValidationError,
 )
 
+#: Exceptions whose text can quote stored or bound values: a driver's DETAIL ("Failing
+#: row contains (...)", "Key (email)=(...)"), or SQLAlchemy's statement wrapper around
+#: it. Logs withhold their messages (server/logs.py).
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.StatementError,
+    asyncpg.PostgresError,
+    asyncmy.errors.Error,
+    sqlite3.Error,
+)
+
 #: Table -> resource type named in NotFound / AlreadyExists errors.
 RESOURCE_TYPES: dict[str, str] = {
     "organizations": "Organization",

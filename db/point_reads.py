@@ -33,11 +33,11 @@ import contextlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Float, Numeric, TypeDecorator
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.sql import Select
 from sqlalchemy.types import TypeEngine
 from sqlalchemy.util import greenlet_spawn
@@ -45,10 +45,8 @@ from sqlalchemy.util import greenlet_spawn
 from db.error_translation import translate_error
 from db.errors import StatementTimeoutError
 from db.observability import observer_of
+from db.session import open_transaction
 from db.tenancy import Tenant
-
-if TYPE_CHECKING:
-    from db.engine import Database
 
 Processor = Callable[[Any], Any] | None
 
@@ -152,12 +150,18 @@ def _settings_batch(tenant: Tenant, timeout_ms: int | None, role: str | None) ->
 
 @dataclass(frozen=True, slots=True)
 class PointReader:
-    """Runs :class:`PointRead` selects for one tenant (see the module docstring)."""
+    """Runs :class:`PointRead` selects for one tenant (see the module docstring).
 
-    database: Database
+    Built by :meth:`db.engine.Database.point_reader`."""
+
     tenant: Tenant
     timeout_ms: int | None
+    #: The database the read must see (the primary, or a replica).
     engine: AsyncEngine
+    #: The point-read pool when ``engine`` is the primary and the pool exists, else None:
+    #: a read takes the session-scoped path exactly when this is set.
+    point_read_engine: AsyncEngine | None
+    app_role: str | None
 
     async def fetch_row(self, read: PointRead, params: Mapping[str, Any]) -> Sequence[Any] | None:
         """The row, with the columns' Python types, or None."""
@@ -192,8 +196,12 @@ class PointReader:
     async def _fetch_in_session(
         self, read: PointRead, params: Mapping[str, Any]
     ) -> Sequence[Any] | None:
-        async with self.database.transaction(
-            self.tenant, timeout_ms=self.timeout_ms, read_only=True, engine=self.engine
+        async with open_transaction(
+            AsyncSession(bind=self.engine, expire_on_commit=False),
+            self.tenant,
+            timeout_ms=self.timeout_ms,
+            read_only=True,
+            app_role=self.app_role,
         ) as session:
             connection = await session.connection()
             row: Sequence[Any] | None = (
@@ -203,11 +211,8 @@ class PointReader:
 
     async def _fetch_on_driver(self, sql: str, args: list[Any]) -> Any:
         # The point-read pool serves the primary; replicas take the transaction batch.
-        engine = self.engine
-        point_pool = self.database.point_read_engine
-        session_scoped = point_pool is not None and engine is self.database.engine
-        if point_pool is not None and session_scoped:
-            engine = point_pool
+        session_scoped = self.point_read_engine is not None
+        engine = self.point_read_engine or self.engine
         observer = observer_of(engine)
         # The pooled DBAPI connection itself, not an AsyncConnection around it: that
         # wrapper's bookkeeping cost ~50 us per read and nothing here executes through it.
@@ -221,7 +226,7 @@ class PointReader:
                     timeout = self.timeout_ms / 1000 if self.timeout_ms else None
                 else:
                     await driver.execute(
-                        _settings_batch(self.tenant, self.timeout_ms, self.database.config.app_role)
+                        _settings_batch(self.tenant, self.timeout_ms, self.app_role)
                     )
                     timeout = None  # statement_timeout is set in the transaction
                 if observer is None:
@@ -256,7 +261,7 @@ class PointReader:
 
     async def _set_session_tenant(self, pooled: Any, driver: Any) -> None:
         """Point the connection's session settings at this tenant, unless they are."""
-        role = self.database.config.app_role
+        role = self.app_role
         wanted = (
             str(self.tenant.organization_id) if self.tenant.organization_id else "",
             "on" if self.tenant.all_organizations else "off",

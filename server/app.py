@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from db.cache import Cache, create_cache
+from db.cache import create_cache
 from db.engine import Database
-from db.observability import QueryObservers, install_statement_observers
+from db.observability import install_statement_observers
+from db.repositories.request_log import insert_request_log
 from server.auth import Authenticator
+from server.dependencies import Dependencies
 from server.health import HealthProbe
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.call_context import CallContextInterceptor
@@ -28,23 +30,11 @@ from server.page_tokens import PageTokenCodec
 from server.reflection import enable_reflection
 from server.request_log import RequestLogEntry, RequestLogInterceptor, RequestLogWriter
 from server.retention import RetentionJob
+from server.services import register_services
 from server.settings import Settings
 from server.telemetry import Telemetry, setup_telemetry
 
 log = logging.getLogger("ferrule.app")
-
-
-@dataclass
-class Dependencies:
-    """What the servicers are built from."""
-
-    settings: Settings
-    database: Database
-    page_tokens: PageTokenCodec
-    request_log: RequestLogWriter
-    health: HealthProbe
-    query_observers: QueryObservers
-    cache: Cache
 
 
 def page_token_secret(settings: Settings) -> bytes:
@@ -200,8 +190,6 @@ class FerruleApp:
         self.health_port: int = 0
 
     async def _write_request_log(self, entries: list[RequestLogEntry]) -> None:
-        from db.repositories.request_log import insert_request_log
-
         await insert_request_log(self.database, entries)
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -223,8 +211,6 @@ class FerruleApp:
         return chain
 
     async def start(self) -> int:
-        from server.services import register_services
-
         settings = self.settings
         refusal = settings.plaintext_refusal()
         if refusal is not None:
@@ -233,8 +219,6 @@ class FerruleApp:
         # would put anonymous streams and tenants' calls in one budget).
         server = grpc.aio.server(interceptors=self._interceptors(), options=grpc_options(settings))
         service_names = register_services(server, self.deps)
-        from grpc_health.v1 import health_pb2_grpc
-
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         if settings.ferrule_reflection:
             enable_reflection(server, [*service_names, "grpc.health.v1.Health"])

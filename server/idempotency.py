@@ -10,7 +10,7 @@ idempotency key's primary key; the loser re-reads the winner's response.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,11 +19,9 @@ from db.errors import AlreadyExistsError
 from db.repositories.idempotency import IdempotencyRepository
 from db.tenancy import Tenant
 from server.call_context import current_call
+from server.dependencies import Dependencies
 from server.names import parse_resource_id
 from server.scoping import transaction
-
-if TYPE_CHECKING:
-    from server.app import Dependencies
 
 M = TypeVar("M", bound=Message)
 

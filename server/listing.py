@@ -16,16 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf.message import Message
 
 from db.pagination import Page, clamp_page_size
 from server.call_context import current_call
+from server.dependencies import Dependencies
 from server.page_tokens import PageTokenCodec
-
-if TYPE_CHECKING:
-    from server.app import Dependencies
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import sys
 import traceback
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
-from sqlalchemy import exc as sa_exc
-
+from db.error_translation import DATABASE_ERRORS
 from server.call_context import maybe_current_call
 
 
@@ -43,15 +40,6 @@ class JsonFormatter(logging.Formatter):
         if not isinstance(exc, BaseException):
             return super().formatException(ei)
         return format_exception_safely(exc)
-
-
-#: Exceptions whose text can quote stored or bound values: a driver's DETAIL ("Failing
-#: row contains (...)", "Key (email)=(...)"), or SQLAlchemy's statement wrapper around it.
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (
-    sa_exc.StatementError,
-    asyncpg.PostgresError,
-    sqlite3.Error,
-)
 
 
 def format_exception_safely(exc: BaseException) -> str:

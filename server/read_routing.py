@@ -44,28 +44,15 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.cache import UNKNOWN_GENERATION, Cache
 from db.engine import Database
+from db.replication import primary_position, replayed_position
 from server.call_context import maybe_current_call
 
 #: (JWT subject, JWT organization claim): whose writes must stay visible to whom.
 CallerKey = tuple[str, str]
-
-_PRIMARY_LSN = text("SELECT pg_current_wal_insert_lsn()::text")
-# A "replica" that is not in recovery (a promoted one) is as current as it gets.
-_REPLAYED_LSN = text(
-    "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-    " ELSE pg_current_wal_insert_lsn() END)::text"
-)
-
-
-def parse_lsn(value: str) -> int:
-    """``'16/B374D848'`` -> a comparable integer."""
-    high, _, low = value.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
 
 
 def _writer_counter(caller: CallerKey) -> str:
@@ -245,8 +232,7 @@ class ReadRouter:
     async def _primary_lsn(self) -> int | None:
         self.stats.primary_lsn_queries += 1
         try:
-            async with self.database.engine.connect() as conn:
-                return parse_lsn((await conn.execute(_PRIMARY_LSN)).scalar_one())
+            return await primary_position(self.database.engine)
         except Exception:
             return None  # the read itself will meet (and report) the primary's failure
 
@@ -263,13 +249,12 @@ class ReadRouter:
         self.stats.replica_lsn_queries += 1
         try:
             async with asyncio.timeout(self.check_timeout):
-                async with self.replicas[index].connect() as conn:
-                    value = (await conn.execute(_REPLAYED_LSN)).scalar_one_or_none()
+                replayed = await replayed_position(self.replicas[index])
         except Exception:
             return None  # slow or down: this read goes to the primary
-        if value is None:
+        if replayed is None:
             return None
-        self._replayed[index] = max(self._replayed[index], parse_lsn(value))
+        self._replayed[index] = max(self._replayed[index], replayed)
         return self._replayed[index]
 
     async def aclose(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,11 +19,9 @@ from db.point_reads import PointReader
 from db.tenancy import Tenant
 from server.authorization import check_organization
 from server.call_context import current_call
+from server.dependencies import Dependencies
 from server.names import Pattern
 from server.read_routing import caller_key, router_for
-
-if TYPE_CHECKING:
-    from server.app import Dependencies
 
 
 def authorize(pattern: Pattern, name: str, field: str = "name") -> tuple[uuid.UUID, ...]:

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
-
 import grpc
 
-if TYPE_CHECKING:
-    from server.app import Dependencies
+from server.dependencies import Dependencies
+from server.services import analysis_service, health_service, prediction_service, user_service
 
-#: Each module exposes `add_to_server(server, deps) -> str` (the full service name).
-SERVICE_MODULES = (
-    "server.services.user_service",
-    "server.services.analysis_service",
-    "server.services.prediction_service",
-    "server.services.health_service",
-)
+#: Each exposes `add_to_server(server, deps) -> str` (the full service name).
+SERVICE_MODULES = (user_service, analysis_service, prediction_service, health_service)
 
 
 def register_services(server: grpc.aio.Server, deps: Dependencies) -> list[str]:
-    names = []
-    for module_name in SERVICE_MODULES:
-        module = importlib.import_module(module_name)
-        names.append(module.add_to_server(server, deps))
-    return names
+    return [module.add_to_server(server, deps) for module in SERVICE_MODULES]

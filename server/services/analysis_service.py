@@ -8,7 +8,7 @@ field validation live in `analysis_convert`.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -35,6 +35,7 @@ from ferrule.v1 import analysis_service_pb2 as pb
 from ferrule.v1 import analysis_service_pb2_grpc
 from server import names
 from server.convert import duration_ms, enum_to_proto, set_duration_ms
+from server.dependencies import Dependencies
 from server.etags import expected_version
 from server.field_masks import resolve_update_mask
 from server.idempotency import idempotent
@@ -49,9 +50,6 @@ from server.scoping import (
 from server.services import analysis_convert as cv
 from server.services import cached_reads as cr
 from server.violations import Violations
-
-if TYPE_CHECKING:
-    from server.app import Dependencies
 
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = "ferrule.v1.AnalysisService"

@@ -49,17 +49,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.cache import UNKNOWN_GENERATION, Cache, CacheKey
 from db.tenancy import Tenant
+from server.dependencies import Dependencies
 from server.scoping import transaction
-
-if TYPE_CHECKING:
-    from server.app import Dependencies
 
 M = TypeVar("M", bound=Message)
 

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, cast, get_args
+from typing import cast, get_args
 
 import grpc
 import psutil
@@ -23,9 +23,7 @@ from db.observability import SlowQueryOrder
 from ferrule import __version__
 from ferrule.v1 import health_service_pb2 as pb
 from ferrule.v1 import health_service_pb2_grpc
-
-if TYPE_CHECKING:
-    from server.app import Dependencies
+from server.dependencies import Dependencies
 
 _STARTED = time.monotonic()
 _START_TIME = datetime.now(UTC)

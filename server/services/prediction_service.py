@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
@@ -40,6 +40,7 @@ from server import names
 from server.authorization import PermissionDeniedError
 from server.call_context import current_call
 from server.convert import set_duration_ms, set_timestamp, time_range, to_timedelta
+from server.dependencies import Dependencies
 from server.idempotency import idempotent
 from server.listing import fill_within, page_request, response_byte_budget
 from server.names import parse_resource_id
@@ -58,9 +59,6 @@ from server.services.prediction_rows import (
     validate_prediction,
     values_to_proto,
 )
-
-if TYPE_CHECKING:
-    from server.app import Dependencies
 
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = "ferrule.v1.PredictionService"

@@ -51,7 +51,7 @@ from server.telemetry import record_rows_ingested
 if TYPE_CHECKING:
     import grpc
 
-    from server.app import Dependencies
+    from server.dependencies import Dependencies
 
 #: The contract's read-ahead window per stream.
 MAX_UNACKED_BATCHES = 8

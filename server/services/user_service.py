@@ -12,7 +12,7 @@ import contextlib
 import uuid
 from datetime import timedelta
 from functools import cache
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import grpc
 from argon2.exceptions import VerificationError
@@ -34,6 +34,7 @@ from ferrule.v1 import user_service_pb2_grpc
 from server import names
 from server.authorization import PermissionDeniedError
 from server.convert import to_datetime, to_timedelta
+from server.dependencies import Dependencies
 from server.etags import expected_version
 from server.field_masks import resolve_update_mask
 from server.idempotency import idempotent
@@ -49,9 +50,6 @@ from server.scoping import (
 from server.services import cached_reads as cr
 from server.services import user_convert as cv
 from server.violations import Violations
-
-if TYPE_CHECKING:
-    from server.app import Dependencies
 
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = "ferrule.v1.UserService"

@@ -64,7 +64,7 @@ def statements(server: RunningServer, table: str) -> Iterator[list[str]]:
     on_driver = PointReader._fetch_on_driver
 
     async def point_read(reader: PointReader, sql: str, args: list[Any]) -> Any:
-        if reader.database is server.app.database and pattern.search(sql):
+        if reader.engine is server.app.database.engine and pattern.search(sql):
             seen.append(sql)
         return await on_driver(reader, sql, args)
 

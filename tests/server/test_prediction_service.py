@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import math
-import sys
-import types
 import uuid
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
@@ -25,27 +22,10 @@ from ferrule.client import (
 from ferrule.v1 import common_pb2
 from ferrule.v1 import prediction_service_pb2 as pb
 from ferrule.v1 import user_service_pb2 as upb
-from server.services import SERVICE_MODULES
 from tests.polling import eventually
 from tests.server.conftest import RunningServer
 
 NOW = datetime.now(UTC).replace(microsecond=0)
-
-
-@pytest.fixture(autouse=True)
-def placeholder_services(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Other services are written in parallel: while one's module is missing, register a
-    placeholder so the server starts (a no-op once every module exists)."""
-    for module_name in SERVICE_MODULES:
-        try:
-            importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            placeholder = types.ModuleType(module_name)
-            service = "ferrule.v1." + module_name.rsplit(".", 1)[1].title().replace("_", "")
-            placeholder.add_to_server = lambda server, deps, name=service: name  # type: ignore[attr-defined]
-            monkeypatch.setitem(sys.modules, module_name, placeholder)
 
 
 async def new_org(server: RunningServer, display_name: str = "org") -> str:

@@ -17,9 +17,10 @@ import asyncpg
 import pytest
 
 from db.migrate import upgrade_to_head
+from db.replication import parse_lsn
 from ferrule.client import AsyncFerruleClient
 from ferrule.v1 import user_service_pb2 as pb
-from server.read_routing import WriteTracker, parse_lsn, router_for
+from server.read_routing import WriteTracker, router_for
 from tests.server.conftest import RunningServer, StartServer
 from tests.server.pg_cluster import Cluster, primary_and_replica
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from importlib.util import find_spec
 from typing import Any
 
 import pytest
@@ -33,25 +31,11 @@ from ferrule.client import (
     Unauthenticated,
 )
 from ferrule.v1 import user_service_pb2 as pb
-from server import services
 from server.app import FerruleApp
 from tests.conftest import create_database, drop_database, query
 from tests.server.conftest import RunningServer, server_settings
 
 PASSWORD = "correct horse battery staple"
-
-
-@contextmanager
-def available_services_only() -> Iterator[None]:
-    """Register only the service modules that exist yet, so this file does not depend on
-    other services being written."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            services,
-            "SERVICE_MODULES",
-            tuple(m for m in services.SERVICE_MODULES if find_spec(m) is not None),
-        )
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +44,7 @@ async def srv(backend_admin_url: str) -> AsyncIterator[RunningServer]:
     url = await create_database(backend_admin_url)
     await upgrade_to_head(url)
     app = FerruleApp(server_settings(url))
-    with available_services_only():
-        port = await app.start()
+    port = await app.start()
     running = RunningServer(app=app, database_url=url, target=f"127.0.0.1:{port}")
     yield running
     for client in running.clients:
@@ -968,17 +951,6 @@ async def test_list_users_walks_1000_rows_under_concurrent_inserts(
 
 
 # --- both backends ----------------------------------------------------------------------
-@pytest.fixture
-def _available_services(monkeypatch: pytest.MonkeyPatch) -> None:
-    """For fixtures that start their own server (any_server): see available_services_only."""
-    monkeypatch.setattr(
-        services,
-        "SERVICE_MODULES",
-        tuple(m for m in services.SERVICE_MODULES if find_spec(m) is not None),
-    )
-
-
-@pytest.mark.usefixtures("_available_services")
 async def test_user_service_smoke_on_both_backends(any_server: RunningServer) -> None:
     admin = any_server.admin()
     org = await new_org(admin, "smoke")

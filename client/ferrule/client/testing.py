@@ -53,10 +53,10 @@ class FerruleTestServer:
 
     # --- lifecycle ---------------------------------------------------------------
     def start(self) -> FerruleTestServer:
-        try:
-            app_module = importlib.import_module("server.app")
-            settings_module = importlib.import_module("server.settings")
-            migrate = importlib.import_module("db.migrate")
+        try:  # the one import of the server from the client package, declared in pyproject.toml
+            from db.migrate import upgrade_to_head
+            from server.app import FerruleApp
+            from server.settings import Settings
         except ImportError as exc:
             raise RuntimeError(
                 "FerruleTestServer runs the real server: install the ferrule-server "
@@ -72,14 +72,14 @@ class FerruleTestServer:
             "ferrule_grace_seconds": 1.0,
         }
         values.update(self._overrides)
-        settings = settings_module.Settings(**values)
+        settings = Settings(**values)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="ferrule-test-server", daemon=True
         )
         self._thread.start()
-        self._run(migrate.upgrade_to_head(url))
-        self._app = app_module.FerruleApp(settings)
+        self._run(upgrade_to_head(url))
+        self._app = FerruleApp(settings)
         port = self._run(self._app.start())
         self.target = f"127.0.0.1:{port}"
         return self
