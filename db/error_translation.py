@@ -45,20 +45,24 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     sqlite3.Error,
 )
 
-#: Table -> resource type named in NotFound / AlreadyExists errors.
+#: Table -> resource type named in NotFound / AlreadyExists errors: the full name of the
+#: resource's message (AIP-193); the two tables that back no resource of the API keep a
+#: name of the same form (their conflicts are handled before they could reach a caller).
 RESOURCE_TYPES: dict[str, str] = {
-    "organizations": "Organization",
-    "users": "User",
-    "user_profiles": "User",
-    "user_sessions": "UserSession",
-    "analysis_batches": "AnalysisBatch",
-    "text_analyses": "TextAnalysis",
-    "model_performance_records": "ModelPerformanceRecord",
-    "predictions": "Prediction",
-    "ingest_batches": "IngestBatch",
-    "idempotency_keys": "IdempotencyKey",
-    "request_log": "RequestLogEntry",
+    "organizations": "ferrule.v1.Organization",
+    "users": "ferrule.v1.User",
+    "user_profiles": "ferrule.v1.User",
+    "user_sessions": "ferrule.v1.UserSession",
+    "analysis_batches": "ferrule.v1.AnalysisBatch",
+    "text_analyses": "ferrule.v1.Analysis",
+    "model_performance_records": "ferrule.v1.ModelPerformance",
+    "predictions": "ferrule.v1.Prediction",
+    "request_log": "ferrule.v1.RequestLog",
+    "ingest_batches": "ferrule.v1.IngestBatch",
+    "idempotency_keys": "ferrule.v1.IdempotencyKey",
 }
+#: The resource types above that name no message of the API.
+INTERNAL_RECORDS = frozenset({"ferrule.v1.IngestBatch", "ferrule.v1.IdempotencyKey"})
 
 #: CHECK constraints whose suffix is not simply the column they guard.
 _CHECK_FIELDS: dict[str, str] = {

@@ -1,10 +1,10 @@
 """Single-row reads on the pooled connection's driver, without an ORM session.
 
 Why: a Get by name is the hottest read (every cache miss is one). Through an
-``AsyncSession`` it cost 1,094 us of CPU per read: the ORM session, a greenlet hop per
-statement, and four round trips (BEGIN, the settings statement, the SELECT, COMMIT). On
-this machine a loopback round trip alone costs about 110 us of CPU in ``send``, so the
-round trips matter as much as the Python. Two paths, both on asyncpg directly:
+``AsyncSession`` it pays for the ORM session, a greenlet hop per statement, and four
+round trips (BEGIN, the settings statement, the SELECT, COMMIT); each loopback round
+trip costs system-call CPU in ``send`` as well as latency, so the round trips matter as
+much as the Python. Two paths, both on asyncpg directly:
 
 * **Session-scoped (one round trip)**, on the primary when the engine's point-read pool
   exists (:func:`db.engine.create_point_read_engine`): connections that serve nothing
@@ -215,7 +215,7 @@ class PointReader:
         engine = self.point_read_engine or self.engine
         observer = observer_of(engine)
         # The pooled DBAPI connection itself, not an AsyncConnection around it: that
-        # wrapper's bookkeeping cost ~50 us per read and nothing here executes through it.
+        # wrapper's bookkeeping would be paid per read and nothing here executes through it.
         # Checkout and return still run the pool's events (pre-ping, wait timing).
         pooled = await engine.raw_connection()
         try:

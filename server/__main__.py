@@ -76,9 +76,8 @@ def tune_gc(settings: Settings) -> None:
     collector's reach, and collect the youngest generation less often.
 
     Tracing allocates several objects per span, and every full collection walked the
-    whole start-up heap: with the no-op exporter, GetUser cost 2,808 us of server CPU
-    per call before and 2,403 after (the read benchmark's load); untraced calls barely
-    moved (1,687 vs 1,679). Reference counting still frees almost everything at once;
+    whole start-up heap, which traced calls paid for (`make bench BENCH_ARGS=tracing`
+    shows the cost per call). Reference counting still frees almost everything at once;
     this only changes when the collector looks for cycles."""
     gc.collect()
     gc.freeze()
@@ -115,9 +114,8 @@ async def serve(settings: Settings, dev_banner: dev_mode.Banner | None = None) -
 def run(main: Coroutine[Any, Any, None], settings: Settings) -> None:
     """Run the server's event loop: uvloop unless FERRULE_EVENT_LOOP=asyncio.
 
-    uvloop (libuv) makes the socket work around every await cheaper: measured with the
-    read benchmark's GetUser against PostgreSQL, about 10% less server CPU per call
-    (1,978 -> 1,772 us) while a handler without I/O barely moved (909 -> 891 us)."""
+    uvloop (libuv) makes the socket work around every await cheaper, which is most of a
+    database-backed call (`make bench BENCH_ARGS=reads` runs both loops' GetUser)."""
     if settings.ferrule_event_loop == "uvloop":
         uvloop.run(main)
     else:

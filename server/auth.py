@@ -36,10 +36,6 @@ class Principal:
     def all_organizations(self) -> bool:
         return self.organization == ALL_ORGANIZATIONS
 
-    @property
-    def is_admin(self) -> bool:
-        return "admin" in self.scopes
-
 
 ADMIN_PRINCIPAL = Principal(subject="admin-token", organization=ALL_ORGANIZATIONS, scopes=SCOPES)
 

@@ -20,7 +20,7 @@ _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 @functools.cache
 def _format_string(template: str) -> str:
     """``organizations/{organization}/users/{user}`` -> ``organizations/{}/users/{}``:
-    str.format then fills a name in ~1 us (every response names its resource)."""
+    str.format then fills a name without a regex pass (every response names its resource)."""
     return _PLACEHOLDER.sub("{}", template)
 
 

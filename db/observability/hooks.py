@@ -110,8 +110,8 @@ class EngineObserver:
         database = url.database or ""
         self.namespace = os.path.basename(database) if self.system == "sqlite" else database
         self.double_percent = engine.dialect.paramstyle in ("format", "pyformat")
-        # Only what the parent RPC span does not already say: every attribute costs
-        # ~2.6 us per span to record (measured) and more to export. The RPC method and
+        # Only what the parent RPC span does not already say: every attribute costs CPU
+        # per span to record and more to export. The RPC method and
         # tenant are on the SERVER span, and in the slow-query log and digest.
         self.base_attributes: dict[str, str | int] = {"db.system": self.system}
         if self.namespace:

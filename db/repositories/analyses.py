@@ -646,24 +646,6 @@ class AnalysesRepository(Repository[TextAnalysis]):
         )
         return await self.get(analysis_id, populate_existing=True)
 
-    async def delete(
-        self,
-        analysis_id: uuid.UUID,
-        *,
-        expected_version: int | None = None,
-        delete_by: str | None = None,
-    ) -> TextAnalysis:
-        """Soft delete; the analysis stops counting in its batch and in statistics."""
-        return await self.soft_delete(
-            analysis_id, expected_version=expected_version, delete_by=delete_by
-        )
-
-    async def restore(
-        self, analysis_id: uuid.UUID, *, update_by: str | None = None
-    ) -> TextAnalysis:
-        """Undelete; AlreadyExistsError if it is live or a live analysis has its text+type."""
-        return await self.undelete(analysis_id, update_by=update_by)
-
 
 _ANALYSIS_RECORD = RecordRead.of_columns(
     TextAnalysis.__table__,

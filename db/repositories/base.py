@@ -104,7 +104,7 @@ class RecordRead(Generic[R]):
 
     For reads that only convert the row (cache loaders): no ORM identity map, loading or
     instrumentation, and through :class:`~db.point_reads.PointReader` no session either
-    (about a quarter of the CPU, see :mod:`db.point_reads`). One Core select per tenant
+    (fewer round trips, see :mod:`db.point_reads`). One Core select per tenant
     scope and ``show_deleted``, built once (so each is compiled once per dialect, and a
     session executing one again skips building and compiling it), scoped exactly as
     :meth:`Repository.get` scopes its statement: :func:`scope_to_tenant` on
@@ -223,13 +223,15 @@ def record_columns(table: FromClause, record: type[Any], *, skip: int = 0) -> tu
 class Repository(Generic[M]):
     """Base of a repository over one tenant-owned model.
 
-    Subclasses set ``model``, ``resource_type`` (for errors) and ``collection`` (the
-    resource-name segment, e.g. ``users``).
+    Subclasses set ``model``, ``resource_type`` (the full name of the resource's protobuf
+    message, for errors) and ``collection`` (the resource-name segment, e.g. ``users``),
+    and ``load_options`` when a row is returned with related rows (a user's profile).
     """
 
     model: ClassVar[type[Any]]
     resource_type: ClassVar[str]
     collection: ClassVar[str]
+    load_options: ClassVar[tuple[ExecutableOption, ...]] = ()
 
     def __init__(self, session: AsyncSession, tenant: Tenant) -> None:
         self.session = session
@@ -333,7 +335,6 @@ class Repository(Generic[M]):
         *,
         expected_version: int | None = None,
         delete_by: str | None = None,
-        options: Sequence[ExecutableOption] = (),
     ) -> M:
         """Mark deleted (AIP-164). Deleting a deleted or absent row is NotFoundError."""
         now = utcnow()
@@ -341,7 +342,7 @@ class Repository(Generic[M]):
         await self._versioned_update(
             resource_id, values, expected_version=expected_version, deleted=False
         )
-        return await self.get(resource_id, options=options, populate_existing=True)
+        return await self.get(resource_id, options=self.load_options, populate_existing=True)
 
     async def undelete(
         self,
@@ -349,7 +350,6 @@ class Repository(Generic[M]):
         *,
         expected_version: int | None = None,
         update_by: str | None = None,
-        options: Sequence[ExecutableOption] = (),
     ) -> M:
         """Restore a soft-deleted row; AlreadyExistsError when it is live or a unique key
         it held was taken meanwhile."""
@@ -363,7 +363,7 @@ class Repository(Generic[M]):
             deleted=True,
             conflict_message="a live resource now holds one of its unique keys",
         )
-        return await self.get(resource_id, options=options, populate_existing=True)
+        return await self.get(resource_id, options=self.load_options, populate_existing=True)
 
     async def purge(self, resource_id: uuid.UUID) -> None:
         """Delete the row for good (cascades to its dependants)."""

@@ -161,7 +161,9 @@ class BatchesRepository(Repository[AnalysisBatch]):
             )
         return out
 
-    async def _view(self, batch: AnalysisBatch) -> BatchView:
+    async def view(self, batch: AnalysisBatch) -> BatchView:
+        """The batch with its progress, derived from its live members: what every batch
+        read and write answers with."""
         progress = await self.progress([batch.id])
         return BatchView(batch, progress[batch.id])
 
@@ -197,7 +199,7 @@ class BatchesRepository(Repository[AnalysisBatch]):
 
     async def get_batch(self, batch_id: uuid.UUID) -> BatchView:
         """The batch (also when soft-deleted) with its progress."""
-        return await self._view(await self.get(batch_id))
+        return await self.view(await self.get(batch_id))
 
     async def list(
         self,
@@ -250,20 +252,4 @@ class BatchesRepository(Repository[AnalysisBatch]):
         await self._versioned_update(
             batch_id, values, expected_version=expected_version, deleted=False
         )
-        return await self._view(await self.get(batch_id, populate_existing=True))
-
-    async def delete(
-        self,
-        batch_id: uuid.UUID,
-        *,
-        expected_version: int | None = None,
-        delete_by: str | None = None,
-    ) -> BatchView:
-        """Soft delete; members keep their batch_id (and so the progress stays readable)."""
-        batch = await self.soft_delete(
-            batch_id, expected_version=expected_version, delete_by=delete_by
-        )
-        return await self._view(batch)
-
-    async def restore(self, batch_id: uuid.UUID, *, update_by: str | None = None) -> BatchView:
-        return await self._view(await self.undelete(batch_id, update_by=update_by))
+        return await self.view(await self.get(batch_id, populate_existing=True))

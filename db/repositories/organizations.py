@@ -50,7 +50,7 @@ def _check_display_name(display_name: str) -> str:
 
 class OrganizationsRepository(Repository[Organization]):
     model = Organization
-    resource_type = "Organization"
+    resource_type = "ferrule.v1.Organization"
     collection = "organizations"
 
     def _organization_column(self) -> InstrumentedAttribute[Any]:

@@ -12,10 +12,11 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import delete, or_, select, update
 
-from db.errors import FieldViolation, NotFoundError, ValidationError
+from db.errors import FieldViolation, ValidationError
 from db.models import User, UserSession, utcnow
 from db.pagination import JSONValue, Page, SortKey, paginate
 from db.repositories.base import Repository, bounded, scope_to_tenant
+from db.repositories.users import UsersRepository
 
 
 def hash_token(token: str) -> str:
@@ -31,7 +32,7 @@ class CreatedSession:
 
 class SessionsRepository(Repository[UserSession]):
     model = UserSession
-    resource_type = "UserSession"
+    resource_type = "ferrule.v1.UserSession"
     collection = "sessions"
 
     def resource_name(self, resource_id: uuid.UUID | str) -> str:
@@ -58,8 +59,7 @@ class SessionsRepository(Repository[UserSession]):
         )
         organization_id = (await self.session.execute(owner)).scalar_one_or_none()
         if organization_id is None:
-            org = self.tenant.organization_id or "-"
-            raise NotFoundError("User", f"organizations/{org}/users/{user_id}")
+            raise UsersRepository(self.session, self.tenant).not_found(user_id)
         token = secrets.token_urlsafe(32)
         now = utcnow()
         row = UserSession(

@@ -260,13 +260,12 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         v.extend(field_violations(changes, "analysis."))
         version = v.call(lambda: expected_version(analysis.etag, "analysis.etag"))
         v.raise_if_any()
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             self._analysis_written(stale, organization_id, analysis_id)
-            async with transaction(self.deps, tenant) as session:
-                row = await AnalysesRepository(session, tenant).update(
-                    analysis_id, changes, expected_version=version, update_by=caller_subject()
-                )
-                return cv.analysis_to_proto(row)
+            row = await AnalysesRepository(session, tenant).update(
+                analysis_id, changes, expected_version=version, update_by=caller_subject()
+            )
+            return cv.analysis_to_proto(row)
 
     async def DeleteAnalysis(
         self, request: pb.DeleteAnalysisRequest, context: Context
@@ -274,26 +273,24 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         organization_id, analysis_id = authorize(names.ANALYSIS, request.name)
         tenant = Tenant.of(organization_id)
         version = expected_version(request.etag)
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             self._analysis_written(stale, organization_id, analysis_id)
-            async with transaction(self.deps, tenant) as session:
-                row = await AnalysesRepository(session, tenant).delete(
-                    analysis_id, expected_version=version, delete_by=caller_subject()
-                )
-                return cv.analysis_to_proto(row)
+            row = await AnalysesRepository(session, tenant).soft_delete(
+                analysis_id, expected_version=version, delete_by=caller_subject()
+            )
+            return cv.analysis_to_proto(row)
 
     async def UndeleteAnalysis(
         self, request: pb.UndeleteAnalysisRequest, context: Context
     ) -> pb.Analysis:
         organization_id, analysis_id = authorize(names.ANALYSIS, request.name)
         tenant = Tenant.of(organization_id)
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             self._analysis_written(stale, organization_id, analysis_id)
-            async with transaction(self.deps, tenant) as session:
-                row = await AnalysesRepository(session, tenant).restore(
-                    analysis_id, update_by=caller_subject()
-                )
-                return cv.analysis_to_proto(row)
+            row = await AnalysesRepository(session, tenant).undelete(
+                analysis_id, update_by=caller_subject()
+            )
+            return cv.analysis_to_proto(row)
 
     async def BatchCreateAnalyses(
         self, request: pb.BatchCreateAnalysesRequest, context: Context
@@ -433,13 +430,12 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         v.extend(batch_violations(changes, "batch."))
         version = v.call(lambda: expected_version(batch.etag, "batch.etag"))
         v.raise_if_any()
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.versioned_entity(cr.BATCH, cr.analyses_generation(organization_id), batch_id)
-            async with transaction(self.deps, tenant) as session:
-                view = await BatchesRepository(session, tenant).update(
-                    batch_id, changes, expected_version=version, update_by=caller_subject()
-                )
-                return cv.batch_to_proto(view)
+            view = await BatchesRepository(session, tenant).update(
+                batch_id, changes, expected_version=version, update_by=caller_subject()
+            )
+            return cv.batch_to_proto(view)
 
     async def DeleteBatch(
         self, request: pb.DeleteBatchRequest, context: Context
@@ -448,26 +444,26 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         tenant = Tenant.of(organization_id)
         version = expected_version(request.etag)
         # Members keep their batch: the statistics do not move, only the batch's entry.
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.versioned_entity(cr.BATCH, cr.analyses_generation(organization_id), batch_id)
-            async with transaction(self.deps, tenant) as session:
-                view = await BatchesRepository(session, tenant).delete(
+            batches = BatchesRepository(session, tenant)
+            view = await batches.view(
+                await batches.soft_delete(
                     batch_id, expected_version=version, delete_by=caller_subject()
                 )
-                return cv.batch_to_proto(view)
+            )
+            return cv.batch_to_proto(view)
 
     async def UndeleteBatch(
         self, request: pb.UndeleteBatchRequest, context: Context
     ) -> pb.AnalysisBatch:
         organization_id, batch_id = authorize(names.BATCH, request.name)
         tenant = Tenant.of(organization_id)
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.versioned_entity(cr.BATCH, cr.analyses_generation(organization_id), batch_id)
-            async with transaction(self.deps, tenant) as session:
-                view = await BatchesRepository(session, tenant).restore(
-                    batch_id, update_by=caller_subject()
-                )
-                return cv.batch_to_proto(view)
+            batches = BatchesRepository(session, tenant)
+            view = await batches.view(await batches.undelete(batch_id, update_by=caller_subject()))
+            return cv.batch_to_proto(view)
 
     # --- model performance ------------------------------------------------------------
     async def CreateModelPerformance(
@@ -578,7 +574,7 @@ def _statistics_to_proto(stats: AnalysisStatistics) -> pb.AnalysisStatistics:
         # Enum order, non-zero counts only.
         type_counts=[
             pb.AnalysisTypeCount(
-                analysis_type=enum_to_proto(pb.AnalysisType, t),  # type: ignore[arg-type]
+                analysis_type=enum_to_proto(pb.AnalysisType, t),
                 count=stats.by_type[t],
             )
             for t in AnalysisType
@@ -586,7 +582,7 @@ def _statistics_to_proto(stats: AnalysisStatistics) -> pb.AnalysisStatistics:
         ],
         state_counts=[
             pb.AnalysisStateCount(
-                state=enum_to_proto(pb.AnalysisState, s),  # type: ignore[arg-type]
+                state=enum_to_proto(pb.AnalysisState, s),
                 count=stats.by_state[s],
             )
             for s in AnalysisState

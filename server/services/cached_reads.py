@@ -225,6 +225,16 @@ async def invalidation(deps: Dependencies) -> AsyncIterator[Invalidation]:
             await asyncio.shield(pending.apply(cache))
 
 
+@asynccontextmanager
+async def write_transaction(
+    deps: Dependencies, tenant: Tenant
+) -> AsyncIterator[tuple[AsyncSession, Invalidation]]:
+    """One write of an RPC: its transaction, and what it makes stale, invalidated after the
+    transaction ends and before the RPC answers (see :func:`invalidation`)."""
+    async with invalidation(deps) as stale, transaction(deps, tenant) as session:
+        yield session, stale
+
+
 async def bump(deps: Dependencies, *generations: str) -> None:
     """Bump outside an `invalidation` block (after the stream's commits, the purge)."""
     cache = cache_of(deps)

@@ -17,13 +17,14 @@ from typing import cast, get_args
 import grpc
 import psutil
 
-from db.errors import DomainError, FieldViolation, ValidationError
+from db.errors import DomainError
 from db.migrate import current_revision, head_revision
 from db.observability import SlowQueryOrder
 from ferrule import __version__
 from ferrule.v1 import health_service_pb2 as pb
 from ferrule.v1 import health_service_pb2_grpc
 from server.dependencies import Dependencies
+from server.violations import Violations
 
 _STARTED = time.monotonic()
 _START_TIME = datetime.now(UTC)
@@ -117,12 +118,14 @@ class HealthServicer(health_service_pb2_grpc.HealthServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> pb.SlowQueryReport:
         order_by = request.order_by or "total"
-        if order_by not in get_args(SlowQueryOrder):
-            raise ValidationError(
-                [FieldViolation("order_by", f"one of {', '.join(get_args(SlowQueryOrder))}")]
-            )
-        if request.top_n < 0:
-            raise ValidationError([FieldViolation("top_n", "must not be negative")])
+        v = Violations()
+        v.check(
+            order_by in get_args(SlowQueryOrder),
+            "order_by",
+            f"one of {', '.join(get_args(SlowQueryOrder))}",
+        )
+        v.check(request.top_n >= 0, "top_n", "must not be negative")
+        v.raise_if_any()
         top_n = min(request.top_n or DEFAULT_TOP_N, MAX_TOP_N)
         digest = self._deps.query_observers.slow_queries
         report = pb.SlowQueryReport()

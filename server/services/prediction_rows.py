@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -229,7 +228,8 @@ _MAX_SECONDS = 253_402_300_799
 
 def timestamp_to_datetime(seconds: int, nanos: int) -> datetime | None:
     """Timestamp fields as an aware UTC datetime (microsecond precision, truncated like
-    ``Timestamp.ToDatetime``), or None when out of range; ~4x cheaper than ToDatetime."""
+    ``Timestamp.ToDatetime``), or None when out of range, without ToDatetime's per-call
+    checks and conversions (every streamed row carries a timestamp)."""
     if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
         return None
     return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
@@ -372,7 +372,7 @@ def _fill(
     message.name = prediction_name(organization_id, prediction_id)
     message.subject_id = subject_id
     message.probability = probability
-    message.risk_level = enum_to_proto(pb.RiskLevel, risk_level)  # type: ignore[assignment]
+    message.risk_level = enum_to_proto(pb.RiskLevel, risk_level)
     message.model_name = model_name or ""
     message.model_version = model_version
     if features:
@@ -419,7 +419,3 @@ def prediction_to_proto(row: Prediction) -> pb.Prediction:
         create_time=row.create_time,
         create_by=row.create_by,
     )
-
-
-def prefixed_violations(prefix: str, violations: Sequence[RowViolation]) -> list[FieldViolation]:
-    return [v.prefixed(prefix) for v in violations]

@@ -187,7 +187,7 @@ def _check_deadline() -> None:
 
 def request_log_to_proto(row: RequestLogEntry) -> pb.RequestLog:
     message = pb.RequestLog(
-        name=f"organizations/{row.organization_id or '-'}/requestLogs/{row.id}",
+        name=names.REQUEST_LOG.format(row.organization_id or "-", row.id),
         method=row.method,
         caller=row.caller or "",
         peer=row.peer or "",

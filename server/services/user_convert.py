@@ -9,9 +9,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import zoneinfo
+from collections.abc import Mapping
 from datetime import datetime
 from functools import cache
-from typing import Any
 from urllib.parse import urlsplit
 
 from db.errors import ValidationError
@@ -27,7 +27,7 @@ from db.models import (
 from db.repositories.users import normalize_email
 from ferrule.v1 import user_service_pb2 as pb
 from server import names
-from server.convert import enum_from_proto, enum_to_proto, set_timestamp
+from server.convert import E, ProtoEnum, V, enum_from_proto, enum_to_proto, set_timestamp
 from server.etags import etag_of
 from server.violations import Violations
 
@@ -193,9 +193,9 @@ def user_to_proto(row: User) -> pb.User:
         email=row.email,
         username=row.username,
         full_name=row.full_name or "",
-        role=enum_to_proto(pb.UserRole, row.role),  # type: ignore[arg-type]
-        status=enum_to_proto(pb.UserStatus, row.status),  # type: ignore[arg-type]
-        auth_provider=enum_to_proto(pb.AuthProvider, row.auth_provider),  # type: ignore[arg-type]
+        role=enum_to_proto(pb.UserRole, row.role),
+        status=enum_to_proto(pb.UserStatus, row.status),
+        auth_provider=enum_to_proto(pb.AuthProvider, row.auth_provider),
         profile=_profile_to_proto(row.profile),
         etag=etag_of(row.version),
         create_by=row.create_by or "",
@@ -235,7 +235,6 @@ def session_to_proto(row: UserSession, now: datetime, token: str = "") -> pb.Use
     return message
 
 
-def counts_in_enum_order(proto_enum: Any, counts: dict[Any, int]) -> list[tuple[int, int]]:
+def counts_in_enum_order(proto_enum: ProtoEnum[V], counts: Mapping[E, int]) -> list[tuple[V, int]]:
     """(proto number, count) for the non-zero counts, in the enum's declaration order."""
-    ordered = sorted((enum_to_proto(proto_enum, k), c) for k, c in counts.items() if c)
-    return ordered
+    return sorted((enum_to_proto(proto_enum, k), c) for k, c in counts.items() if c)

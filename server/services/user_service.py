@@ -89,7 +89,7 @@ async def _burn_hash_time(password: str) -> None:
 
 def _require_live(user: User, name: str) -> None:
     if user.delete_time is not None:
-        raise NotFoundError("User", name)
+        raise NotFoundError(names.USER.resource_type, name)
 
 
 class UserServicer(user_service_pb2_grpc.UserServiceServicer):
@@ -187,13 +187,12 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         v.raise_if_any()
         changes = {"display_name": organization.display_name.strip()} if paths else {}
         tenant = Tenant.of(organization_id)
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.entity(cr.ORGANIZATION, organization_id, organization_id)
-            async with transaction(self.deps, tenant) as session:
-                row = await OrganizationsRepository(session, tenant).update(
-                    organization_id, changes, expected_version=version, update_by=caller_subject()
-                )
-                return cv.organization_to_proto(row)
+            row = await OrganizationsRepository(session, tenant).update(
+                organization_id, changes, expected_version=version, update_by=caller_subject()
+            )
+            return cv.organization_to_proto(row)
 
     async def DeleteOrganization(
         self, request: pb.DeleteOrganizationRequest, context: Context
@@ -201,26 +200,24 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         (organization_id,) = authorize(names.ORGANIZATION, request.name)
         version = expected_version(request.etag)
         tenant = Tenant.of(organization_id)
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.entity(cr.ORGANIZATION, organization_id, organization_id)
-            async with transaction(self.deps, tenant) as session:
-                row = await OrganizationsRepository(session, tenant).soft_delete(
-                    organization_id, expected_version=version, delete_by=caller_subject()
-                )
-                return cv.organization_to_proto(row)
+            row = await OrganizationsRepository(session, tenant).soft_delete(
+                organization_id, expected_version=version, delete_by=caller_subject()
+            )
+            return cv.organization_to_proto(row)
 
     async def UndeleteOrganization(
         self, request: pb.UndeleteOrganizationRequest, context: Context
     ) -> pb.Organization:
         (organization_id,) = authorize(names.ORGANIZATION, request.name)
         tenant = Tenant.of(organization_id)
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.entity(cr.ORGANIZATION, organization_id, organization_id)
-            async with transaction(self.deps, tenant) as session:
-                row = await OrganizationsRepository(session, tenant).undelete(
-                    organization_id, update_by=caller_subject()
-                )
-                return cv.organization_to_proto(row)
+            row = await OrganizationsRepository(session, tenant).undelete(
+                organization_id, update_by=caller_subject()
+            )
+            return cv.organization_to_proto(row)
 
     # --- users -----------------------------------------------------------------------
     async def CreateUser(self, request: pb.CreateUserRequest, context: Context) -> pb.User:
@@ -378,54 +375,49 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             version = expected_version(request.user.etag, "user.etag")
         v.raise_if_any()
         tenant = Tenant.of(organization_id)
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.entity(cr.USER, organization_id, user_id)
             if changes.keys() & USER_STATISTICS_FIELDS:
                 stale.bump(cr.users_generation(organization_id))
-            async with transaction(self.deps, tenant) as session:
-                users = UserQueries(session, tenant)
-                if changes.get("auth_provider") is AuthProvider.EMAIL:
-                    current = await users.get_user(user_id)
-                    _require_live(current, request.user.name)
-                    if current.password_hash is None:
-                        raise FailedPreconditionError(
-                            "the user has no password; an EMAIL user needs one (SetUserPassword"
-                            " works only for EMAIL users, so create the user with EMAIL instead)"
-                        )
-                    # Pin the version read, so a concurrent change cannot slip in between.
-                    version = current.version if version is None else version
-                row = await users.update(
-                    user_id, changes, expected_version=version, update_by=caller_subject()
-                )
-                return cv.user_to_proto(row)
+            users = UserQueries(session, tenant)
+            if changes.get("auth_provider") is AuthProvider.EMAIL:
+                current = await users.get_user(user_id)
+                _require_live(current, request.user.name)
+                if current.password_hash is None:
+                    raise FailedPreconditionError(
+                        "the user has no password; an EMAIL user needs one (SetUserPassword"
+                        " works only for EMAIL users, so create the user with EMAIL instead)"
+                    )
+                # Pin the version read, so a concurrent change cannot slip in between.
+                version = current.version if version is None else version
+            row = await users.update(
+                user_id, changes, expected_version=version, update_by=caller_subject()
+            )
+            return cv.user_to_proto(row)
 
     async def DeleteUser(self, request: pb.DeleteUserRequest, context: Context) -> pb.User:
         organization_id, user_id = authorize(names.USER, request.name)
         version = expected_version(request.etag)
         tenant = Tenant.of(organization_id)
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.entity(cr.USER, organization_id, user_id)
             stale.bump(cr.users_generation(organization_id))  # statistics count live users
-            async with transaction(self.deps, tenant) as session:
-                row = await UserQueries(session, tenant).delete(
-                    user_id, expected_version=version, delete_by=caller_subject()
-                )
-                await SessionQueries(session, tenant).revoke_all_for_user(
-                    user_id, revoke_by=caller_subject()
-                )
-                return cv.user_to_proto(row)
+            row = await UserQueries(session, tenant).soft_delete(
+                user_id, expected_version=version, delete_by=caller_subject()
+            )
+            await SessionQueries(session, tenant).revoke_all_for_user(
+                user_id, revoke_by=caller_subject()
+            )
+            return cv.user_to_proto(row)
 
     async def UndeleteUser(self, request: pb.UndeleteUserRequest, context: Context) -> pb.User:
         organization_id, user_id = authorize(names.USER, request.name)
         tenant = Tenant.of(organization_id)
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.entity(cr.USER, organization_id, user_id)
             stale.bump(cr.users_generation(organization_id))
-            async with transaction(self.deps, tenant) as session:
-                row = await UserQueries(session, tenant).restore(
-                    user_id, update_by=caller_subject()
-                )
-                return cv.user_to_proto(row)
+            row = await UserQueries(session, tenant).undelete(user_id, update_by=caller_subject())
+            return cv.user_to_proto(row)
 
     async def SetUserPassword(
         self, request: pb.SetUserPasswordRequest, context: Context
@@ -439,23 +431,22 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         v.raise_if_any()
         tenant = Tenant.of(organization_id)
         # The etag, update time and has_password change; the statistics do not.
-        async with cr.invalidation(self.deps) as stale:
+        async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.entity(cr.USER, organization_id, user_id)
-            async with transaction(self.deps, tenant) as session:
-                users = UserQueries(session, tenant)
-                current = await users.get_user(user_id)
-                _require_live(current, request.name)
-                if current.auth_provider is not AuthProvider.EMAIL:
-                    raise FailedPreconditionError(
-                        f"only EMAIL users have passwords; this user uses {current.auth_provider}"
-                    )
-                row = await users.update(
-                    user_id,
-                    {"password": request.password},
-                    expected_version=current.version if version is None else version,
-                    update_by=caller_subject(),
+            users = UserQueries(session, tenant)
+            current = await users.get_user(user_id)
+            _require_live(current, request.name)
+            if current.auth_provider is not AuthProvider.EMAIL:
+                raise FailedPreconditionError(
+                    f"only EMAIL users have passwords; this user uses {current.auth_provider}"
                 )
-                return cv.user_to_proto(row)
+            row = await users.update(
+                user_id,
+                {"password": request.password},
+                expected_version=current.version if version is None else version,
+                update_by=caller_subject(),
+            )
+            return cv.user_to_proto(row)
 
     async def LookupUserByEmail(
         self, request: pb.LookupUserByEmailRequest, context: Context
@@ -541,18 +532,16 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
                 total_users=stats.total,
                 active_users=stats.by_status.get(UserStatus.ACTIVE, 0),
                 role_counts=[
-                    pb.UserRoleCount(role=r, count=c)  # type: ignore[arg-type]
-                    for r, c in cv.counts_in_enum_order(pb.UserRole, dict(stats.by_role))
+                    pb.UserRoleCount(role=r, count=c)
+                    for r, c in cv.counts_in_enum_order(pb.UserRole, stats.by_role)
                 ],
                 status_counts=[
-                    pb.UserStatusCount(status=s, count=c)  # type: ignore[arg-type]
-                    for s, c in cv.counts_in_enum_order(pb.UserStatus, dict(stats.by_status))
+                    pb.UserStatusCount(status=s, count=c)
+                    for s, c in cv.counts_in_enum_order(pb.UserStatus, stats.by_status)
                 ],
                 auth_provider_counts=[
-                    pb.AuthProviderCount(auth_provider=p, count=c)  # type: ignore[arg-type]
-                    for p, c in cv.counts_in_enum_order(
-                        pb.AuthProvider, dict(stats.by_auth_provider)
-                    )
+                    pb.AuthProviderCount(auth_provider=p, count=c)
+                    for p, c in cv.counts_in_enum_order(pb.AuthProvider, stats.by_auth_provider)
                 ],
             )
 

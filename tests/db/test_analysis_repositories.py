@@ -97,14 +97,14 @@ async def test_deleted_analysis_no_longer_deduplicates_and_undelete_conflicts(
 ) -> None:
     first = await create(database, tenant_a, NewAnalysis("t", S))
     async with database.transaction(tenant_a) as session:
-        deleted = await AnalysesRepository(session, tenant_a).delete(first.analysis.id)
+        deleted = await AnalysesRepository(session, tenant_a).soft_delete(first.analysis.id)
     assert deleted.delete_time is not None
     second = await create(database, tenant_a, NewAnalysis("t", S))
     assert not second.deduplicated
     assert second.analysis.id != first.analysis.id
     with pytest.raises(AlreadyExistsError):
         async with database.transaction(tenant_a) as session:
-            await AnalysesRepository(session, tenant_a).restore(first.analysis.id)
+            await AnalysesRepository(session, tenant_a).undelete(first.analysis.id)
 
 
 async def test_taken_analysis_id_is_already_exists(database: Database, tenant_a: Tenant) -> None:
@@ -225,7 +225,7 @@ async def test_batch_progress_is_derived_from_live_members(
     assert progress.state is BatchState.PROCESSING
     await advance(database, tenant_a, ids[3], C)
     async with database.transaction(tenant_a) as session:
-        await AnalysesRepository(session, tenant_a).delete(ids[4])  # pending one leaves
+        await AnalysesRepository(session, tenant_a).soft_delete(ids[4])  # pending one leaves
         progress = (await BatchesRepository(session, tenant_a).get_batch(batch_id)).progress
     assert (progress.total, progress.pending, progress.failed) == (4, 0, 1)
     assert progress.state is BatchState.COMPLETED_WITH_FAILURES
@@ -275,15 +275,17 @@ async def test_batch_crud_etag_and_soft_delete(database: Database, tenant_a: Ten
     assert updated.batch.version == version + 1
     with pytest.raises(StaleEtagError):
         async with database.transaction(tenant_a) as session:
-            await BatchesRepository(session, tenant_a).delete(batch_id, expected_version=version)
+            await BatchesRepository(session, tenant_a).soft_delete(
+                batch_id, expected_version=version
+            )
     async with database.transaction(tenant_a) as session:
-        deleted = await BatchesRepository(session, tenant_a).delete(batch_id)
-    assert deleted.batch.delete_time is not None
+        deleted = await BatchesRepository(session, tenant_a).soft_delete(batch_id)
+    assert deleted.delete_time is not None
     with pytest.raises(NotFoundError):  # a deleted batch takes no new members
         await create(database, tenant_a, NewAnalysis("late", S, batch_id=batch_id))
     async with database.transaction(tenant_a) as session:
-        restored = await BatchesRepository(session, tenant_a).restore(batch_id)
-    assert restored.batch.delete_time is None
+        restored = await BatchesRepository(session, tenant_a).undelete(batch_id)
+    assert restored.delete_time is None
 
 
 async def test_list_analyses_filters_and_keyset_orders(
@@ -349,7 +351,7 @@ async def test_statistics_match_hand_computed_values(
         )
     await advance(database, tenant_a, q, AnalysisState.FAILED, processing_ms=50.0, model_used="m2")
     async with database.transaction(tenant_a) as session:
-        await AnalysesRepository(session, tenant_a).delete(gone)
+        await AnalysesRepository(session, tenant_a).soft_delete(gone)
         stats = await AnalysesRepository(session, tenant_a).statistics()
         only_sentiment = await AnalysesRepository(session, tenant_a).statistics(
             AnalysisFilter(analysis_type=S)

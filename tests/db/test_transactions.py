@@ -52,7 +52,7 @@ async def test_unique_violation_maps_to_already_exists(database: Database) -> No
     with pytest.raises(AlreadyExistsError) as caught:
         async with database.transaction(Tenant.all()) as session:
             session.add(Organization(id=org.id, display_name="again"))
-    assert caught.value.resource_type == "Organization"
+    assert caught.value.resource_type == "ferrule.v1.Organization"
 
 
 async def test_check_and_not_null_violations_map_to_validation(

@@ -104,7 +104,7 @@ async def test_duplicate_live_email_is_already_exists(
             await UsersRepository(session, tenant_a, password_hasher=cheap_hasher).create(
                 email="DUP@example.com", username="two", password="password1"
             )
-    assert caught.value.resource_type == "User"
+    assert caught.value.resource_type == "ferrule.v1.User"
     # Another organization may use the same email.
     async with database.transaction(tenant_b) as session:
         await UsersRepository(session, tenant_b, password_hasher=cheap_hasher).create(
@@ -122,7 +122,7 @@ async def test_get_is_scoped_to_the_tenant(
     with pytest.raises(NotFoundError) as caught:
         async with database.transaction(tenant_b) as session:
             await UsersRepository(session, tenant_b).get_user(user.id)
-    assert caught.value.resource_type == "User"
+    assert caught.value.resource_type == "ferrule.v1.User"
     assert str(user.id) in caught.value.resource_name
     async with database.transaction(Tenant.all()) as session:
         assert (await UsersRepository(session, Tenant.all()).get_user(user.id)).id == user.id
@@ -172,7 +172,7 @@ async def test_list_filters_and_show_deleted(users: UsersRepository) -> None:
     github = await users.create(
         email="gh@example.com", username="gh", auth_provider=AuthProvider.GITHUB
     )
-    await users.delete(member.id)
+    await users.soft_delete(member.id)
 
     async def ids(f: UserFilter) -> set[object]:
         return {u.id for u in (await users.list(f)).items}
@@ -275,26 +275,26 @@ async def test_soft_delete_and_undelete(
         repo = UsersRepository(session, tenant_a, password_hasher=cheap_hasher)
         user = await repo.create(email="d@example.com", username="d", password="password1")
         with pytest.raises(StaleEtagError):
-            await repo.delete(user.id, expected_version=9)
-        deleted = await repo.delete(user.id, expected_version=1, delete_by="remover")
+            await repo.soft_delete(user.id, expected_version=9)
+        deleted = await repo.soft_delete(user.id, expected_version=1, delete_by="remover")
         assert deleted.delete_time is not None
         assert deleted.delete_by == "remover"
         assert deleted.version == 2
         with pytest.raises(NotFoundError):
-            await repo.delete(user.id)
+            await repo.soft_delete(user.id)
         with pytest.raises(NotFoundError):
             await repo.get_by_email("d@example.com")
         assert (await repo.get_user(user.id)).is_deleted  # AIP-164: Get still answers
-        restored = await repo.restore(user.id)
+        restored = await repo.undelete(user.id)
         assert restored.delete_time is None
         assert restored.version == 3
         with pytest.raises(AlreadyExistsError):
-            await repo.restore(user.id)  # not deleted
-        await repo.delete(user.id)
+            await repo.undelete(user.id)  # not deleted
+        await repo.soft_delete(user.id)
         await repo.create(email="d@example.com", username="d2", password="password1")
     with pytest.raises(AlreadyExistsError):
         async with database.transaction(tenant_a) as session:
-            await UsersRepository(session, tenant_a).restore(user.id)  # email taken meanwhile
+            await UsersRepository(session, tenant_a).undelete(user.id)  # email taken meanwhile
 
 
 async def test_get_by_email_and_search(users: UsersRepository) -> None:
@@ -357,7 +357,7 @@ async def test_statistics_match_hand_counts(
                     password="password1" if provider is AuthProvider.EMAIL else None,
                 )
             )
-        await repo.delete(made[-1].id)  # deleted users are not counted by default
+        await repo.soft_delete(made[-1].id)  # deleted users are not counted by default
     async with database.transaction(tenant_b) as session:  # another tenant's noise
         await UsersRepository(session, tenant_b, password_hasher=cheap_hasher).create(
             email="x@example.com", username="x", password="password1", role=UserRole.OWNER
