@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import pytest
 from alembic import command
 from sqlalchemy import Connection, delete, event, insert, pool, text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -178,7 +177,7 @@ async def test_deleted_analyses_only_with_show_deleted(
         database, tenant_a, *FILLER, "lighthouse keeper retired", "lighthouse repainted"
     )
     async with database.transaction(tenant_a) as session:
-        await AnalysesRepository(session, tenant_a).delete(ids["lighthouse repainted"])
+        await AnalysesRepository(session, tenant_a).soft_delete(ids["lighthouse repainted"])
     assert await texts_found(database, tenant_a, "lighthouse") == ["lighthouse keeper retired"]
     shown, _ = await search(database, tenant_a, "lighthouse", AnalysisFilter(show_deleted=True))
     assert {h.analysis.text for h in shown} == {"lighthouse keeper retired", "lighthouse repainted"}
@@ -320,21 +319,15 @@ async def test_pagination_walks_every_match_once(database: Database, tenant_a: T
     assert scores == sorted(scores, reverse=True)
 
 
-@pytest.fixture
-async def pg_migrated_url(pg_database_url: str) -> str:
-    await upgrade_to_head(pg_database_url)
-    return pg_database_url
-
-
-async def test_postgresql_plan_uses_the_gin_index(pg_migrated_url: str) -> None:
+async def test_postgresql_plan_uses_the_gin_index(pg_database_url: str) -> None:
     """5,000 analyses of one organization, ten of them about the searched word: the plan of
     the page statement the repository runs reads the GIN index.
 
     Explained as the table's owner: under row-level security PostgreSQL will not use a
     non-leakproof operator such as ``@@`` as an index condition (docs/search.md)."""
-    database = Database(DatabaseConfig(url=pg_migrated_url, app_role=APP_ROLE, pool_size=2))
+    database = Database(DatabaseConfig(url=pg_database_url, app_role=APP_ROLE, pool_size=2))
     try:
-        await _explain_search(database, pg_migrated_url)
+        await _explain_search(database, pg_database_url)
     finally:
         await database.dispose()
 
