@@ -1,4 +1,11 @@
-"""Read scenario: Zipf-skewed GetUser with the cache on and off, against the stack's ceiling.
+"""Read scenario: GetUser with the cache on and off, in two views.
+
+**The h2load view** (first; bench/reads_h2load.py): h2load drives one user's GetUser
+against a bare grpc.aio server, a hand-written grpc.aio + asyncpg server, and Ferrule
+cached and uncached, interleaved; server, PostgreSQL and Redis CPU per call, and the
+ratios cached/bare and uncached/asyncpg. ``--reads-views h2load`` runs only that one.
+
+**The Python-client view** (second), described below:
 
 Two server subprocesses on one fresh database holding ``--reads-users`` users:
 
@@ -52,6 +59,8 @@ from bench.loadgen import (
     zipf_indexes,
     zipf_top_share,
 )
+from bench.reads_h2load import add_arguments as add_h2load_arguments
+from bench.reads_h2load import run_view as run_h2load_view
 from bench.registry import Figures, Scenario
 from ferrule.client import AsyncFerruleClient, ClientConfig
 from ferrule.v1 import user_service_pb2 as user_pb
@@ -80,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reads-app-role", default=env("BENCH_READS_APP_ROLE", "ferrule_app"),
         help="DATABASE_APP_ROLE of the servers (row-level security on); '' for none",
     )  # fmt: skip
+    add_h2load_arguments(parser)
 
 
 @contextlib.asynccontextmanager
@@ -185,6 +195,21 @@ async def run(args: argparse.Namespace) -> Figures:
                 for k in zipf_indexes(users, s, 200_000)
             ]
             token = org_token(organization, scope="read")
+            views = {view.strip() for view in args.reads_views.split(",")}
+            if "h2load" in views:
+                figures.update(
+                    await run_h2load_view(
+                        args,
+                        database_url=database_url,
+                        cached=cached,
+                        uncached=uncached,
+                        user_name=f"organizations/{organization}/users/{ids[0]}",
+                        token=token,
+                        redis_url=REDIS_URL,
+                    )
+                )
+            if "python" not in views:
+                return figures
             rounds: dict[str, list[LoadResult]] = {
                 "ceiling": [],
                 "getuser_cached": [],
