@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from db.cache import create_cache
+from db.change_feed import create_change_feed
 from db.engine import Database
 from db.observability import install_statement_observers
 from db.repositories.request_log import insert_request_log
@@ -33,6 +34,7 @@ from server.retention import RetentionJob
 from server.services import register_services
 from server.settings import Settings
 from server.telemetry import Telemetry, setup_telemetry
+from server.watch_slots import WatchSlots
 
 log = logging.getLogger("ferrule.app")
 
@@ -164,6 +166,12 @@ class FerruleApp:
             tracer_provider=self.telemetry.tracer_provider,
         )
         self.telemetry.metrics.observe_cache(self.cache.stats)
+        self.changes = create_change_feed(
+            settings.database.url,
+            settings.redis,
+            redis_prefix=settings.ferrule_cache_prefix,
+            redis_timeout_s=settings.ferrule_cache_timeout_ms / 1000,
+        )
         self.request_log = RequestLogWriter(self._write_request_log)
         self.health = HealthProbe(self.database, settings.ferrule_health_probe_seconds)
         self.retention = RetentionJob(
@@ -177,6 +185,10 @@ class FerruleApp:
             health=self.health,
             query_observers=self.query_observers,
             cache=self.cache,
+            changes=self.changes,
+            watch_slots=WatchSlots(
+                settings.ferrule_max_watches, settings.ferrule_max_watches_per_caller
+            ),
         )
         self.authenticator = build_authenticator(settings)
         self.capacity = CapacityInterceptor(
@@ -240,6 +252,7 @@ class FerruleApp:
                 "included, are recorded on spans; for debugging on non-production data only"
             )
         await self.health.start()
+        await self.changes.start()
         self.request_log.start()
         self.retention.start()
         await server.start()
@@ -275,6 +288,7 @@ class FerruleApp:
             self.health_server = None
         await self.request_log.stop()
         await self.retention.stop()
+        await self.changes.close()
         await self.query_observers.aclose()
         await self.cache.close()
         await self.database.dispose()

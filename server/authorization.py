@@ -87,6 +87,8 @@ RPC_ACCESS: MappingProxyType[str, Access] = MappingProxyType(
         "/ferrule.v1.AnalysisService/CreateModelPerformance": _W,
         "/ferrule.v1.AnalysisService/ListModelPerformances": _R,
         "/ferrule.v1.AnalysisService/GetAnalysisStatistics": _R,
+        "/ferrule.v1.AnalysisService/WatchAnalysis": _R,
+        "/ferrule.v1.AnalysisService/WatchBatch": _R,
         # PredictionService
         "/ferrule.v1.PredictionService/CreatePrediction": _W,
         "/ferrule.v1.PredictionService/BatchCreatePredictions": _W,

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from db.cache import Cache
+from db.change_feed import ChangeFeed
 from db.engine import Database
 from db.observability import QueryObservers
 from server.health import HealthProbe
 from server.page_tokens import PageTokenCodec
 from server.request_log import RequestLogWriter
 from server.settings import Settings
+from server.watch_slots import WatchSlots
 
 
 @dataclass
@@ -24,3 +26,6 @@ class Dependencies:
     health: HealthProbe
     query_observers: QueryObservers
     cache: Cache
+    #: Change notifications for watch streams (db/change_feed.py).
+    changes: ChangeFeed
+    watch_slots: WatchSlots

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     ferrule_max_concurrent_rpcs: int = Field(
         512, ge=1, description="authenticated RPCs in flight; beyond it RESOURCE_EXHAUSTED"
     )
+    ferrule_max_watches: int = Field(
+        256, ge=1, description="open watch streams per process; beyond it RESOURCE_EXHAUSTED"
+    )
+    ferrule_max_watches_per_caller: int = Field(
+        64, ge=1, description="open watch streams per token subject and organization"
+    )
     ferrule_max_anonymous_streams: int = Field(
         16,
         ge=1,

@@ -8,11 +8,13 @@ field validation live in `analysis_convert`.
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from db import change_feed as feed
 from db import search_query
 from db.models.analyses import TextAnalysis
 from db.models.enums import AnalysisState, AnalysisType
@@ -49,6 +51,7 @@ from server.scoping import (
 )
 from server.services import analysis_convert as cv
 from server.services import cached_reads as cr
+from server.services import watches
 from server.violations import Violations
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -104,11 +107,13 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
 
         async def create(session: AsyncSession) -> pb.Analysis:
             created = await AnalysesRepository(session, tenant).create(new, create_by=subject)
+            await cr.stage_changes(self.deps, session, stale)
             return cv.analysis_to_proto(created.analysis, deduplicated=created.deduplicated)
 
         # New rows have no cached entry; the statistics and a member batch's progress move.
         async with cr.invalidation(self.deps) as stale:
             stale.bump(cr.analyses_generation(organization_id))
+            stale.changed(feed.ANALYSIS, organization_id, None)
             return await idempotent(self.deps, tenant, request.request_id, pb.Analysis, create)
 
     async def GetAnalysis(self, request: pb.GetAnalysisRequest, context: Context) -> pb.Analysis:
@@ -328,6 +333,7 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
             created = await AnalysesRepository(session, tenant).bulk_create(
                 items, create_by=subject
             )
+            await cr.stage_changes(self.deps, session, stale)
             return pb.BatchCreateAnalysesResponse(
                 analyses=[
                     cv.analysis_to_proto(c.analysis, deduplicated=c.deduplicated) for c in created
@@ -336,6 +342,7 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
 
         async with cr.invalidation(self.deps) as stale:
             stale.bump(cr.analyses_generation(organization_id))  # once for all the rows
+            stale.changed(feed.ANALYSIS, organization_id, None)
             return await idempotent(
                 self.deps, tenant, request.request_id, pb.BatchCreateAnalysesResponse, create
             )
@@ -432,6 +439,7 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         v.raise_if_any()
         async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.versioned_entity(cr.BATCH, cr.analyses_generation(organization_id), batch_id)
+            stale.changed(feed.BATCH, organization_id, batch_id)
             view = await BatchesRepository(session, tenant).update(
                 batch_id, changes, expected_version=version, update_by=caller_subject()
             )
@@ -446,6 +454,7 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         # Members keep their batch: the statistics do not move, only the batch's entry.
         async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.versioned_entity(cr.BATCH, cr.analyses_generation(organization_id), batch_id)
+            stale.changed(feed.BATCH, organization_id, batch_id)
             batches = BatchesRepository(session, tenant)
             view = await batches.view(
                 await batches.soft_delete(
@@ -461,6 +470,7 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         tenant = Tenant.of(organization_id)
         async with cr.write_transaction(self.deps, tenant) as (session, stale):
             stale.versioned_entity(cr.BATCH, cr.analyses_generation(organization_id), batch_id)
+            stale.changed(feed.BATCH, organization_id, batch_id)
             batches = BatchesRepository(session, tenant)
             view = await batches.view(await batches.undelete(batch_id, update_by=caller_subject()))
             return cv.batch_to_proto(view)
@@ -558,6 +568,43 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
             load,
         )
 
+    # --- watches (server/services/watches.py) -----------------------------------------
+    async def WatchAnalysis(
+        self, request: pb.WatchAnalysisRequest, context: Context
+    ) -> AsyncIterator[pb.Analysis]:
+        organization_id, analysis_id = authorize(names.ANALYSIS, request.name)
+        tenant = Tenant.of(organization_id)
+
+        async def read() -> pb.Analysis:
+            # The primary, past the cache: the state must be the committed one.
+            record = await read_analysis_record(
+                primary_point_reader(self.deps, tenant), analysis_id
+            )
+            return cv.analysis_to_proto(cast(TextAnalysis, record))
+
+        async for state in watches.watch(
+            self.deps, organization_id, (feed.ANALYSIS,), analysis_id, read, _analysis_final
+        ):
+            yield state
+
+    async def WatchBatch(
+        self, request: pb.WatchBatchRequest, context: Context
+    ) -> AsyncIterator[pb.AnalysisBatch]:
+        organization_id, batch_id = authorize(names.BATCH, request.name)
+        tenant = Tenant.of(organization_id)
+
+        async def read() -> pb.AnalysisBatch:
+            async with cr.primary_read(self.deps, tenant) as session:
+                return cv.batch_to_proto(
+                    await BatchesRepository(session, tenant).get_batch(batch_id)
+                )
+
+        # Any analysis change of the organization may move a member in or out of the batch.
+        async for state in watches.watch(
+            self.deps, organization_id, (feed.ANALYSIS, feed.BATCH), None, read, _batch_final
+        ):
+            yield state
+
     @staticmethod
     def _analysis_written(
         stale: cr.Invalidation, organization_id: uuid.UUID, analysis_id: uuid.UUID
@@ -566,6 +613,16 @@ class AnalysisServicer(analysis_service_pb2_grpc.AnalysisServiceServicer):
         may have left one batch for another) go stale."""
         stale.entity(cr.ANALYSIS, organization_id, analysis_id)
         stale.bump(cr.analyses_generation(organization_id))
+        stale.changed(feed.ANALYSIS, organization_id, analysis_id)
+
+
+def _analysis_final(analysis: pb.Analysis) -> bool:
+    return analysis.state in (pb.ANALYSIS_STATE_COMPLETED, pb.ANALYSIS_STATE_FAILED)
+
+
+def _batch_final(batch: pb.AnalysisBatch) -> bool:
+    """Every live member terminal; an empty batch may still receive members."""
+    return batch.state in (pb.BATCH_STATE_COMPLETED, pb.BATCH_STATE_COMPLETED_WITH_FAILURES)
 
 
 def _statistics_to_proto(stats: AnalysisStatistics) -> pb.AnalysisStatistics:

@@ -55,6 +55,7 @@ from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.cache import UNKNOWN_GENERATION, Cache, CacheKey
+from db.change_feed import Change
 from db.tenancy import Tenant
 from server.dependencies import Dependencies
 from server.scoping import transaction
@@ -179,6 +180,14 @@ class Invalidation:
     keys: list[CacheKey] = field(default_factory=list)
     versioned: list[tuple[str, str, str]] = field(default_factory=list)
     bumps: list[str] = field(default_factory=list)
+    #: For watch streams (db/change_feed.py): notified with the commit, not cache state.
+    changes: list[Change] = field(default_factory=list)
+
+    def changed(self, kind: str, organization_id: uuid.UUID, resource_id: uuid.UUID | None) -> None:
+        """A watched resource changed (``resource_id`` None: some of its kind, a create)."""
+        change = Change(organization_id, kind, resource_id)
+        if change not in self.changes:
+            self.changes.append(change)
 
     def entity(self, kind: str, organization_id: uuid.UUID, resource_id: uuid.UUID) -> None:
         """A plainly keyed Get (organization, user, analysis)."""
@@ -223,6 +232,8 @@ async def invalidation(deps: Dependencies) -> AsyncIterator[Invalidation]:
         cache = cache_of(deps)
         if cache is not None and (pending.keys or pending.versioned or pending.bumps):
             await asyncio.shield(pending.apply(cache))
+        if pending.changes:
+            await asyncio.shield(deps.changes.committed(pending.changes))
 
 
 @asynccontextmanager
@@ -233,6 +244,14 @@ async def write_transaction(
     transaction ends and before the RPC answers (see :func:`invalidation`)."""
     async with invalidation(deps) as stale, transaction(deps, tenant) as session:
         yield session, stale
+        await stage_changes(deps, session, stale)
+
+
+async def stage_changes(deps: Dependencies, session: AsyncSession, stale: Invalidation) -> None:
+    """The notifications that must travel with the commit (PostgreSQL's NOTIFY), at the end
+    of a write's transaction; :func:`write_transaction` does it for its callers."""
+    if stale.changes:
+        await deps.changes.stage(session, stale.changes)
 
 
 async def bump(deps: Dependencies, *generations: str) -> None:

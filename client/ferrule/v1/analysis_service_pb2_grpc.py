@@ -124,6 +124,16 @@ class AnalysisServiceStub:
                 request_serializer=ferrule_dot_v1_dot_analysis__service__pb2.GetAnalysisStatisticsRequest.SerializeToString,
                 response_deserializer=ferrule_dot_v1_dot_analysis__service__pb2.AnalysisStatistics.FromString,
                 _registered_method=True)
+        self.WatchAnalysis = channel.unary_stream(
+                '/ferrule.v1.AnalysisService/WatchAnalysis',
+                request_serializer=ferrule_dot_v1_dot_analysis__service__pb2.WatchAnalysisRequest.SerializeToString,
+                response_deserializer=ferrule_dot_v1_dot_analysis__service__pb2.Analysis.FromString,
+                _registered_method=True)
+        self.WatchBatch = channel.unary_stream(
+                '/ferrule.v1.AnalysisService/WatchBatch',
+                request_serializer=ferrule_dot_v1_dot_analysis__service__pb2.WatchBatchRequest.SerializeToString,
+                response_deserializer=ferrule_dot_v1_dot_analysis__service__pb2.AnalysisBatch.FromString,
+                _registered_method=True)
 
 
 class AnalysisServiceServicer:
@@ -285,6 +295,29 @@ class AnalysisServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAnalysis(self, request, context):
+        """Streams an analysis (level-triggered, AIP-style): the current state at once,
+        then the state again after each committed change (changes close together
+        may be coalesced into the latest state), and ends once the analysis is
+        COMPLETED or FAILED. Changes written through any server process are
+        delivered after their commit. Errors: NOT_FOUND, RESOURCE_EXHAUSTED (too
+        many watches for the caller or the process; RetryInfo).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchBatch(self, request, context):
+        """Streams a batch with its derived progress: at once, then whenever a member
+        analysis or the batch changes (coalesced to the latest state), and ends once
+        every live member is COMPLETED or FAILED (at once for a batch whose members
+        are all terminal; a batch without members is watched until it has some).
+        Errors: NOT_FOUND, RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnalysisServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -372,6 +405,16 @@ def add_AnalysisServiceServicer_to_server(servicer, server):
                     servicer.GetAnalysisStatistics,
                     request_deserializer=ferrule_dot_v1_dot_analysis__service__pb2.GetAnalysisStatisticsRequest.FromString,
                     response_serializer=ferrule_dot_v1_dot_analysis__service__pb2.AnalysisStatistics.SerializeToString,
+            ),
+            'WatchAnalysis': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAnalysis,
+                    request_deserializer=ferrule_dot_v1_dot_analysis__service__pb2.WatchAnalysisRequest.FromString,
+                    response_serializer=ferrule_dot_v1_dot_analysis__service__pb2.Analysis.SerializeToString,
+            ),
+            'WatchBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBatch,
+                    request_deserializer=ferrule_dot_v1_dot_analysis__service__pb2.WatchBatchRequest.FromString,
+                    response_serializer=ferrule_dot_v1_dot_analysis__service__pb2.AnalysisBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -838,6 +881,60 @@ class AnalysisService:
             '/ferrule.v1.AnalysisService/GetAnalysisStatistics',
             ferrule_dot_v1_dot_analysis__service__pb2.GetAnalysisStatisticsRequest.SerializeToString,
             ferrule_dot_v1_dot_analysis__service__pb2.AnalysisStatistics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAnalysis(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ferrule.v1.AnalysisService/WatchAnalysis',
+            ferrule_dot_v1_dot_analysis__service__pb2.WatchAnalysisRequest.SerializeToString,
+            ferrule_dot_v1_dot_analysis__service__pb2.Analysis.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ferrule.v1.AnalysisService/WatchBatch',
+            ferrule_dot_v1_dot_analysis__service__pb2.WatchBatchRequest.SerializeToString,
+            ferrule_dot_v1_dot_analysis__service__pb2.AnalysisBatch.FromString,
             options,
             channel_credentials,
             insecure,

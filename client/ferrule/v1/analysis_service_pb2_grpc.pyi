@@ -117,6 +117,21 @@ class AnalysisServiceStub:
     every analysis write invalidates before it returns (never stale after a
     write the caller saw succeed).
     """
+    WatchAnalysis: _grpc.UnaryStreamMultiCallable[_analysis_service_pb2.WatchAnalysisRequest, _analysis_service_pb2.Analysis]
+    """Streams an analysis (level-triggered, AIP-style): the current state at once,
+    then the state again after each committed change (changes close together
+    may be coalesced into the latest state), and ends once the analysis is
+    COMPLETED or FAILED. Changes written through any server process are
+    delivered after their commit. Errors: NOT_FOUND, RESOURCE_EXHAUSTED (too
+    many watches for the caller or the process; RetryInfo).
+    """
+    WatchBatch: _grpc.UnaryStreamMultiCallable[_analysis_service_pb2.WatchBatchRequest, _analysis_service_pb2.AnalysisBatch]
+    """Streams a batch with its derived progress: at once, then whenever a member
+    analysis or the batch changes (coalesced to the latest state), and ends once
+    every live member is COMPLETED or FAILED (at once for a batch whose members
+    are all terminal; a batch without members is watched until it has some).
+    Errors: NOT_FOUND, RESOURCE_EXHAUSTED.
+    """
 
 @_typing.type_check_only
 class AnalysisServiceAsyncStub(AnalysisServiceStub):
@@ -204,6 +219,21 @@ class AnalysisServiceAsyncStub(AnalysisServiceStub):
     """Aggregates the live analyses matching the filters. Served from a cache that
     every analysis write invalidates before it returns (never stale after a
     write the caller saw succeed).
+    """
+    WatchAnalysis: _aio.UnaryStreamMultiCallable[_analysis_service_pb2.WatchAnalysisRequest, _analysis_service_pb2.Analysis]  # type: ignore[assignment]
+    """Streams an analysis (level-triggered, AIP-style): the current state at once,
+    then the state again after each committed change (changes close together
+    may be coalesced into the latest state), and ends once the analysis is
+    COMPLETED or FAILED. Changes written through any server process are
+    delivered after their commit. Errors: NOT_FOUND, RESOURCE_EXHAUSTED (too
+    many watches for the caller or the process; RetryInfo).
+    """
+    WatchBatch: _aio.UnaryStreamMultiCallable[_analysis_service_pb2.WatchBatchRequest, _analysis_service_pb2.AnalysisBatch]  # type: ignore[assignment]
+    """Streams a batch with its derived progress: at once, then whenever a member
+    analysis or the batch changes (coalesced to the latest state), and ends once
+    every live member is COMPLETED or FAILED (at once for a batch whose members
+    are all terminal; a batch without members is watched until it has some).
+    Errors: NOT_FOUND, RESOURCE_EXHAUSTED.
     """
 
 class AnalysisServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -391,6 +421,33 @@ class AnalysisServiceServicer(metaclass=_abc_1.ABCMeta):
         """Aggregates the live analyses matching the filters. Served from a cache that
         every analysis write invalidates before it returns (never stale after a
         write the caller saw succeed).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchAnalysis(
+        self,
+        request: _analysis_service_pb2.WatchAnalysisRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_analysis_service_pb2.Analysis], _abc.AsyncIterator[_analysis_service_pb2.Analysis]]:
+        """Streams an analysis (level-triggered, AIP-style): the current state at once,
+        then the state again after each committed change (changes close together
+        may be coalesced into the latest state), and ends once the analysis is
+        COMPLETED or FAILED. Changes written through any server process are
+        delivered after their commit. Errors: NOT_FOUND, RESOURCE_EXHAUSTED (too
+        many watches for the caller or the process; RetryInfo).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchBatch(
+        self,
+        request: _analysis_service_pb2.WatchBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_analysis_service_pb2.AnalysisBatch], _abc.AsyncIterator[_analysis_service_pb2.AnalysisBatch]]:
+        """Streams a batch with its derived progress: at once, then whenever a member
+        analysis or the batch changes (coalesced to the latest state), and ends once
+        every live member is COMPLETED or FAILED (at once for a batch whose members
+        are all terminal; a batch without members is watched until it has some).
+        Errors: NOT_FOUND, RESOURCE_EXHAUSTED.
         """
 
 def add_AnalysisServiceServicer_to_server(servicer: AnalysisServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
