@@ -12,6 +12,8 @@ import time
 
 import redis
 
+from tests.polling import DEADLINE_S
+
 _NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
 
 
@@ -53,7 +55,8 @@ class RedisProcess:
         )
         client = redis.Redis(port=self.port, socket_timeout=0.2, socket_connect_timeout=0.2)
         try:
-            for _ in range(100):
+            deadline = time.monotonic() + DEADLINE_S
+            while time.monotonic() < deadline:
                 with contextlib.suppress(redis.RedisError):
                     if client.ping():
                         return

@@ -771,7 +771,8 @@ async def start_redis(port: int) -> asyncio.subprocess.Process:
     )
     client = aioredis.Redis(port=port, socket_connect_timeout=0.2)
     try:
-        for _ in range(100):
+        deadline = time.monotonic() + DEADLINE_S
+        while time.monotonic() < deadline:
             with contextlib.suppress(OSError, aioredis.RedisError):
                 if await client.ping():
                     return process
