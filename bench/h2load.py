@@ -60,6 +60,8 @@ class H2Result:
     server_cpu_s: float
     postgres_cpu_s: float
     redis_cpu_s: float
+    #: h2load's own report, for a run that was not clean.
+    report: str
 
     @property
     def rps(self) -> float:
@@ -174,6 +176,7 @@ async def run_h2load(
         server_cpu_s=after[0] - before[0],
         postgres_cpu_s=after[1] - before[1],
         redis_cpu_s=after[2] - before[2],
+        report=text,
     )
 
 

@@ -24,6 +24,7 @@ from server.health import HealthProbe
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.call_context import CallContextInterceptor
 from server.interceptors.capacity import CapacityInterceptor
+from server.interceptors.chain import InterceptorChain
 from server.interceptors.errors import ErrorMappingInterceptor
 from server.interceptors.malformed import MalformedRequestInterceptor
 from server.interceptors.tracing import TracingInterceptor
@@ -229,7 +230,10 @@ class FerruleApp:
             raise InsecureListenError(refusal)
         # Concurrency limits live in CapacityInterceptor (grpc.aio's maximum_concurrent_rpcs
         # would put anonymous streams and tenants' calls in one budget).
-        server = grpc.aio.server(interceptors=self._interceptors(), options=grpc_options(settings))
+        # One chain that builds each method's wrapped handler once (server/interceptors/chain.py).
+        server = grpc.aio.server(
+            interceptors=[InterceptorChain(self._interceptors())], options=grpc_options(settings)
+        )
         service_names = register_services(server, self.deps)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         if settings.ferrule_reflection:
