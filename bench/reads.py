@@ -82,8 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reads-rounds", type=int, default=int(env("BENCH_READS_ROUNDS", "3")))
     parser.add_argument(
         "--reads-reference-tree", default=env("BENCH_READS_REFERENCE_TREE", ""),
-        help="a checkout of another revision (e.g. a git worktree of main): its cached"
-        " server is measured too, interleaved with this one's",
+        help="a checkout of another revision (e.g. a git worktree of main): its servers"
+        " are measured too, interleaved with this one's (cached in the Python view, cached"
+        " and uncached in the h2load view)",
     )  # fmt: skip
     parser.add_argument(
         "--reads-app-role", default=env("BENCH_READS_APP_ROLE", "ferrule_app"),
@@ -184,10 +185,17 @@ async def run(args: argparse.Namespace) -> Figures:
             contextlib.AsyncExitStack() as stack,
         ):
             reference = None
+            h2load_references: dict[str, ServerProcess] = {}
             if reference_tree is not None:
                 reference = await stack.enter_async_context(
                     server_process_in(reference_tree, database_url, **reference_env)
                 )
+                h2load_references = {
+                    "cached_reference": reference,
+                    "uncached_reference": await stack.enter_async_context(
+                        server_process_in(reference_tree, database_url, **uncached_env)
+                    ),
+                }
             organization = await cached.create_organization("reads")
             ids = await seed_users(database_url, organization, users)
             requests = [
@@ -206,6 +214,7 @@ async def run(args: argparse.Namespace) -> Figures:
                         user_name=f"organizations/{organization}/users/{ids[0]}",
                         token=token,
                         redis_url=REDIS_URL,
+                        references=h2load_references,
                     )
                 )
             if "python" not in views:

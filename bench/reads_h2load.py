@@ -41,7 +41,6 @@ from bench.registry import Figures
 from ferrule.v1 import user_service_pb2 as user_pb
 
 GET_USER = "/ferrule.v1.UserService/GetUser"
-SERVERS = ("bare", "asyncpg", "cached", "uncached")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,7 +115,10 @@ async def run_view(
     user_name: str,
     token: str,
     redis_url: str,
+    references: dict[str, ServerProcess] | None = None,
 ) -> Figures:
+    """``references``: another revision's Ferrule servers (``cached_reference``,
+    ``uncached_reference``), loaded in the same rounds for an interleaved A/B."""
     request = user_pb.GetUserRequest(name=user_name)
     reference_env = {"BENCH_USER_NAME": user_name}
     redis = await redis_pid(redis_url)
@@ -130,14 +132,18 @@ async def run_view(
             **reference_env,
         ) as handwritten,
     ):  # fmt: skip
-        servers = {"bare": bare, "asyncpg": handwritten, "cached": cached, "uncached": uncached}
+        servers = {
+            "bare": bare, "asyncpg": handwritten, "cached": cached, "uncached": uncached,
+            **(references or {}),
+        }  # fmt: skip
+        names = tuple(servers)
         expected = await check_answer(cached.target, token, request)
         for name, server in servers.items():
             answer = await check_answer(server.target, token, request)
             if answer != expected:
                 raise RuntimeError(f"{name} answers a different User than Ferrule")
         logged_before = await request_log_statuses(database_url, GET_USER)
-        samples = {name: Samples([], []) for name in SERVERS}
+        samples = {name: Samples([], []) for name in names}
         with body_file(request.SerializeToString()) as body:
 
             async def load(server: ServerProcess, seconds: float) -> H2Result:
@@ -150,7 +156,7 @@ async def run_view(
             for server in servers.values():  # warm: connections, caches, statements
                 await load(server, 1)
             for round_number in range(args.reads_rounds):
-                order = SERVERS if round_number % 2 == 0 else tuple(reversed(SERVERS))
+                order = names if round_number % 2 == 0 else tuple(reversed(names))
                 for name in order:
                     result = await load(servers[name], args.reads_h2load_seconds)
                     samples[name].runs.append(result)
@@ -159,7 +165,7 @@ async def run_view(
                     )
                     us = result.us_per_call
                     print(
-                        f"[h2load round {round_number + 1}] {name:<9} {result.rps:>7,.0f} req/s"
+                        f"[h2load round {round_number + 1}] {name:<18} {result.rps:>7,.0f} req/s"
                         f"  server {us(result.server_cpu_s):5,.0f} us/call"
                         f"  pg {us(result.postgres_cpu_s):4,.0f}"
                         f"  redis {us(result.redis_cpu_s):4,.0f}"
@@ -192,7 +198,7 @@ def summarize(
 ) -> Figures:
     figures: Figures = {}
     per_call: dict[str, list[float]] = {}
-    for name in SERVERS:
+    for name in samples:
         runs = samples[name].runs
         per_call[name] = [r.us_per_call(r.server_cpu_s) for r in runs]
         figures[f"h2load_{name}_rps"] = round(median([r.rps for r in runs]))
@@ -216,6 +222,12 @@ def summarize(
     figures["h2load_uncached_vs_asyncpg"], figures["h2load_uncached_vs_asyncpg_cpu"] = ratio(
         "uncached", "asyncpg"
     )
+    for mode in ("cached", "uncached"):
+        if f"{mode}_reference" in samples:
+            rate, cpu = ratio(mode, f"{mode}_reference")
+            figures[f"h2load_{mode}_vs_reference"] = rate
+            figures[f"h2load_{mode}_vs_reference_cpu"] = cpu
+            print(f"{mode} vs the reference tree: rate {rate:.3f}, by CPU per call {cpu:.3f}")
     unclean = sum(not r.clean for s in samples.values() for r in s.runs)
     logged = {
         status: count - logged_before.get(status, 0) for status, count in logged_after.items()
@@ -228,13 +240,13 @@ def summarize(
     figures["h2load_request_log_cancelled"] = logged.get("CANCELLED", 0)
     figures["h2load_request_log_calls"] = sum(logged.values())
     figures["h2load_loadavg_1m"] = round(os.getloadavg()[0], 2)
-    print(f"{'server':<9} {'req/s':>8} {'server us':>10} {'pg us':>6} {'redis us':>8}"
+    print(f"{'server':<18} {'req/s':>8} {'server us':>10} {'pg us':>6} {'redis us':>8}"
           f" {'p50 ms':>7} {'p99 ms':>7}", flush=True)  # fmt: skip
-    for name in SERVERS:
+    for name in samples:
         f = {k.removeprefix(f"h2load_{name}_"): v for k, v in figures.items()
              if k.startswith(f"h2load_{name}_")}  # fmt: skip
         print(
-            f"{name:<9} {f['rps']:>8,} {f['server_us_per_call']:>10,}"
+            f"{name:<18} {f['rps']:>8,} {f['server_us_per_call']:>10,}"
             f" {f['postgres_us_per_call']:>6,} {f['redis_us_per_call']:>8,}"
             f" {f['p50_ms']:>7.2f} {f['p99_ms']:>7.2f}",
             flush=True,
