@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: The PostgreSQL channel and the Redis pub/sub channel (prefixed by the cache prefix).
 CHANNEL = "ferrule_changes"
+#: The LISTEN connection's name in pg_stat_activity.
+LISTENER_APPLICATION_NAME = "ferrule-change-listener"
 ANALYSIS = "analysis"
 BATCH = "batch"
 PREDICTIONS = "predictions"
@@ -214,7 +216,9 @@ class PostgresChangeFeed(ChangeFeed):
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(
-                    self._dsn.render_as_string(hide_password=False), timeout=10
+                    self._dsn.render_as_string(hide_password=False),
+                    timeout=10,
+                    server_settings={"application_name": LISTENER_APPLICATION_NAME},
                 )
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())

@@ -10,10 +10,12 @@ from typing import Any, TypeVar, cast
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
+from db.change_feed import RedisChangeFeed
 from ferrule.client import NotFound, PermissionDenied, ResourceExhausted
 from ferrule.v1 import analysis_service_pb2 as pb
-from tests.server.conftest import RunningServer, StartServer
+from tests.server.conftest import RunningServer, StartServer, make_token
 from tests.server.test_analysis_service import Org, _org, create, set_state
 
 T = TypeVar("T")
@@ -147,3 +149,54 @@ async def test_concurrent_watches_of_two_tenants_never_cross(any_server: Running
     for original, states in zip(watched, results, strict=True):
         assert states and {s.name for s in states} == {original.name}
         assert states[-1].state == pb.ANALYSIS_STATE_COMPLETED
+
+
+async def test_on_mariadb_with_redis_a_watcher_on_one_server_sees_writes_of_another(
+    start_server: StartServer, mariadb_database_url: str, redis_url: str, redis_namespace: str
+) -> None:
+    """Without NOTIFY, two servers sharing Redis carry changes by pub/sub, after commit."""
+    shared = {"redis_url": redis_url, "ferrule_cache_prefix": redis_namespace}
+    watching = await start_server(mariadb_database_url, **shared)
+    writing = await start_server(mariadb_database_url, **shared)
+    assert isinstance(watching.app.changes, RedisChangeFeed)
+    await asyncio.wait_for(watching.app.changes.wait_listening(), WAIT_S)
+    writer = await _org(writing)
+    watcher = watching.for_org(writer.id)
+    created = await create(writer, f"redis {uuid.uuid4()}")
+    stream = watcher.analyses.WatchAnalysis(pb.WatchAnalysisRequest(name=created.name))
+    assert (await next_of(stream)).state == pb.ANALYSIS_STATE_PENDING
+    processing = await set_state(writer, created.name, pb.ANALYSIS_STATE_PROCESSING)
+    seen = await next_of(stream)
+    assert (seen.state, seen.etag) == (pb.ANALYSIS_STATE_PROCESSING, processing.etag)
+    await set_state(writer, created.name, pb.ANALYSIS_STATE_FAILED)
+    assert [a.state for a in await rest_of(stream)] == [pb.ANALYSIS_STATE_FAILED]
+
+
+async def test_a_slow_consumer_holds_one_state_however_many_changes(
+    start_server: StartServer, sqlite_database_url: str
+) -> None:
+    """A watcher that reads nothing while 200 changes commit gets the latest state when it
+    reads again, not a backlog: the server's stream waits on HTTP/2 flow control with one
+    re-read pending (a flag), whatever the number of changes."""
+    server = await start_server(sqlite_database_url)
+    org = await _org(server)
+    # Messages larger than the HTTP/2 window (no BDP probing to grow it): the server can
+    # have at most about one message in flight while the client reads nothing.
+    slow = server.client(make_token(org.id), options=(("grpc.http2.bdp_probe", 0),))
+    created = await create(org, "x" * 100_000)
+    stream = slow.analyses.WatchAnalysis(pb.WatchAnalysisRequest(name=created.name))
+    assert (await next_of(stream)).state == pb.ANALYSIS_STATE_PENDING
+    await set_state(org, created.name, pb.ANALYSIS_STATE_PROCESSING)
+    for i in range(200):
+        last = await org.client.analyses.UpdateAnalysis(
+            pb.UpdateAnalysisRequest(
+                analysis=pb.Analysis(name=created.name, model_used=f"m{i}"),
+                update_mask=field_mask_pb2.FieldMask(paths=["model_used"]),
+            )
+        )
+    received = [await next_of(stream)]
+    while received[-1].model_used != last.model_used:
+        received.append(await next_of(stream))
+    # The ones in flight when the client stopped reading, then the latest state.
+    assert len(received) <= 5, [a.model_used for a in received]
+    stream.cancel()

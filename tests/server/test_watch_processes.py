@@ -1,0 +1,174 @@
+"""Watches across server processes: two `python -m server` processes on one PostgreSQL
+database; a watcher on process A learns of writes made through process B (NOTIFY in
+the writing transaction, LISTEN in A), never before their commit, and re-reads after
+its LISTEN connection is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar, cast
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from sqlalchemy import text
+
+from db.change_feed import LISTENER_APPLICATION_NAME, Change, PostgresChangeFeed
+from db.engine import Database
+from db.models.enums import AnalysisState
+from db.repositories.analyses import AnalysesRepository
+from db.repositories.organizations import OrganizationsRepository
+from db.tenancy import Tenant
+from ferrule.client import AsyncFerruleClient, ClientConfig
+from ferrule.v1 import analysis_service_pb2 as pb
+from tests.server.conftest import make_token
+from tests.server.process_helpers import free_port, server_env, start_server_process, wait_serving
+from tests.server.test_scale_out import stop_tree
+
+T = TypeVar("T")
+WAIT_S = 30.0  # a bound on a hang; delivery time is `make bench BENCH_ARGS=watch`
+
+
+async def next_of(stream: grpc.aio.UnaryStreamCall[Any, T]) -> T:
+    message = await asyncio.wait_for(stream.read(), WAIT_S)
+    assert message is not grpc.aio.EOF, "the stream ended early"
+    return cast(T, message)
+
+
+@pytest.fixture
+async def two_processes(pg_database_url: str) -> AsyncIterator[tuple[str, str]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    targets = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            procs.append(start_server_process(server_env(pg_database_url, port)))
+            targets.append(f"127.0.0.1:{port}")
+        for target in targets:
+            await asyncio.to_thread(wait_serving, target)
+        yield targets[0], targets[1]
+    finally:
+        for proc in procs:
+            stop_tree(proc, [])
+
+
+async def _organization(database_url: str) -> uuid.UUID:
+    database = Database.from_url(database_url)
+    try:
+        async with database.transaction(Tenant.all()) as session:
+            return (await OrganizationsRepository(session, Tenant.all()).create("watched")).id
+    finally:
+        await database.dispose()
+
+
+def _client(target: str, organization_id: uuid.UUID) -> AsyncFerruleClient:
+    return AsyncFerruleClient(
+        config=ClientConfig(target=target, token=make_token(organization_id), default_timeout=20)
+    )
+
+
+async def _update(client: AsyncFerruleClient, name: str, state: int) -> pb.Analysis:
+    return await client.analyses.UpdateAnalysis(
+        pb.UpdateAnalysisRequest(
+            analysis=pb.Analysis(name=name, state=cast(Any, state)),
+            update_mask=field_mask_pb2.FieldMask(paths=["state"]),
+        )
+    )
+
+
+async def test_a_watcher_on_one_process_sees_commits_made_through_the_other_and_only_them(
+    two_processes: tuple[str, str], pg_database_url: str
+) -> None:
+    target_a, target_b = two_processes
+    org_id = await _organization(pg_database_url)
+    parent = f"organizations/{org_id}"
+    async with _client(target_a, org_id) as a, _client(target_b, org_id) as b:
+        batch = await b.analyses.CreateBatch(
+            pb.CreateBatchRequest(parent=parent, batch=pb.AnalysisBatch(display_name="x"))
+        )
+        held, written = [
+            await b.analyses.CreateAnalysis(
+                pb.CreateAnalysisRequest(
+                    parent=parent,
+                    analysis=pb.Analysis(
+                        text=f"{what} {uuid.uuid4()}",
+                        analysis_type=pb.ANALYSIS_TYPE_SENTIMENT,
+                        batch=batch.name,
+                    ),
+                )
+            )
+            for what in ("held", "written")
+        ]
+        watch_one = a.analyses.WatchAnalysis(pb.WatchAnalysisRequest(name=written.name))
+        watch_batch = a.analyses.WatchBatch(pb.WatchBatchRequest(name=batch.name))
+        assert (await next_of(watch_one)).state == pb.ANALYSIS_STATE_PENDING
+        assert (await next_of(watch_batch)).progress.pending_count == 2
+
+        # A writer mid-transaction: its row change and its NOTIFY are not committed yet.
+        database = Database.from_url(pg_database_url)
+        try:
+            async with database.transaction(Tenant.of(org_id)) as session:
+                held_id = uuid.UUID(held.name.rsplit("/", 1)[1])
+                await AnalysesRepository(session, Tenant.of(org_id)).update(
+                    held_id, {"state": AnalysisState.PROCESSING}
+                )
+                await PostgresChangeFeed(pg_database_url).stage(
+                    session, [Change(org_id, "analysis", held_id)]
+                )
+                # Meanwhile a write through process B commits and reaches process A...
+                updated = await _update(b, written.name, pb.ANALYSIS_STATE_PROCESSING)
+                seen = await next_of(watch_one)
+                assert (seen.state, seen.etag) == (pb.ANALYSIS_STATE_PROCESSING, updated.etag)
+                # ...and the batch re-read it caused shows that write but not the open one.
+                progress = (await next_of(watch_batch)).progress
+                assert (progress.pending_count, progress.processing_count) == (1, 1)
+            # Committed now: the held change arrives after its commit.
+            progress = (await next_of(watch_batch)).progress
+            assert (progress.pending_count, progress.processing_count) == (0, 2)
+        finally:
+            await database.dispose()
+
+        await _update(b, written.name, pb.ANALYSIS_STATE_COMPLETED)
+        assert [m.state async for m in watch_one] == [pb.ANALYSIS_STATE_COMPLETED]
+
+
+async def test_a_lost_listen_connection_makes_watchers_re_read(
+    two_processes: tuple[str, str], pg_database_url: str
+) -> None:
+    """While process A's LISTEN connection is down, a commit's NOTIFY is lost; A's
+    reconnection wakes every watcher, which re-reads and sends the committed state."""
+    target_a, target_b = two_processes
+    org_id = await _organization(pg_database_url)
+    parent = f"organizations/{org_id}"
+    async with _client(target_a, org_id) as a, _client(target_b, org_id) as b:
+        created = await b.analyses.CreateAnalysis(
+            pb.CreateAnalysisRequest(
+                parent=parent,
+                analysis=pb.Analysis(
+                    text=f"lost {uuid.uuid4()}", analysis_type=pb.ANALYSIS_TYPE_SENTIMENT
+                ),
+            )
+        )
+        watch = a.analyses.WatchAnalysis(pb.WatchAnalysisRequest(name=created.name))
+        assert (await next_of(watch)).state == pb.ANALYSIS_STATE_PENDING
+        database = Database.from_url(pg_database_url)
+        try:
+            async with database.engine.connect() as conn:
+                # Every listening backend of this database (both processes') is ended.
+                ended = await conn.scalar(
+                    text(
+                        "SELECT count(pg_terminate_backend(l.pid)) FROM pg_stat_activity l "
+                        "WHERE l.datname = current_database() AND l.pid <> pg_backend_pid() "
+                        "AND l.application_name = :name"
+                    ),
+                    {"name": LISTENER_APPLICATION_NAME},
+                )
+                assert ended == 2  # one per process
+        finally:
+            await database.dispose()
+        updated = await _update(b, created.name, pb.ANALYSIS_STATE_PROCESSING)
+        seen = await next_of(watch)
+        assert (seen.state, seen.etag) == (pb.ANALYSIS_STATE_PROCESSING, updated.etag)
