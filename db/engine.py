@@ -108,7 +108,7 @@ def create_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
         return engine
     if parsed.get_backend_name() in MYSQL_DIALECTS:
         return _create_mysql_engine(url, config)
-    connect_args: dict[str, Any] = {}
+    connect_args: dict[str, Any]
     if config.statement_cache_size == 0:
         # PgBouncer (transaction mode) may hand each statement to another backend: no
         # named prepared statements may outlive a statement, nor share names across clients.
@@ -119,18 +119,7 @@ def create_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
         }
     else:
         connect_args = {"prepared_statement_cache_size": config.statement_cache_size}
-    engine = async_engine(
-        url,
-        echo=config.echo,
-        pool_size=config.pool_size,
-        max_overflow=config.max_overflow,
-        pool_timeout=config.pool_timeout,
-        pool_recycle=config.pool_recycle,
-        connect_args=connect_args,
-    )
-    if config.pool_pre_ping:
-        _ping_idle_connections(engine, config.pool_ping_idle_seconds)
-    return engine
+    return _pooled_engine(url, config, connect_args=connect_args)
 
 
 #: Run by asyncmy on every new connection: DATETIME values are UTC, and bad data is an
@@ -142,19 +131,12 @@ MYSQL_INIT_COMMAND = (
 
 
 def _create_mysql_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
-    engine = async_engine(
+    return _pooled_engine(
         url,
-        echo=config.echo,
-        pool_size=config.pool_size,
-        max_overflow=config.max_overflow,
-        pool_timeout=config.pool_timeout,
-        pool_recycle=config.pool_recycle,
+        config,
         isolation_level="READ COMMITTED",
         connect_args={"init_command": MYSQL_INIT_COMMAND, "charset": "utf8mb4"},
     )
-    if config.pool_pre_ping:
-        _ping_idle_connections(engine, config.pool_ping_idle_seconds)
-    return engine
 
 
 def create_point_read_engine(url: str, config: DatabaseConfig) -> AsyncEngine | None:
@@ -172,17 +154,35 @@ def create_point_read_engine(url: str, config: DatabaseConfig) -> AsyncEngine | 
     server_settings = {"default_transaction_read_only": "on"}
     if config.default_statement_timeout_ms:
         server_settings["statement_timeout"] = str(config.default_statement_timeout_ms)
-    engine = async_engine(
+    return _pooled_engine(
         url,
-        echo=config.echo,
+        config,
         pool_size=config.point_read_pool_size,
         max_overflow=0,
-        pool_timeout=config.pool_timeout,
-        pool_recycle=config.pool_recycle,
         connect_args={
             "prepared_statement_cache_size": config.statement_cache_size,
             "server_settings": server_settings,
         },
+    )
+
+
+def _pooled_engine(
+    url: str,
+    config: DatabaseConfig,
+    *,
+    pool_size: int | None = None,
+    max_overflow: int | None = None,
+    **driver_options: Any,
+) -> AsyncEngine:
+    """A server database's engine: ``config``'s pool (its size unless given) and idle pings."""
+    engine = async_engine(
+        url,
+        echo=config.echo,
+        pool_size=config.pool_size if pool_size is None else pool_size,
+        max_overflow=config.max_overflow if max_overflow is None else max_overflow,
+        pool_timeout=config.pool_timeout,
+        pool_recycle=config.pool_recycle,
+        **driver_options,
     )
     if config.pool_pre_ping:
         _ping_idle_connections(engine, config.pool_ping_idle_seconds)
