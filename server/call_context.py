@@ -7,7 +7,7 @@ interceptors and the handler in the same task, and the values are per-RPC by nat
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 
 from server.auth import Principal
@@ -48,9 +48,9 @@ def maybe_current_call() -> CallContext | None:
     return _current.get()
 
 
-def set_current_call(call: CallContext) -> object:
+def set_current_call(call: CallContext) -> Token[CallContext | None]:
     return _current.set(call)
 
 
-def reset_current_call(token: object) -> None:
-    _current.reset(token)  # type: ignore[arg-type]
+def reset_current_call(token: Token[CallContext | None]) -> None:
+    _current.reset(token)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -38,9 +39,9 @@ class MappedError:
     status: status_pb2.Status
 
 
-def _pack(message: object) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
+    packed.Pack(message)
     return packed
 
 
@@ -48,7 +49,7 @@ def _status(
     code: grpc.StatusCode,
     message: str,
     reason: str,
-    *extra: object,
+    *extra: Message,
     metadata: Mapping[str, str] | None = None,
 ) -> MappedError:
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata or {}))
