@@ -201,8 +201,10 @@ async def test_url_credentials_are_sent_as_auth(own_redis: RedisProcess) -> None
         await wrong.close()
 
 
-def tls_redis(tmp_path: Path, ca: CertificateAuthority, *, client_certs: bool) -> RedisProcess:
-    """A private redis-server with a TLS port (``tls_port`` attribute) beside the plain one."""
+def tls_redis(
+    tmp_path: Path, ca: CertificateAuthority, *, client_certs: bool
+) -> tuple[RedisProcess, int]:
+    """A private redis-server and its TLS port, beside the plain one."""
     server_pair = ca.issue("redis", dns_name="localhost", client=False)
     (tmp_path / "ca.pem").write_bytes(ca.certificate)
     (tmp_path / "redis.pem").write_bytes(server_pair.certificate)
@@ -215,15 +217,14 @@ def tls_redis(tmp_path: Path, ca: CertificateAuthority, *, client_certs: bool) -
         *("--tls-ca-cert-file", str(tmp_path / "ca.pem")),
         *("--tls-auth-clients", "yes" if client_certs else "no"),
     )
-    server.tls_port = tls_port  # type: ignore[attr-defined]
-    return server
+    return server, tls_port
 
 
 async def test_rediss_url_speaks_verified_tls_with_a_client_certificate(tmp_path: Path) -> None:
     ca = CertificateAuthority()
-    server = tls_redis(tmp_path, ca, client_certs=True)
+    server, tls_port = tls_redis(tmp_path, ca, client_certs=True)
     server.start()
-    url = f"rediss://localhost:{server.tls_port}/4"  # type: ignore[attr-defined]
+    url = f"rediss://localhost:{tls_port}/4"
     client_pair = ca.issue("ferrule", dns_name=None, client=True)
     (tmp_path / "client.pem").write_bytes(client_pair.certificate)
     (tmp_path / "client.key").write_bytes(client_pair.private_key)

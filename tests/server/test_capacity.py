@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import grpc
@@ -54,9 +54,9 @@ async def _open_reflection(channel: grpc.aio.Channel) -> Any:
     return stream
 
 
-async def _refused(opening: asyncio.Future[object] | object) -> grpc.StatusCode:
+async def _refused(opening: Coroutine[Any, Any, object]) -> grpc.StatusCode:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await asyncio.wait_for(opening, 10)  # type: ignore[arg-type]
+        await asyncio.wait_for(opening, 10)
     code: grpc.StatusCode = refused.value.code()
     return code
 
