@@ -44,8 +44,16 @@ def set_statement_context(context: StatementContext) -> Token[StatementContext |
     return _current.set(context)
 
 
-def reset_statement_context(token: Token[StatementContext | None]) -> None:
-    _current.reset(token)
+def reset_statement_context(token: Token[StatementContext | None]) -> bool:
+    """Undo :func:`set_statement_context`; False, changing nothing, when called from
+    another context. That happens when grpc.aio abandons a cancelled RPC's response
+    generator at a yield: the event loop closes it in a task of its own, which runs in a
+    copy of the RPC's context that nothing reads afterwards, so there is nothing to undo."""
+    try:
+        _current.reset(token)
+    except ValueError:
+        return False
+    return True
 
 
 def bind_statement_tenant(tenant: str | None) -> None:

@@ -148,6 +148,6 @@ class TracingInterceptor(ScopedInterceptor):
                 if code in _SERVER_ERRORS:
                     span.set_status(Status(StatusCode.ERROR, code.name))
             span.end()
-            reset_statement_context(statement_token)
-            otel_context.detach(context_token)
+            if reset_statement_context(statement_token):  # else: a copy nobody reads
+                otel_context.detach(context_token)
             server_metrics.rpc_finished(method, code.name, elapsed)

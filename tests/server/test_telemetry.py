@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from db.observability import current_statement_context, install_statement_observers
 from server.call_context import current_call
 from server.interceptors.call_context import CallContextInterceptor
+from server.interceptors.scoped import wrap_handler
 from server.interceptors.tracing import TracingInterceptor, peer_attributes
 from server.logs import JsonFormatter
 from server.telemetry import (
@@ -346,3 +347,52 @@ def test_peer_attributes_parse_grpc_peers() -> None:
     }
     assert peer_attributes("unix:/tmp/sock") == {"network.peer.address": "/tmp/sock"}
     assert peer_attributes(None) == {}
+
+
+class _StreamContext:
+    """What the tracing scope reads from a servicer context, for a stream driven by hand."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5000"
+
+    def code(self) -> grpc.StatusCode | None:
+        return None
+
+
+async def test_a_response_stream_closed_from_another_context_still_ends_its_scope(
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """grpc.aio drops a response generator whose RPC is cancelled while it waits at a
+    yield; the event loop then closes it in a task of its own, that is in a copy of the
+    RPC's context. The scope must still end cleanly there: span ended, metrics counted,
+    no 'Token ... created in a different Context'."""
+
+    async def responses(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        while True:
+            yield b"row"
+
+    interceptor = TracingInterceptor(tracer_provider=tracer_provider, metrics=ServerMetrics())
+    handler = wrap_handler(
+        grpc.unary_stream_rpc_method_handler(responses),
+        lambda context, request: interceptor.scope("/test.Echo/Stream", context, request),
+    )
+    behaviour: Any = handler.unary_stream
+    stream = cast(AsyncGenerator[bytes, None], behaviour(b"", _StreamContext()))
+
+    async def first_response() -> bytes:
+        return await anext(stream)
+
+    assert await asyncio.create_task(first_response()) == b"row"  # the RPC's task
+    with caplog.at_level(logging.WARNING):
+        await asyncio.create_task(stream.aclose())  # the loop's finalizer: another context
+    assert [r.getMessage() for r in caplog.records] == []  # OpenTelemetry's detach logs
+    spans = _server_spans(exporter)
+    assert [s.name for s in spans] == ["test.Echo/Stream"]
+    assert spans[0].attributes is not None
+    assert spans[0].attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert current_statement_context() is None
