@@ -29,6 +29,7 @@ from ferrule.client.errors import (
 )
 from ferrule.client.pagination import aiterate_items, aiterate_pages, iterate_items, iterate_pages
 from ferrule.client.sync import FerruleClient
+from ferrule.client.watch import awatch_analysis, awatch_batch, watch_analysis, watch_batch
 
 __all__ = [
     "FERRULE_SERVICES",
@@ -54,9 +55,13 @@ __all__ = [
     "Unknown",
     "aiterate_items",
     "aiterate_pages",
+    "awatch_analysis",
+    "awatch_batch",
     "create_aio_channel",
     "create_channel",
     "from_rpc_error",
     "iterate_items",
     "iterate_pages",
+    "watch_analysis",
+    "watch_batch",
 ]
