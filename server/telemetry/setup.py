@@ -64,10 +64,6 @@ class Telemetry:
     metrics_port: int | None = None
     _prometheus_server: Any = field(default=None, repr=False)
 
-    @property
-    def tracing_enabled(self) -> bool:
-        return self.tracer_provider is not None
-
     def shutdown(self) -> None:
         if self._prometheus_server is not None:
             self._prometheus_server.shutdown()
