@@ -269,8 +269,6 @@ class FerruleApp:
     async def _start_health_listener(self, address: str) -> None:
         """Plaintext grpc.health.v1 and nothing else, for probes that cannot speak TLS
         (Kubernetes' native gRPC probes): no credentials cross it and no data leaves it."""
-        from grpc_health.v1 import health_pb2_grpc
-
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, health_server)
         self.health_port = health_server.add_insecure_port(address)
