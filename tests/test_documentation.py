@@ -16,6 +16,8 @@ MANUAL = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TEST_REFERENCE = re.compile(
     r"(?:tests/)?((?:client|db|server|deploy)/test_\w+\.py)(?:::(test_\w+)(?:\[[^\]`]*\])?)?"
 )
+# Ferrule's own environment variables, wherever they are written.
+SETTING_NAME = re.compile(r"\b((?:FERRULE|DATABASE|REDIS)_[A-Z0-9_]*[A-Z0-9])\b")
 # Variables standard to a library rather than Ferrule's own (`OTEL_*`).
 NOT_FERRULE_SETTINGS = {"OTEL_*"}
 
@@ -36,6 +38,18 @@ def test_the_readme_settings_table_names_every_setting_and_no_other() -> None:
     settings = {name.upper() for name in Settings.model_fields}
     assert sorted(settings - documented) == [], "settings missing from the README table"
     assert sorted(documented - settings) == [], "README names settings that do not exist"
+
+
+def test_every_setting_the_manual_and_deployment_files_name_exists() -> None:
+    settings = {name.upper() for name in Settings.model_fields}
+    deployment = [ROOT / "compose.yaml", *sorted((ROOT / "deploy").rglob("*.yaml"))]
+    unknown = {
+        f"{page.relative_to(ROOT)}: {name}"
+        for page in [*MANUAL, ROOT / "client" / "README.md", *deployment]
+        for name in SETTING_NAME.findall(page.read_text())
+        if name not in settings
+    }
+    assert sorted(unknown) == []
 
 
 def defined_tests(path: Path) -> set[str]:
