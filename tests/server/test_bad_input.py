@@ -941,15 +941,27 @@ async def test_sql_injection_strings_are_stored_and_matched_literally(
         )
         for user in found.users:
             assert query.lower() in (user.email + " " + user.username).lower(), (query, user)
-    # Filters with quotes match nothing rather than everything.
+    # A filter value is matched literally: it finds the row stored with that very value,
+    # never the others. (The module's world is shared: the property test above may have
+    # stored rows with these values too, so the check is on what matched, not a count.)
     for payload in SQL_INJECTION:
+        created = await client.predictions.CreatePrediction(
+            prediction_service_pb2.CreatePredictionRequest(
+                parent=world.a.parent,
+                prediction=prediction_service_pb2.Prediction(
+                    subject_id=payload, probability=0.5, model_name="inject", model_version="v1"
+                ),
+            )
+        )
         listed = await client.predictions.ListPredictions(
             prediction_service_pb2.ListPredictionsRequest(
                 parent=world.a.parent,
+                page_size=1000,
                 filter=prediction_service_pb2.PredictionFilter(subject_id=payload),
             )
         )
-        assert list(listed.predictions) == []
+        assert created.name in {p.name for p in listed.predictions}, payload
+        assert {p.subject_id for p in listed.predictions} == {payload}
         with pytest.raises(FerruleError) as looked_up:
             await client.users.LookupUserByEmail(
                 user_service_pb2.LookupUserByEmailRequest(parent=world.a.parent, email=payload)
