@@ -24,6 +24,7 @@ from sqlalchemy import Row, Uuid, bindparam, text
 from sqlalchemy.pool import NullPool
 
 from db.engine_factory import async_engine
+from tests.db.cache_fixtures import RedisProcess
 from tests.template_databases import (
     PgDatabases,
     build_sqlite_template,
@@ -180,6 +181,15 @@ async def mariadb_database_url(create_mariadb_database: CreateDatabase) -> str:
 async def empty_mariadb_database_url(create_mariadb_database: CreateDatabase) -> str:
     """A fresh, empty MariaDB database (no schema) for this test."""
     return await create_mariadb_database(migrated=False)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    """A redis-server of this test's own, which it may kill, pause or restart."""
+    server = RedisProcess()
+    server.start()
+    yield server
+    server.kill()
 
 
 #: Backend -> the fixtures giving a fresh database on it: at head, and empty.

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
-
-import pytest
+from collections.abc import Awaitable, Callable
 
 from db.cache import Cache, CacheKey, create_cache
 from tests.db.cache_fixtures import RedisProcess, free_port
@@ -23,14 +21,6 @@ TIMEOUT_MS = 50
 #: latency target (latency is measured in `make bench`).
 OUTAGE_BOUND_S = 40 * TIMEOUT_MS / 1000
 COOLDOWN_S = 0.3
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    server = RedisProcess()
-    server.start()
-    yield server
-    server.kill()
 
 
 def make_cache(url: str) -> Cache:

@@ -10,7 +10,8 @@ Tests that kill connections, restart or flush Redis run their own redis-server.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import redis
@@ -23,18 +24,10 @@ from tests.db.cache_fixtures import RedisProcess
 PREFIX = "near"
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    server = RedisProcess()
-    server.start()
-    yield server
-    server.kill()
-
-
-def make_cache(url: str, **overrides: object) -> Cache:
-    options: dict[str, object] = {"prefix": PREFIX, "timeout_ms": 500, "local_max_entries": 1}
+def make_cache(url: str, **overrides: Any) -> Cache:
+    options: dict[str, Any] = {"prefix": PREFIX, "timeout_ms": 500, "local_max_entries": 1}
     options.update(overrides)
-    return create_cache(url, **options)  # type: ignore[arg-type]
+    return create_cache(url, **options)
 
 
 def backend_of(cache: Cache) -> RedisBackend:

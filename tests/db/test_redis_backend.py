@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +33,6 @@ from tests.client.certs import CertificateAuthority
 from tests.db.cache_fixtures import RedisProcess, free_port
 
 TIMEOUT_MS = 100
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    server = RedisProcess()
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Iterator
 
-import pytest
 import redis
 from google.protobuf import field_mask_pb2
 
@@ -22,14 +20,6 @@ from tests.server.process_helpers import free_port, server_env, start_server_pro
 from tests.server.test_scale_out import stop_tree
 
 ROUNDS = 150
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    server = RedisProcess()
-    server.start()
-    yield server
-    server.kill()
 
 
 def client_for(target: str) -> AsyncFerruleClient:
