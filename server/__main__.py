@@ -115,7 +115,8 @@ def run(main: Coroutine[Any, Any, None], settings: Settings) -> None:
     """Run the server's event loop: uvloop unless FERRULE_EVENT_LOOP=asyncio.
 
     uvloop (libuv) makes the socket work around every await cheaper, which is most of a
-    database-backed call (`make bench BENCH_ARGS=reads` runs both loops' GetUser)."""
+    database-backed call; the standard loop stays selectable to rule uvloop out when
+    debugging. (No bench compares the two loops: measure before changing the default.)"""
     if settings.ferrule_event_loop == "uvloop":
         uvloop.run(main)
     else:
