@@ -7,6 +7,7 @@ import ast
 import re
 from pathlib import Path
 
+from bench.registry import discover
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +51,13 @@ def test_every_setting_the_manual_and_deployment_files_name_exists() -> None:
         if name not in settings
     }
     assert sorted(unknown) == []
+
+
+def test_the_readme_describes_every_bench_scenario() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Benchmarks\n", 1)[1].split("\n## ", 1)[0]
+    described = set(re.findall(r"^- `(\w+)`", section, re.MULTILINE))
+    assert described == set(discover())
 
 
 def defined_tests(path: Path) -> set[str]:
