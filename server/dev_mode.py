@@ -30,10 +30,10 @@ CREDENTIAL_SETTINGS = (
     "ferrule_tls_cert_file",
 )
 SWITCHES_OFF = (
-    "a credential or service (FERRULE_JWT_SECRET, FERRULE_JWT_PUBLIC_KEY_FILE, "
-    "FERRULE_ADMIN_TOKEN, FERRULE_PAGE_TOKEN_SECRET, FERRULE_TLS_CERT_FILE, REDIS_URL or "
-    "FERRULE_REDIS_SENTINELS, "
-    "a DATABASE_URL other than SQLite) or a non-loopback FERRULE_LISTEN"
+    "a credential or service ("
+    + ", ".join(name.upper() for name in CREDENTIAL_SETTINGS)
+    + ", REDIS_URL or FERRULE_REDIS_SENTINELS, a DATABASE_URL other than SQLite) "
+    "or a non-loopback FERRULE_LISTEN"
 )
 
 
