@@ -35,7 +35,7 @@ then answers after every other process has been sent the invalidation.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar, cast
 
 from redis.asyncio import Redis
@@ -265,21 +265,33 @@ class RedisBackend:
             await self._call(lambda: self._client.delete(*keys))
             return
         await self._broadcast(
-            markers, lambda: self._invalidate(keys=[*keys, *markers], args=[len(keys)])
+            markers, lambda: self._invalidate(keys=[*keys, *markers], args=[len(keys)]), keys
         )
 
-    async def _broadcast(self, tracked: list[str], write: Callable[[], Awaitable[T]]) -> T:
+    async def _broadcast(
+        self, tracked: list[str], write: Callable[[], Awaitable[T]], near_keys: Sequence[str]
+    ) -> T:
         """Run ``write`` (which modifies the ``tracked`` keys), then wait until this
-        process's listener has heard of it (see the module docstring)."""
+        process's listener has heard of it (see the module docstring).
+
+        ``near_keys`` are invalidated in this process again once Redis has applied the
+        write: a read of this process that was answered by Redis between the caller's
+        first invalidation and the write (old value, valid ticket) cannot stay in the
+        near cache, whether or not the broadcast is heard in time."""
         listener = self._listener
         if listener is None:
-            return await self._call(write)
+            reply = await self._call(write)
+            if self._near is not None:
+                self._near.invalidate(near_keys)
+            return reply
         expected = listener.expect(tracked)
         try:
             reply = await self._call(write)
         except BaseException:
             listener.forget(expected, tracked)
             raise
+        if self._near is not None:
+            self._near.invalidate(near_keys)
         await listener.wait_seen(expected, tracked, self._timeout)
         return reply
 
@@ -343,7 +355,9 @@ class RedisBackend:
         if self._near is not None:
             self._near.invalidate((key,))
         return int(
-            await self._broadcast([key], lambda: self._bump_counter(keys=[key], args=[initial]))
+            await self._broadcast(
+                [key], lambda: self._bump_counter(keys=[key], args=[initial]), (key,)
+            )
         )
 
     async def peek_counter(self, key: str) -> int | None:

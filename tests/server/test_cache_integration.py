@@ -553,10 +553,18 @@ async def test_every_write_rpc_invalidates_what_it_changes(srv: RunningServer) -
         org = await new_org(srv)
         case = await build_case(srv, org, write)
         before = await case.read()
-        hits = cache.stats().hits
-        assert await case.read() == before, write
-        cached = cache.stats().hits > hits or write == "RevokeUserSession"
-        assert cached, f"{write}: the warmed read was not served from the cache"
+
+        async def served_from_cache() -> bool:
+            hits = cache.stats().hits
+            assert await case.read() == before, write  # noqa: B023 (awaited right here)
+            return cache.stats().hits > hits
+
+        # The write must find the value cached, or the check below proves nothing. Each
+        # cache call is bounded by FERRULE_CACHE_TIMEOUT_MS, so on a busy machine a fill
+        # can be given up (the read is still answered, from the database): read again
+        # until one is served from the cache. (A session listing is never cached.)
+        if write != "RevokeUserSession":
+            await eventually(served_from_cache, what=f"{write}: a read served from the cache")
         await case.write()
         after = await case.read()
         if not case.changed(before, after):
