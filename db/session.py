@@ -54,13 +54,15 @@ async def _apply_postgres_settings(
 
 
 # MariaDB bounds every statement (seconds); MySQL only SELECTs (milliseconds). Set first,
-# before the transaction's first table access, so the read-only mode applies to it. Every
-# transaction sets all of them, so nothing carries over to the pooled connection's next user.
-_MARIADB_SETTINGS = text(
-    "SET @@session.max_statement_time = :seconds, @@session.tx_read_only = :read_only"
-)
+# before the transaction's first table access, so the read-only mode applies to it. The
+# timeout is session-wide, and every transaction of this helper sets it. The read-only
+# mode has no scope keyword, so it is the next transaction's alone and ends with its
+# commit or rollback: as a session value it would outlive the transaction and make the
+# pooled connection read-only for a next user that does not set it (a migration, a
+# maintenance task writing on the engine directly).
+_MARIADB_SETTINGS = text("SET @@session.max_statement_time = :seconds, @@tx_read_only = :read_only")
 _MYSQL_SETTINGS = text(
-    "SET @@session.max_execution_time = :ms, @@session.transaction_read_only = :read_only"
+    "SET @@session.max_execution_time = :ms, @@transaction_read_only = :read_only"
 )
 
 

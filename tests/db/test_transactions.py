@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.engine import Database, DatabaseConfig
 from db.errors import (
@@ -44,6 +45,28 @@ async def test_commits_on_success_and_rolls_back_on_error(database: Database) ->
         assert (await repo.get(kept.id)).display_name == "kept"
         with pytest.raises(Exception, match="not found"):
             await repo.get(dropped.id)
+
+
+async def test_a_read_only_transaction_leaves_its_pooled_connection_writable(
+    database_url: str,
+) -> None:
+    """Read-only mode belongs to one transaction: code that writes on the pool's connection
+    without the transaction helper (a migration, a maintenance task) must not inherit it."""
+    db = Database(DatabaseConfig(url=database_url, pool_size=1, max_overflow=0))
+    try:
+        async with db.transaction(Tenant.all(), read_only=True) as session:
+            await session.execute(text("SELECT count(*) FROM organizations"))
+        if db.dialect_name != "sqlite":  # the embedded database has no read-only mode
+            with pytest.raises(Exception, match=r"(?i)read.only transaction"):
+                async with db.transaction(Tenant.all(), read_only=True) as session:
+                    await OrganizationsRepository(session, Tenant.all()).create("refused")
+        async with AsyncSession(db.engine, expire_on_commit=False) as session, session.begin():
+            created = await OrganizationsRepository(session, Tenant.all()).create("writable")
+        async with db.transaction(Tenant.all(), read_only=True) as session:
+            found = await OrganizationsRepository(session, Tenant.all()).get(created.id)
+        assert found.display_name == "writable"
+    finally:
+        await db.dispose()
 
 
 async def test_unique_violation_maps_to_already_exists(database: Database) -> None:
