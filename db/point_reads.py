@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -216,8 +217,11 @@ class PointReader:
         observer = observer_of(engine)
         # The pooled DBAPI connection itself, not an AsyncConnection around it: that
         # wrapper's bookkeeping would be paid per read and nothing here executes through it.
-        # Checkout and return still run the pool's events (pre-ping, wait timing).
+        # Checkout and return still run the pool's events (pre-ping).
+        started = time.perf_counter()
         pooled = await engine.raw_connection()
+        if observer is not None:
+            observer.checked_out(pooled.info, time.perf_counter() - started)
         try:
             driver: Any = pooled.driver_connection
             try:

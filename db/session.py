@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.error_translation import translate_error
 from db.models.base import MYSQL_DIALECTS
+from db.observability import observer_of
 from db.query_kill import kill_query
 from db.tenancy import Tenant
 
@@ -92,6 +94,16 @@ async def _abandon_mysql_statement(session: AsyncSession, thread_id: int) -> Non
         await (await session.connection()).invalidate()
 
 
+async def _check_out(session: AsyncSession) -> None:
+    """Take the session's connection from the pool now, and report how long that took to
+    the engine's observer: SQLAlchemy's pool has an event after a checkout, none before."""
+    started = time.perf_counter()
+    connection = await session.connection()
+    observer = observer_of(connection.engine)
+    if observer is not None:
+        observer.checked_out(connection.info, time.perf_counter() - started)
+
+
 @asynccontextmanager
 async def open_transaction(
     session: AsyncSession,
@@ -110,6 +122,7 @@ async def open_transaction(
     mysql_thread: int | None = None
     try:
         try:
+            await _check_out(session)
             dialect = session.get_bind().dialect.name
             if dialect == "postgresql":
                 await _apply_postgres_settings(session, tenant, timeout_ms, read_only, app_role)

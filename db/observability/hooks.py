@@ -30,7 +30,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import NullPool, Pool
+from sqlalchemy.pool import NullPool
 
 from db.engine_factory import async_engine
 from db.observability.context import StatementContext, current_statement_context
@@ -126,41 +126,23 @@ class EngineObserver:
             (engine, "before_cursor_execute", self.before_cursor_execute, {"retval": True}),
             (engine, "after_cursor_execute", self.after_cursor_execute, {}),
             (engine, "handle_error", self.handle_error, {}),
-            (engine, "engine_disposed", self.on_disposed, {}),
         ]
         for target, name, fn, kwargs in self._listeners:
             event.listen(target, name, fn, **kwargs)
-        self._wrap_pool(engine.pool)
+        self._pool_wait_attributes = {"db.system.name": self.system}
         _OBSERVED[engine] = self
 
     # --- pool wait ------------------------------------------------------------------
-    def _wrap_pool(self, pool: Pool) -> None:
-        """Time ``Pool._do_get`` (the wait for a free connection, or its creation).
+    def checked_out(self, info: dict[Any, Any], waited: float) -> None:
+        """Note ``waited`` seconds for a pooled connection (a free one, or its creation).
 
-        SQLAlchemy has no "checkout requested" event, only "checked out", so the wait is
-        measured by wrapping the pool's private ``_do_get`` on this instance. The result
-        is stored on the connection record and claimed by the first statement after it.
+        SQLAlchemy has no "checkout requested" event, only "checked out", so the code that
+        asks the pool for a connection (:func:`db.session.open_transaction`, the point
+        reads) times the request and reports it here. ``info`` is the pooled connection's
+        info: the first statement after the checkout claims the wait for its span.
         """
-        original = getattr(pool, "_do_get", None)
-        if original is None or getattr(original, "_ferrule_timed", False):
-            return
-        histogram = self.owner._pool_wait_histogram
-        attributes = {"db.system.name": self.system}
-
-        def timed_do_get() -> Any:
-            started = time.perf_counter()
-            record = original()
-            waited = time.perf_counter() - started
-            record.info[_POOL_WAIT] = waited
-            histogram.record(waited, attributes)
-            return record
-
-        timed_do_get._ferrule_timed = True  # type: ignore[attr-defined]
-        pool._do_get = timed_do_get  # type: ignore[method-assign]
-
-    def on_disposed(self, engine: Engine) -> None:
-        # dispose() replaces the pool; time the new one too.
-        self._wrap_pool(engine.pool)
+        info[_POOL_WAIT] = waited
+        self.owner._pool_wait_histogram.record(waited, self._pool_wait_attributes)
 
     # --- statements ---------------------------------------------------------------------
     def comment(self, rpc_method: str) -> str:
@@ -333,9 +315,6 @@ class EngineObserver:
         for target, name, fn, _ in self._listeners:
             if event.contains(target, name, fn):
                 event.remove(target, name, fn)
-        pool = self.engine.pool
-        if getattr(getattr(pool, "_do_get", None), "_ferrule_timed", False):
-            del pool._do_get
 
     async def dispose(self) -> None:
         if self._explain_engine is not None:

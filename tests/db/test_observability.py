@@ -12,12 +12,14 @@ from typing import Any
 import asyncpg
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from db.observability import (
     SlowQueryDigest,
@@ -26,6 +28,8 @@ from db.observability import (
     normalize_statement,
     statement_context,
 )
+from db.session import open_transaction
+from db.tenancy import Tenant
 from tests.polling import eventually
 
 SECRET = "s3cr3t-7f1c-do-not-export"
@@ -94,7 +98,7 @@ async def test_statement_spans_are_children_of_the_current_span_in_order(
     assert all(s.context.trace_id == parent.get_span_context().trace_id for s in spans)
     starts = [s.start_time or 0 for s in spans]
     assert starts == sorted(starts)
-    first, update, select = spans
+    first, update, _select = spans
     assert first.kind is trace.SpanKind.CLIENT
     assert first.attributes is not None
     assert update.attributes is not None
@@ -103,9 +107,53 @@ async def test_statement_spans_are_children_of_the_current_span_in_order(
     # Method and tenant are the RPC span's; the statement's comment names the method.
     assert "ferrule.rpc.method" not in first.attributes
     assert update.attributes["db.rows_affected"] == 1
-    # The first statement after a checkout carries the pool wait; later ones do not.
-    assert "db.client.connection.wait_time_ms" in first.attributes
-    assert "db.client.connection.wait_time_ms" not in (select.attributes or {})
+
+
+async def test_the_first_statement_after_a_checkout_carries_the_pool_wait(
+    engine: AsyncEngine, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """The transaction helper times its checkout; the wait goes to the first statement's
+    span and to the connection wait histogram."""
+    reader = InMemoryMetricReader()
+    observers = install_statement_observers(
+        engine,
+        slow_query_ms=0,
+        tracer_provider=tracer_provider,
+        meter_provider=MeterProvider(metric_readers=[reader]),
+    )
+    with tracer_provider.get_tracer("test").start_as_current_span("rpc"):
+        for _ in range(2):
+            async with open_transaction(
+                AsyncSession(bind=engine), Tenant.all(), timeout_ms=None, read_only=True
+            ) as session:
+                await session.execute(text("SELECT value FROM secrets"))
+    observers.close()
+
+    spans = [s for s in exporter.get_finished_spans() if s.name != "rpc"]
+    assert [operation_of_span(s) for s in spans] == ["SELECT"] * 4
+    waits = [(s.attributes or {}).get("db.client.connection.wait_time_ms") for s in spans]
+    # Each transaction's settings statement is its first: it carries the wait.
+    assert isinstance(waits[0], float) and waits[0] >= 0
+    assert isinstance(waits[2], float) and waits[2] >= 0
+    assert waits[1] is None and waits[3] is None
+    data = reader.get_metrics_data()
+    assert data is not None
+    points = [
+        point
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "db.client.connection.wait_time"
+        for point in metric.data.data_points
+    ]
+    assert all(isinstance(p, HistogramDataPoint) for p in points)
+    assert [(dict(p.attributes or {}), getattr(p, "count", None)) for p in points] == [
+        ({"db.system.name": "postgresql"}, 2)
+    ]
+
+
+def operation_of_span(span: ReadableSpan) -> object:
+    return (span.attributes or {}).get("db.operation.name")
 
 
 async def test_no_parameter_value_in_any_span_attribute_by_default(

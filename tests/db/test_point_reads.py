@@ -234,6 +234,8 @@ async def test_point_reads_are_traced_commented_and_digested(
     attributes = dict(statement.attributes or {})
     assert attributes["db.rows_affected"] == 1
     assert attributes["db.system"] == "postgresql"
+    waited = attributes["db.client.connection.wait_time_ms"]  # the checkout is timed
+    assert isinstance(waited, float) and waited >= 0
     assert str(user_id) not in " ".join(str(v) for v in attributes.values())
     assert "FROM users" in str(attributes["db.query.text"])
     assert observers.statistics.snapshot().total == 2
