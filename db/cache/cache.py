@@ -71,7 +71,9 @@ class Cache:
     ``lease_ms`` bounds how long one load may hold a key's lease (a load that outlives
     it just does not store its value); ``lock_wait_ms`` bounds how long a process that
     did not get the lease polls for the holder's value before loading itself, polling
-    every ``poll_ms``. At most ``max_pending_invalidations`` failed invalidations are
+    every ``poll_ms``. A failed invalidation or generation bump is retried (every
+    ``poll_ms``) for up to ``invalidation_retry_ms`` before the write answers, unless
+    the breaker is open. At most ``max_pending_invalidations`` failed invalidations are
     remembered for replay; beyond that they are counted as lost (TTL bounds staleness).
     """
 
@@ -84,6 +86,7 @@ class Cache:
         lock_wait_ms: int = 250,
         poll_ms: int = 10,
         max_pending_invalidations: int = 10_000,
+        invalidation_retry_ms: int = 1_000,
         tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         if not prefix or ":" in prefix:
@@ -94,6 +97,7 @@ class Cache:
         self._lock_wait = lock_wait_ms / 1000
         self._poll = poll_ms / 1000
         self._max_pending = max_pending_invalidations
+        self._invalidation_retry = invalidation_retry_ms / 1000
         self._flights: dict[str, _Flight] = {}
         self._pending = _Pending()
         self._background: set[asyncio.Task[Any]] = set()
@@ -273,12 +277,10 @@ class Cache:
         if not rendered:
             return
         with self._span("cache invalidate", keys[0]):
-            if await self._backend_trusted():
-                try:
-                    await self._backend.delete(*rendered)
-                    return
-                except CacheBackendError as exc:
-                    self._failed(exc)
+            if await self._backend_trusted() and await self._retried(
+                lambda: self._backend.delete(*rendered)
+            ):
+                return
             self._remember(keys=rendered)
 
     async def generation(self, tenant_key: str) -> int:
@@ -316,13 +318,37 @@ class Cache:
             return
         with self._span("cache bump", None, tenant_keys[0]):
             if await self._backend_trusted():
-                try:
-                    for counter in counters:
-                        await self._backend.bump_counter(counter, _initial_generation())
+                failed = [
+                    counter
+                    for counter in counters
+                    if not await self._retried(functools.partial(self._bump_one, counter))
+                ]
+                if not failed:
                     return
-                except CacheBackendError as exc:
-                    self._failed(exc)
+                counters = failed
             self._remember(counters=counters)
+
+    async def _bump_one(self, counter: str) -> None:
+        await self._backend.bump_counter(counter, _initial_generation())
+
+    async def _retried(self, write: Callable[[], Awaitable[object]]) -> bool:
+        """Run an invalidating ``write``, retrying a failed attempt for up to
+        ``invalidation_retry_ms``; False if it never succeeded (or the breaker opened).
+
+        A read that fails only costs a database query, but an invalidation that fails
+        leaves the other processes serving the old value (from Redis and from their
+        near caches) until this process replays it, after its write has answered; a
+        single call timing out on a busy machine must not be enough for that."""
+        deadline = time.monotonic() + self._invalidation_retry
+        while True:
+            try:
+                await write()
+                return True
+            except CacheBackendError as exc:
+                self._failed(exc)
+                if isinstance(exc, CacheUnavailable) or time.monotonic() >= deadline:
+                    return False
+            await asyncio.sleep(self._poll)
 
     # -- failure handling ----------------------------------------------------------
 

@@ -271,3 +271,30 @@ async def test_a_process_without_a_near_cache_still_invalidates_the_others(
     finally:
         await with_near.close()
         await without.close()
+
+
+async def test_a_write_whose_invalidation_times_out_once_retries_before_it_answers(
+    own_redis: RedisProcess,
+) -> None:
+    """On a busy machine one cache call can exceed the timeout. A read then just goes to
+    the database, but a write that gave up on its invalidation would leave the other
+    processes serving the old value (from Redis and their near caches) until it replays
+    it, after the write answered: the invalidation is retried before the write answers."""
+    a, b = make_cache(own_redis.url, timeout_ms=50), make_cache(own_redis.url, timeout_ms=50)
+    await tracking(a)
+    await tracking(b)
+    try:
+        near_a = backend_of(a).near
+        assert near_a is not None
+        assert await a.get_or_load(key(), Loader(b"old"), ttl=60) == b"old"
+        seen = near_a.invalidations
+        with redis.Redis(port=own_redis.port) as admin:
+            # Redis holds every write for longer than one call's timeout (reads go on).
+            admin.execute_command("CLIENT", "PAUSE", 120, "WRITE")
+            await b.invalidate(key())  # b's write committed
+        assert b.stats().pending_invalidations == 0
+        await invalidations_reach(near_a, seen + 1)
+        assert await a.get_or_load(key(), Loader(b"new"), ttl=60) == b"new"
+    finally:
+        await a.close()
+        await b.close()
