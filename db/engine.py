@@ -9,7 +9,9 @@ aiosqlite with foreign keys on, WAL and a busy timeout on every connection.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,8 +32,10 @@ from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from db.engine_factory import async_engine
 from db.models.base import MYSQL_DIALECTS
 from db.point_reads import ROLE_NAME, PointReader
-from db.session import open_transaction
+from db.session import DEFAULT_CLEANUP_TIMEOUT, open_transaction
 from db.tenancy import Tenant
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +230,9 @@ class Database:
         self.point_read_engine = create_point_read_engine(config.url, config)
         self._replicas = itertools.cycle(self.replica_engines) if self.replica_engines else None
         self._sessions = async_sessionmaker(expire_on_commit=False, class_=AsyncSession)
+        #: How long a rollback or close may wait on the server before its connection is
+        #: dropped (the server sets its grace period, and shortens it when stopping).
+        self.cleanup_timeout = DEFAULT_CLEANUP_TIMEOUT
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Database:
@@ -273,6 +280,7 @@ class Database:
             timeout_ms=timeout_ms,
             read_only=read_only,
             app_role=self.config.app_role,
+            cleanup_timeout=self.cleanup_timeout,
         ) as session:
             yield session
 
@@ -301,7 +309,11 @@ class Database:
         query = "SELECT sqlite_version()" if self.dialect_name == "sqlite" else "SELECT version()"
         started = time.perf_counter()
         async with open_transaction(
-            self._sessions(bind=self.engine), Tenant(None), timeout_ms=None, read_only=True
+            self._sessions(bind=self.engine),
+            Tenant(None),
+            timeout_ms=None,
+            read_only=True,
+            cleanup_timeout=self.cleanup_timeout,
         ) as session:
             version = (await session.execute(text(query))).scalar_one()
         return PingResult(time.perf_counter() - started, str(version))
@@ -314,7 +326,15 @@ class Database:
         return PoolStatus(size=size, checked_out=checked_out, overflow=overflow)
 
     async def dispose(self) -> None:
-        for engine in (self.engine, *self.replica_engines):
-            await engine.dispose()
-        if self.point_read_engine is not None:
-            await self.point_read_engine.dispose()
+        """Close the pools' idle connections, waiting at most ``cleanup_timeout`` per
+        engine: closing says goodbye to the server, and a stalled one never answers."""
+        for engine in self.engines:
+            try:
+                await asyncio.wait_for(engine.dispose(), self.cleanup_timeout)
+            except TimeoutError:
+                log.warning(
+                    "closing %s's pooled connections still waiting after %.1f s: abandoned",
+                    engine.dialect.name,
+                    self.cleanup_timeout,
+                )
+                await engine.dispose(close=False)

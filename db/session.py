@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import Engine, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from db.error_translation import translate_error
 from db.models.base import MYSQL_DIALECTS
 from db.observability import observer_of
 from db.query_kill import kill_query
 from db.tenancy import Tenant
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a rollback, close or KILL QUERY may wait on the database when the caller sets
+#: no bound (the server passes its grace period, see ``Database.cleanup_timeout``).
+DEFAULT_CLEANUP_TIMEOUT = 10.0
 
 # One round trip sets everything, transaction-local (is_local = true), so nothing leaks
 # to the next user of the pooled (or PgBouncer-shared) connection. The role must come
@@ -104,6 +111,32 @@ async def _check_out(session: AsyncSession) -> None:
         observer.checked_out(connection.info, time.perf_counter() - started)
 
 
+async def bounded_cleanup(
+    cleanup: Coroutine[Any, Any, Any],
+    limit: float,
+    connection: AsyncConnection | None,
+) -> None:
+    """Run ``cleanup`` shielded from cancellation, but for at most ``limit`` seconds.
+
+    A second cancellation must not strand a connection checked out of the pool, so the
+    cleanup outlives its caller's cancellation; but a stalled server must not hold the
+    caller (and a server's shutdown) forever either: past ``limit`` the cleanup is
+    cancelled and ``connection`` invalidated, which makes the pool terminate it rather
+    than reuse it. Raises what the cleanup raised when it finished in time.
+    """
+    task = asyncio.ensure_future(cleanup)
+    # asyncio.wait, unlike wait_for, leaves the task running when this caller is cancelled.
+    done, _ = await asyncio.wait({task}, timeout=limit)
+    if done:
+        task.result()
+        return
+    task.cancel()
+    logger.warning("database cleanup still waiting after %.1f s: connection dropped", limit)
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            await connection.invalidate()
+
+
 @asynccontextmanager
 async def open_transaction(
     session: AsyncSession,
@@ -112,17 +145,23 @@ async def open_transaction(
     timeout_ms: int | None,
     read_only: bool,
     app_role: str | None = None,
+    cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
 ) -> AsyncIterator[AsyncSession]:
     """Run the body in one transaction on ``session``; commit on success, else roll back.
 
     Rollback and close are shielded so a second cancellation cannot strand a connection
-    checked out of the pool; the original exception (translated when it is a database
-    error, untouched when it is a cancellation) is re-raised.
+    checked out of the pool, and each is bounded by ``cleanup_timeout`` (after which the
+    connection is invalidated, see :func:`bounded_cleanup`); the original exception
+    (translated when it is a database error, untouched when it is a cancellation) is
+    re-raised.
     """
     mysql_thread: int | None = None
+    connection: AsyncConnection | None = None
     try:
         try:
             await _check_out(session)
+            # Established by now (no I/O): what a cleanup that hangs has to invalidate.
+            connection = await session.connection()
             dialect = session.get_bind().dialect.name
             if dialect == "postgresql":
                 await _apply_postgres_settings(session, tenant, timeout_ms, read_only, app_role)
@@ -133,14 +172,18 @@ async def open_transaction(
         except BaseException as exc:
             if mysql_thread is not None and isinstance(exc, asyncio.CancelledError):
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(_abandon_mysql_statement(session, mysql_thread))
+                    await bounded_cleanup(
+                        _abandon_mysql_statement(session, mysql_thread),
+                        cleanup_timeout,
+                        connection,
+                    )
             # A failed rollback (connection already gone) must not mask the original error.
             with contextlib.suppress(Exception):
-                await asyncio.shield(session.rollback())
+                await bounded_cleanup(session.rollback(), cleanup_timeout, connection)
             if isinstance(exc, Exception):
                 mapped = translate_error(exc)
                 if mapped is not None and mapped is not exc:
                     raise mapped from exc
             raise
     finally:
-        await asyncio.shield(session.close())
+        await bounded_cleanup(session.close(), cleanup_timeout, connection)

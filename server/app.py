@@ -139,6 +139,8 @@ class FerruleApp:
         """`telemetry` defaults to what the OTEL_* environment configures (tests pass theirs)."""
         self.settings = settings
         self.database = Database(settings.database)
+        # A rollback or close that outlasts the grace period drops its connection instead.
+        self.database.cleanup_timeout = settings.ferrule_grace_seconds
         # Per process (after any fork): the OTLP gRPC exporter owns threads of its own.
         self.telemetry = telemetry or setup_telemetry(
             metrics_port=settings.ferrule_metrics_port,
@@ -279,8 +281,14 @@ class FerruleApp:
         log.info("health listening on %s (port %d)", address, self.health_port)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, let in-flight RPCs finish within `grace`, then release resources."""
+        """Stop accepting, let in-flight RPCs finish within `grace`, then release resources.
+
+        Every wait here is bounded by `grace` (a stalled database included): handlers
+        cancelled at the end of the grace period roll back, and the request log drains,
+        each for at most `grace` more before connections are dropped and rows counted.
+        """
         grace = self.settings.ferrule_grace_seconds if grace is None else grace
+        self.database.cleanup_timeout = min(self.database.cleanup_timeout, grace)
         await self.health.stop()
         if self.server is not None:
             await self.server.stop(grace)
@@ -288,7 +296,7 @@ class FerruleApp:
         if self.health_server is not None:
             await self.health_server.stop(0)
             self.health_server = None
-        await self.request_log.stop()
+        await self.request_log.stop(grace)
         await self.retention.stop()
         await self.changes.close()
         await self.query_observers.aclose()

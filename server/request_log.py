@@ -87,21 +87,55 @@ class RequestLogWriter:
     async def _write(self, batch: list[RequestLogEntry]) -> None:
         try:
             await self._write_batch(batch)
+        except asyncio.CancelledError:
+            self._lost(len(batch), "cancelled while being written")
+            raise
+        except Exception as exc:
+            self._failed(batch, exc)
+        else:
             self.written += len(batch)
-        except Exception:
-            # The request log is diagnostics: losing a batch must not take the server down.
-            self.failed_batches += 1
-            log.warning("request log batch of %d entries not written", len(batch), exc_info=True)
 
-    async def stop(self) -> None:
-        """Stop the background task and write whatever is still queued."""
+    def _failed(self, batch: list[RequestLogEntry], exc: BaseException) -> None:
+        # The request log is diagnostics: losing a batch must not take the server down.
+        self.failed_batches += 1
+        log.warning("request log batch of %d entries not written", len(batch), exc_info=exc)
+
+    def _lost(self, count: int, why: str) -> None:
+        self.dropped += count
+        log.warning("request log: %d entries not written (%s)", count, why)
+
+    async def stop(self, grace: float) -> None:
+        """Stop the background task and write whatever is still queued, for at most
+        ``grace`` seconds: a stalled database must not hold the server's shutdown. What is
+        not written by then is counted in ``dropped`` and logged, never lost silently."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._task.cancel()  # a batch it was writing is counted by _write
+            # asyncio.wait returns at the deadline even if the task is still unwinding.
+            await asyncio.wait({self._task}, timeout=grace)
             self._task = None
         while not self._queue.empty():
-            await self._write([self._queue.get_nowait(), *self._drain()])
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            batch = [self._queue.get_nowait(), *self._drain()]
+            write = asyncio.ensure_future(self._write_batch(batch))
+            done, _ = await asyncio.wait({write}, timeout=remaining)
+            if not done:
+                write.cancel()
+                self._lost(len(batch), "a write still waiting at the end of the grace period")
+                break
+            error = write.exception()
+            if error is None:
+                self.written += len(batch)
+            else:
+                self._failed(batch, error)
+        unwritten = self._queue.qsize()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        if unwritten:
+            self._lost(unwritten, f"still queued after the {grace:.1f} s grace period")
 
 
 class RequestLogInterceptor(ScopedInterceptor):

@@ -26,7 +26,6 @@ A protocol error ends the stream after the batches read before it are acknowledg
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import re
 import uuid
@@ -390,11 +389,26 @@ class _Stream:
             leftovers: list[asyncio.Task[Any]] = [task for _, task in committing]
             if getter is not None:
                 leftovers.append(getter)
-            for leftover in leftovers:
-                leftover.cancel()
-            for leftover in leftovers:
-                with contextlib.suppress(BaseException):
-                    await leftover
+            await _cancel_and_wait(leftovers, self.deps.database.cleanup_timeout)
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[Any]], limit: float) -> None:
+    """Cancel ``tasks`` and wait for them at most ``limit`` seconds (a server's shutdown
+    waits for this handler, and a stalled database must not hold it past the grace).
+
+    Giving up on a commit loses no acknowledged row: an acknowledgement is queued only
+    after its commit returned, so an abandoned group was never acknowledged and its
+    client re-sends it (batch ids make the re-send idempotent).
+    """
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    # asyncio.wait, unlike gather, neither raises the tasks' errors nor cancels on timeout.
+    done, _ = await asyncio.wait(tasks, timeout=limit)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: the stream already ended with its own status
 
 
 class _DerivedIds:
@@ -472,9 +486,5 @@ async def stream_predictions(
                 yield response
             stream.acknowledged(group)
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await _cancel_and_wait(tasks, deps.database.cleanup_timeout)
         stream.release_all()

@@ -12,6 +12,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -91,6 +92,38 @@ class Cluster:
     def stop(self) -> None:
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             _run(PG_BIN / "pg_ctl", "stop", "-w", "-m", "fast", "-D", self.data_dir)
+
+    def processes(self) -> list[int]:
+        """This cluster's postmaster and its children (backends, background workers), by
+        the pid in its own postmaster.pid: no other process on the machine."""
+        postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        children: list[int] = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # The fields after the command name (which may hold spaces and parens).
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == postmaster:
+                    children.append(int(entry.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> list[int]:
+        """SIGSTOP the cluster (postmaster first, so it forks nothing more): connections
+        stay open and accepted, nothing answers. Returns the pids for :meth:`thaw`."""
+        postmaster, *_ = self.processes()
+        os.kill(postmaster, signal.SIGSTOP)
+        pids = self.processes()  # listed once the postmaster can fork no more
+        for pid in pids[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    @staticmethod
+    def thaw(pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def _configure(data_dir: Path, port: int) -> None:
