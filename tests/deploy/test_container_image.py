@@ -149,7 +149,7 @@ def _wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int:
 
 def test_container_migrates_then_serves_against_host_postgres_and_redis(
     image: BuiltImage,
-    pg_database_url: str,
+    empty_pg_database_url: str,
     redis_url: str,
     redis_namespace: str,
     tmp_path: Path,
@@ -157,7 +157,7 @@ def test_container_migrates_then_serves_against_host_postgres_and_redis(
     port, metrics_port, health_port = free_port(), free_port(), free_port()
     listen = f"127.0.0.1:{port}"  # loopback: the container shares the host's network
     env = {
-        "DATABASE_URL": pg_database_url,
+        "DATABASE_URL": empty_pg_database_url,
         "REDIS_URL": redis_url,
         "FERRULE_CACHE_PREFIX": redis_namespace,
         "FERRULE_LISTEN": listen,
