@@ -40,6 +40,7 @@ import redis.exceptions
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from db.background_tasks import cancel_and_wait
 from db.cache.redis_client import RedisConnectionConfig, connection_pool
 
 log = logging.getLogger(__name__)
@@ -200,9 +201,7 @@ class PostgresChangeFeed(ChangeFeed):
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
 
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
@@ -230,7 +229,8 @@ class PostgresChangeFeed(ChangeFeed):
                 self._listening.set()
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), _KEEPALIVE_S)
+                        async with asyncio.timeout(_KEEPALIVE_S):
+                            await lost.wait()
                     if not lost.is_set():
                         await conn.execute("SELECT 1", timeout=_KEEPALIVE_S)
             except asyncio.CancelledError:
@@ -285,9 +285,7 @@ class RedisChangeFeed(ChangeFeed):
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
         await self._publisher.aclose()
         await self._subscriber.aclose()

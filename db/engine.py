@@ -330,7 +330,8 @@ class Database:
         engine: closing says goodbye to the server, and a stalled one never answers."""
         for engine in self.engines:
             try:
-                await asyncio.wait_for(engine.dispose(), self.cleanup_timeout)
+                async with asyncio.timeout(self.cleanup_timeout):
+                    await engine.dispose()
             except TimeoutError:
                 log.warning(
                     "closing %s's pooled connections still waiting after %.1f s: abandoned",

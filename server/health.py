@@ -8,11 +8,11 @@ database is gone and resume by themselves when it is back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from grpc_health.v1 import health, health_pb2
 
+from db.background_tasks import cancel_and_wait
 from db.engine import Database
 
 log = logging.getLogger("ferrule.health")
@@ -66,7 +66,8 @@ class HealthProbe:
 
     async def check_once(self) -> bool:
         try:
-            await asyncio.wait_for(self._database.ping(), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await self._database.ping()
             ok = True
         except Exception as exc:  # any failure to answer means not serving
             log.warning("database health probe failed: %s", type(exc).__name__)
@@ -91,7 +92,6 @@ class HealthProbe:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
+            self._task = None
         await self.servicer.enter_graceful_shutdown()

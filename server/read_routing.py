@@ -38,7 +38,6 @@ the counter cannot be read (Redis down), the read goes to the primary: never sta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import weakref
 from collections import OrderedDict
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from db.background_tasks import cancel_and_wait
 from db.cache import UNKNOWN_GENERATION, Cache
 from db.engine import Database
 from db.replication import primary_position, replayed_position
@@ -258,10 +258,7 @@ class ReadRouter:
         return self._replayed[index]
 
     async def aclose(self) -> None:
-        for task in list(self._checks.values()):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(list(self._checks.values()))
 
 
 _routers: weakref.WeakKeyDictionary[Database, ReadRouter] = weakref.WeakKeyDictionary()

@@ -10,7 +10,6 @@ data is a decision, not housekeeping.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from db.background_tasks import cancel_and_wait
 from db.engine import Database
 from db.models.base import utcnow
 from db.observability import statement_context
@@ -107,7 +107,5 @@ class RetentionJob:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None

@@ -53,3 +53,15 @@ def eventually_sync(
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: not within {within:.0f}s")
         time.sleep(interval)
+
+
+async def finishes(awaitable: Awaitable[None], *, what: str, within: float = DEADLINE_S) -> None:
+    """Await `awaitable`; if it has not finished after `within` seconds, fail naming
+    `what` and print where every task of the loop is waiting (a hang becomes a report)."""
+    try:
+        await asyncio.wait_for(asyncio.ensure_future(awaitable), within)
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            print(f"--- {task!r}")
+            task.print_stack(limit=12)
+        raise AssertionError(f"{what}: not finished within {within:.0f}s") from None

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import RedisError
 
+from db.background_tasks import cancel_and_wait
 from db.cache.near_cache import NearCache
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,6 @@ class InvalidationListener:
         self._closed = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
         self._lost()
         await self._pool.aclose()

@@ -66,7 +66,8 @@ class HealthServicer(health_service_pb2_grpc.HealthServiceServicer):
             pool.overflow,
         )
         try:
-            ping = await asyncio.wait_for(database.ping(), PING_TIMEOUT_SECONDS)
+            async with asyncio.timeout(PING_TIMEOUT_SECONDS):
+                ping = await database.ping()
         except (DomainError, TimeoutError, OSError):
             out.reachable = False
             return False
@@ -80,9 +81,8 @@ class HealthServicer(health_service_pb2_grpc.HealthServiceServicer):
         if not database_ok:
             return False
         try:
-            current = await asyncio.wait_for(
-                current_revision(self._deps.database.engine), PING_TIMEOUT_SECONDS
-            )
+            async with asyncio.timeout(PING_TIMEOUT_SECONDS):
+                current = await current_revision(self._deps.database.engine)
         except (DomainError, TimeoutError, OSError):
             return False
         out.current_revision = current or ""

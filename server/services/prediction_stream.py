@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from db.background_tasks import cancel_and_wait
 from db.errors import FieldViolation, ValidationError
 from db.repositories.prediction_ingest import PendingBatch, StagedRow, ingest_batches
 from db.tenancy import Tenant
@@ -389,26 +390,10 @@ class _Stream:
             leftovers: list[asyncio.Task[Any]] = [task for _, task in committing]
             if getter is not None:
                 leftovers.append(getter)
-            await _cancel_and_wait(leftovers, self.deps.database.cleanup_timeout)
-
-
-async def _cancel_and_wait(tasks: list[asyncio.Task[Any]], limit: float) -> None:
-    """Cancel ``tasks`` and wait for them at most ``limit`` seconds (a server's shutdown
-    waits for this handler, and a stalled database must not hold it past the grace).
-
-    Giving up on a commit loses no acknowledged row: an acknowledgement is queued only
-    after its commit returned, so an abandoned group was never acknowledged and its
-    client re-sends it (batch ids make the re-send idempotent).
-    """
-    for task in tasks:
-        task.cancel()
-    if not tasks:
-        return
-    # asyncio.wait, unlike gather, neither raises the tasks' errors nor cancels on timeout.
-    done, _ = await asyncio.wait(tasks, timeout=limit)
-    for task in done:
-        if not task.cancelled():
-            task.exception()  # retrieved: the stream already ended with its own status
+            # Abandoning a commit at shutdown loses no acknowledged row: acknowledgements
+            # are queued only after their commit returned, and the client re-sends the
+            # rest (batch ids make the re-send idempotent).
+            await cancel_and_wait(leftovers, within=self.deps.database.cleanup_timeout)
 
 
 class _DerivedIds:
@@ -486,5 +471,5 @@ async def stream_predictions(
                 yield response
             stream.acknowledged(group)
     finally:
-        await _cancel_and_wait(tasks, deps.database.cleanup_timeout)
+        await cancel_and_wait(tasks, within=deps.database.cleanup_timeout)
         stream.release_all()

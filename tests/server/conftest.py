@@ -22,6 +22,7 @@ from server.app import FerruleApp
 from server.settings import Settings
 from server.telemetry import Telemetry, setup_telemetry
 from tests.conftest import ADMIN_URL_FIXTURES, DATABASE_FIXTURES, CreateDatabase
+from tests.polling import finishes
 
 JWT_SECRET = "test-jwt-secret-" + "x" * 32
 ADMIN_TOKEN = "test-admin-token-" + "y" * 16
@@ -113,8 +114,8 @@ async def start_server(create_pg_database: CreateDatabase) -> AsyncIterator[Star
     yield start
     for server in running:
         for client in server.clients:
-            await client.close()
-        await server.app.stop(grace=0.5)
+            await finishes(client.close(), what="client.close")
+        await finishes(server.app.stop(grace=0.5), what="FerruleApp.stop")
 
 
 @pytest.fixture
