@@ -6,6 +6,7 @@ interceptors and the handler in the same task, and the values are per-RPC by nat
 
 from __future__ import annotations
 
+import contextlib
 import time
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -53,4 +54,8 @@ def set_current_call(call: CallContext) -> Token[CallContext | None]:
 
 
 def reset_current_call(token: Token[CallContext | None]) -> None:
-    _current.reset(token)
+    """Undo :func:`set_current_call`; nothing to undo when called from another context
+    (a handler coroutine closed by the garbage collector after its task was dropped runs
+    its exits wherever the collection happens, and that context never held the call)."""
+    with contextlib.suppress(ValueError):
+        _current.reset(token)

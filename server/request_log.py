@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import grpc
 
-from server.call_context import current_call
+from server.call_context import CallContext, current_call
 from server.input_boundary import loggable
 from server.interceptors.scoped import Context, ScopedInterceptor
 
@@ -151,6 +151,8 @@ class RequestLogInterceptor(ScopedInterceptor):
         for key, value in context.invocation_metadata() or ():
             if key == "user-agent":
                 user_agent = value if isinstance(value, str) else value.decode()
+        # Taken on entry, in the call's context: the exit may run in another one.
+        call = current_call()
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -167,17 +169,17 @@ class RequestLogInterceptor(ScopedInterceptor):
         finally:
             with contextlib.suppress(Exception):
                 code = context.code() or code
-            self._record(method, peer, user_agent, code, time.perf_counter() - started)
+            self._record(call, method, peer, user_agent, code, time.perf_counter() - started)
 
     def _record(
         self,
+        call: CallContext,
         method: str,
         peer: str,
         user_agent: str | None,
         code: grpc.StatusCode,
         elapsed: float,
     ) -> None:
-        call = current_call()
         self._writer.record(
             RequestLogEntry(
                 method=method,

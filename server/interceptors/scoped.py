@@ -9,8 +9,9 @@ length.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeAlias
 
@@ -75,25 +76,38 @@ def _check_unary_response(behaviour: Callable[..., Any]) -> None:
         raise TypeError(f"{behaviour!r} is not an asyncio handler (coroutine function)")
 
 
+def _writing(generator: Callable[..., AsyncGenerator[Any]]) -> Callable[..., Awaitable[None]]:
+    """The async generator behaviour `generator` as a coroutine that writes what it
+    yields with ``context.write``, and closes it in the call's own task.
+
+    grpc.aio abandons a response generator whose call is cancelled while a response waits
+    to be sent (flow control), and the event loop then closes it in a task and context of
+    its own: scopes around it would exit there, without the call's context variables. A
+    writer coroutine is cancelled where it waits, in its task, and closes the generator.
+    """
+
+    async def writer(request: Any, context: Context) -> None:
+        async with contextlib.aclosing(generator(request, context)) as responses:
+            async for response in responses:
+                await context.write(response)
+
+    return writer
+
+
 def wrap_handler(handler: Handler, scope: ScopeFactory) -> Handler:
     """Return a copy of `handler` whose behaviour runs inside `scope(context, request)`.
 
     `request` is the request message for unary-request RPCs and None for streaming ones.
-    Every handler kind keeps its kind: unary or streaming requests, and a response that
-    is returned, yielded by an async generator, or written by a coroutine.
+    Every handler kind is served: unary or streaming requests, and a response that is
+    returned, yielded by an async generator (written by the wrapper, see `_writing`), or
+    written by a coroutine.
     """
     shape = shape_of(handler)
     inner: Any = getattr(handler, shape)
     request_streams = shape.startswith("stream_")
     if shape.endswith("_stream") and yields_responses(inner):
-
-        async def generator(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with scope(context, None if request_streams else request):
-                async for response in inner(request, context):
-                    yield response
-
-        return rebuild(handler, generator)
-    if not shape.endswith("_stream"):
+        inner = _writing(inner)
+    elif not shape.endswith("_stream"):
         _check_unary_response(inner)
 
     async def coroutine(request: Any, context: Context) -> Any:
@@ -111,14 +125,8 @@ def wrap_handler_before(handler: Handler, before: Callable[[Context, Any], None]
     inner: Any = getattr(handler, shape)
     request_streams = shape.startswith("stream_")
     if shape.endswith("_stream") and yields_responses(inner):
-
-        async def generator(request: Any, context: Context) -> AsyncIterator[Any]:
-            before(context, None if request_streams else request)
-            async for response in inner(request, context):
-                yield response
-
-        return rebuild(handler, generator)
-    if not shape.endswith("_stream"):
+        inner = _writing(inner)
+    elif not shape.endswith("_stream"):
         _check_unary_response(inner)
 
     async def coroutine(request: Any, context: Context) -> Any:

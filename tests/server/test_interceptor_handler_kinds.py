@@ -11,6 +11,7 @@ call; the health Watch is then called on the real server.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.interceptors.malformed import MalformedRequestInterceptor
 from server.interceptors.scoped import Context, ScopedInterceptor
+from tests.polling import eventually
 from tests.server.conftest import RunningServer
 
 Behaviour = Callable[..., Any]
@@ -180,3 +182,52 @@ async def test_health_watch_answers_on_the_real_server(pg_server: RunningServer)
         assert reply.status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         watch.cancel()
         unknown.cancel()
+
+
+_entered_by: contextvars.ContextVar[str | None] = contextvars.ContextVar("entered_by", default=None)
+
+
+class TaskRecordingScope(ScopedInterceptor):
+    """Records, at each exit, whether it ran in the task and context its entry ran in."""
+
+    def __init__(self) -> None:
+        self.exits: list[tuple[bool, str | None]] = []
+
+    @asynccontextmanager
+    async def scope(self, method: str, context: Context, request: Any) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        _entered_by.set(method)
+        try:
+            yield
+        finally:
+            self.exits.append((asyncio.current_task() is task, _entered_by.get()))
+
+
+async def yields_until_cancelled(request: Text, context: Context) -> AsyncIterator[Text]:
+    while True:  # more than flow control lets through: the server ends up waiting to send
+        yield text("x" * 65536)
+
+
+async def test_a_stream_cancelled_while_waiting_to_send_leaves_its_scopes_in_its_own_task() -> None:
+    """grpc.aio abandons a response generator whose call is cancelled at a yield; the
+    event loop would close it later, in another task and context, where per-call state
+    (the call context, the request log's record, the capacity count) is not there. The
+    wrappers write what the behaviour yields themselves and close it in the call's task."""
+    recorder = TaskRecordingScope()
+    server = grpc.aio.server(interceptors=[recorder])
+    handler = grpc.unary_stream_rpc_method_handler(yields_until_cancelled, **_CODEC)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("kinds.Kinds", {"Endless": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(3):
+                call = _method(channel, "unary_stream", "Endless")(text("x"), timeout=30)
+                assert (await call.read()).value.startswith("x")
+                call.cancel()
+                await eventually(lambda: len(recorder.exits) > 0, what="the scope exited")
+                assert recorder.exits.pop() == (True, "/kinds.Kinds/Endless")
+    finally:
+        await server.stop(None)

@@ -7,10 +7,11 @@ tests need neither the Ferrule protos nor the rest of the interceptor chain.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -361,16 +362,25 @@ class _StreamContext:
     def code(self) -> grpc.StatusCode | None:
         return None
 
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self._never = asyncio.get_running_loop().create_future()
+
+    async def write(self, message: bytes) -> None:
+        """Accepts the message, then waits like a send that flow control holds back."""
+        self.written.append(message)
+        await self._never
+
 
 async def test_a_response_stream_closed_from_another_context_still_ends_its_scope(
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """grpc.aio drops a response generator whose RPC is cancelled while it waits at a
-    yield; the event loop then closes it in a task of its own, that is in a copy of the
-    RPC's context. The scope must still end cleanly there: span ended, metrics counted,
-    no 'Token ... created in a different Context'."""
+    """A streaming handler's coroutine whose task was dropped (its call's cancellation
+    never reached it) is closed by the garbage collector, in whatever context the
+    collection happens. The scope must still end cleanly there: span ended, metrics
+    counted, no 'Token ... created in a different Context'."""
 
     async def responses(request: bytes, context: Any) -> AsyncIterator[bytes]:
         while True:
@@ -382,14 +392,13 @@ async def test_a_response_stream_closed_from_another_context_still_ends_its_scop
         lambda context, request: interceptor.scope("/test.Echo/Stream", context, request),
     )
     behaviour: Any = handler.unary_stream
-    stream = cast(AsyncGenerator[bytes, None], behaviour(b"", _StreamContext()))
-
-    async def first_response() -> bytes:
-        return await anext(stream)
-
-    assert await asyncio.create_task(first_response()) == b"row"  # the RPC's task
+    context = _StreamContext()
+    writer = cast(Coroutine[Any, Any, None], behaviour(b"", context))
+    # The RPC's own context runs it up to its first write, which never completes.
+    contextvars.copy_context().run(writer.send, None)
+    assert context.written == [b"row"]
     with caplog.at_level(logging.WARNING):
-        await asyncio.create_task(stream.aclose())  # the loop's finalizer: another context
+        writer.close()  # the collector, here: another context
     assert [r.getMessage() for r in caplog.records] == []  # OpenTelemetry's detach logs
     spans = _server_spans(exporter)
     assert [s.name for s in spans] == ["test.Echo/Stream"]
