@@ -166,6 +166,7 @@ class FerruleApp:
             near_cache=settings.ferrule_near_cache_enabled,
             near_max_entries=settings.ferrule_near_cache_max_entries,
             near_ttl_s=settings.ferrule_near_cache_ttl_seconds,
+            invalidation_retry_ms=settings.ferrule_cache_invalidation_retry_ms,
             tracer_provider=self.telemetry.tracer_provider,
         )
         self.telemetry.metrics.observe_cache(self.cache.stats)

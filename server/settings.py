@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     ferrule_cache_ttl_seconds: float = Field(300.0, gt=0)
     ferrule_cache_stats_ttl_seconds: float = Field(30.0, gt=0)
     ferrule_cache_timeout_ms: int = Field(50, ge=1)
+    ferrule_cache_invalidation_retry_ms: int = Field(
+        1_000, ge=0, description="how long a write retries a failed invalidation before answering"
+    )
     ferrule_cache_local_max_entries: int = Field(10_000, ge=1)
     ferrule_cache_enabled: bool = Field(
         True, description="false: every read goes to the database (benchmarks, debugging)"

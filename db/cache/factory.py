@@ -24,6 +24,7 @@ def create_cache(
     breaker_cooldown_s: float = 2.0,
     lease_ms: int = 2_000,
     lock_wait_ms: int = 250,
+    invalidation_retry_ms: int = 1_000,
     tracer_provider: trace.TracerProvider | None = None,
 ) -> Cache:
     """Redis when ``redis`` is set (a URL or a full connection config), fronted by a
@@ -52,5 +53,6 @@ def create_cache(
         prefix=prefix,
         lease_ms=lease_ms,
         lock_wait_ms=lock_wait_ms,
+        invalidation_retry_ms=invalidation_retry_ms,
         tracer_provider=tracer_provider,
     )

@@ -298,3 +298,28 @@ async def test_a_write_whose_invalidation_times_out_once_retries_before_it_answe
     finally:
         await a.close()
         await b.close()
+
+
+async def test_without_invalidation_retries_a_timed_out_invalidation_is_left_for_replay(
+    own_redis: RedisProcess,
+) -> None:
+    """``invalidation_retry_ms`` (FERRULE_CACHE_INVALIDATION_RETRY_MS) is what makes the
+    write above wait: at 0 the one attempt that timed out is all, and the invalidation
+    waits for the background replay after the write has answered."""
+    a, b = (
+        make_cache(own_redis.url, timeout_ms=50),
+        make_cache(own_redis.url, timeout_ms=50, invalidation_retry_ms=0),
+    )
+    await tracking(a)
+    await tracking(b)
+    try:
+        near_a = backend_of(a).near
+        assert near_a is not None
+        assert await a.get_or_load(key(), Loader(b"old"), ttl=60) == b"old"
+        with redis.Redis(port=own_redis.port) as admin:
+            admin.execute_command("CLIENT", "PAUSE", 120, "WRITE")
+            await b.invalidate(key())
+        assert b.stats().pending_invalidations > 0
+    finally:
+        await a.close()
+        await b.close()
