@@ -23,7 +23,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
     Boolean,
@@ -41,6 +41,7 @@ from sqlalchemy import (
     not_,
     select,
     table,
+    text,
     type_coerce,
 )
 from sqlalchemy.dialects.mysql import match as mysql_match
@@ -48,11 +49,20 @@ from sqlalchemy.dialects.postgresql import REGCONFIG, TSQUERY, TSVECTOR
 
 from db.models.analyses import TextAnalysis
 from db.search_query import Phrase, SearchQuery
+from db.tenancy import Tenant
+
+if TYPE_CHECKING:
+    from db.engine import Database
 
 PG_VECTOR_COLUMN = "search_vector"
 PG_VECTOR_INDEX = "ix_text_analyses_search_vector"
 SQLITE_FTS_TABLE = "analysis_search"
 MYSQL_FULLTEXT_INDEX = "ix_text_analyses_text_fulltext"
+#: The function behind ``tsvector @@ tsquery``. Under row-level security the GIN index can
+#: serve ``@@`` only while it is LEAKPROOF (migration 0004, docs/search.md).
+PG_MATCH_FUNCTION = "pg_catalog.ts_match_vq(tsvector, tsquery)"
+#: What a superuser runs in the database when the migration could not.
+PG_MARK_MATCH_LEAKPROOF = f"ALTER FUNCTION {PG_MATCH_FUNCTION} LEAKPROOF"
 #: Text search configuration used when FERRULE_SEARCH_CONFIG is not set.
 DEFAULT_PG_CONFIG = "english"
 
@@ -126,6 +136,16 @@ def _render_postgresql(query: SearchQuery, config: str) -> RenderedSearch:
     return RenderedSearch(
         and_(match, *excluded), type_coerce(func.ts_rank_cd(vector, positive), Float)
     )
+
+
+async def pg_match_is_leakproof(database: Database) -> bool:
+    """Whether the GIN index can serve ``@@`` under row-level security in this database."""
+    statement = text(
+        "SELECT proleakproof FROM pg_catalog.pg_proc WHERE oid = CAST(:name AS regprocedure)"
+    )
+    async with database.transaction(Tenant(None), read_only=True) as session:
+        leakproof = await session.scalar(statement, {"name": PG_MATCH_FUNCTION})
+    return bool(leakproof)
 
 
 def pg_headline(query: SearchQuery, config: str) -> ColumnElement[str]:

@@ -13,9 +13,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from db import search_sql
 from db.cache import create_cache
 from db.change_feed import create_change_feed
 from db.engine import Database
+from db.errors import DomainError
 from db.observability import install_statement_observers
 from db.repositories.request_log import insert_request_log
 from server.auth import Authenticator
@@ -253,6 +255,8 @@ class FerruleApp:
                 "DATABASE_APP_ROLE is not set: row-level security is not enforced, tenant "
                 "isolation rests on the repositories alone (see README, Production)"
             )
+        elif self.database.dialect_name == "postgresql":
+            await self._warn_when_search_cannot_use_its_index()
         if settings.ferrule_trace_sql_params:
             log.warning(
                 "FERRULE_TRACE_SQL_PARAMS is on: SQL parameter values, password hashes "
@@ -268,6 +272,20 @@ class FerruleApp:
             await self._start_health_listener(settings.ferrule_health_listen)
         log.info("listening on %s (port %d)", settings.ferrule_listen, self.port)
         return self.port
+
+    async def _warn_when_search_cannot_use_its_index(self) -> None:
+        try:
+            leakproof = await search_sql.pg_match_is_leakproof(self.database)
+        except DomainError:
+            return  # unreachable now: the health probe reports that, not this check
+        if not leakproof:
+            log.warning(
+                "%s is not LEAKPROOF in this database: under row-level security "
+                "SearchAnalyses reads every row of the organization instead of its GIN "
+                "index; a superuser runs, in this database: %s (docs/search.md)",
+                search_sql.PG_MATCH_FUNCTION,
+                search_sql.PG_MARK_MATCH_LEAKPROOF,
+            )
 
     async def _start_health_listener(self, address: str) -> None:
         """Plaintext grpc.health.v1 and nothing else, for probes that cannot speak TLS

@@ -28,7 +28,7 @@ from db.repositories.analyses import (
 )
 from db.repositories.organizations import OrganizationsRepository
 from db.search_query import parse
-from db.search_sql import PG_VECTOR_INDEX
+from db.search_sql import PG_MATCH_FUNCTION, PG_VECTOR_COLUMN, PG_VECTOR_INDEX
 from db.tenancy import Tenant
 from tests.db.conftest import APP_ROLE
 
@@ -319,20 +319,46 @@ async def test_pagination_walks_every_match_once(database: Database, tenant_a: T
     assert scores == sorted(scores, reverse=True)
 
 
-async def test_postgresql_plan_uses_the_gin_index(pg_database_url: str) -> None:
+async def test_postgresql_plan_uses_the_gin_index_under_rls(pg_database_url: str) -> None:
     """5,000 analyses of one organization, ten of them about the searched word: the plan of
-    the page statement the repository runs reads the GIN index.
-
-    Explained as the table's owner: under row-level security PostgreSQL will not use a
-    non-leakproof operator such as ``@@`` as an index condition (docs/search.md)."""
+    the page statement the repository runs, explained in the same kind of transaction
+    (the application role, the tenant's settings, so the RLS policy applies), reads the
+    GIN index. Migration 0004 marked ``ts_match_vq`` LEAKPROOF (the suite migrates as a
+    superuser); without the mark the planner may not put ``@@`` ahead of the policy and
+    reads the organization's rows instead (docs/search.md)."""
     database = Database(DatabaseConfig(url=pg_database_url, app_role=APP_ROLE, pool_size=2))
     try:
-        await _explain_search(database, pg_database_url)
+        tenant, statement, parameters = await _search_statement(database, pg_database_url)
+        plan = await _explain_under_rls(database, tenant, statement, parameters)
     finally:
         await database.dispose()
+    assert f"Bitmap Index Scan on {PG_VECTOR_INDEX}" in plan, plan
+    assert f"Index Cond: ({PG_VECTOR_COLUMN} @@" in plan, plan
+
+    await _set_leakproof(pg_database_url, False)
+    # Fresh connections: a prepared statement keeps the plan it was built with.
+    database = Database(DatabaseConfig(url=pg_database_url, app_role=APP_ROLE, pool_size=2))
+    try:
+        unmarked = await _explain_under_rls(database, tenant, statement, parameters)
+    finally:
+        await database.dispose()
+    assert PG_VECTOR_INDEX not in unmarked, unmarked
+    assert f"({PG_VECTOR_COLUMN} @@" in unmarked, unmarked
 
 
-async def _explain_search(database: Database, migrated_url: str) -> None:
+async def _set_leakproof(url: str, leakproof: bool) -> None:
+    owner = create_async_engine(url, poolclass=pool.NullPool)
+    try:
+        async with owner.begin() as conn:
+            mark = "LEAKPROOF" if leakproof else "NOT LEAKPROOF"
+            await conn.exec_driver_sql(f"ALTER FUNCTION {PG_MATCH_FUNCTION} {mark}")
+    finally:
+        await owner.dispose()
+
+
+async def _search_statement(database: Database, migrated_url: str) -> tuple[Tenant, str, Any]:
+    """The page statement (and its parameters) of a search for a rare word, over fresh
+    statistics."""
     async with database.transaction(Tenant.all()) as session:
         org = await OrganizationsRepository(session, Tenant.all()).create("plan")
     tenant_a = Tenant.of(org.id)
@@ -373,9 +399,17 @@ async def _explain_search(database: Database, migrated_url: str) -> None:
         async with owner.connect() as conn:
             autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
             await autocommit.execute(text("VACUUM ANALYZE text_analyses"))
-        async with owner.connect() as conn:
-            explained = await conn.exec_driver_sql("EXPLAIN " + statement, parameters)
-            plan = "\n".join(explained.scalars())
     finally:
         await owner.dispose()
-    assert f"Bitmap Index Scan on {PG_VECTOR_INDEX}" in plan, plan
+    return tenant_a, statement, parameters
+
+
+async def _explain_under_rls(
+    database: Database, tenant: Tenant, statement: str, parameters: Any
+) -> str:
+    async with database.transaction(tenant, read_only=True) as session:
+        conn = await session.connection()
+        role = (await conn.exec_driver_sql("SELECT current_user")).scalar_one()
+        assert role == APP_ROLE  # subject to the tenant_isolation policy
+        explained = await conn.exec_driver_sql("EXPLAIN " + statement, parameters)
+        return "\n".join(explained.scalars())

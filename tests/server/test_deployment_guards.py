@@ -8,7 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from sqlalchemy import pool
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from db.search_sql import PG_MARK_MATCH_LEAKPROOF, PG_MATCH_FUNCTION
 from server.app import FerruleApp, InsecureListenError, grpc_options
 from server.settings import Settings, is_loopback
 from server.telemetry import setup_telemetry
@@ -94,6 +97,25 @@ async def test_no_rls_warning_with_an_app_role_or_on_sqlite(
         await start_server(pg_database_url, database_app_role="ferrule_app")
         await start_server(sqlite_database_url)
     assert not [r for r in caplog.records if "DATABASE_APP_ROLE" in r.getMessage()]
+    # The suite's databases were migrated by a superuser: the search can use its index.
+    assert not [r for r in caplog.records if PG_MARK_MATCH_LEAKPROOF in r.getMessage()]
+
+
+async def test_rls_without_a_leakproof_match_function_warns_that_search_is_unindexed(
+    start_server: StartServer, pg_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database migrated by a role that could not mark ``ts_match_vq`` (or restored
+    into a new cluster): the server names the command a superuser runs."""
+    owner = create_async_engine(pg_database_url, poolclass=pool.NullPool)
+    try:
+        async with owner.begin() as conn:
+            await conn.exec_driver_sql(f"ALTER FUNCTION {PG_MATCH_FUNCTION} NOT LEAKPROOF")
+    finally:
+        await owner.dispose()
+    with caplog.at_level(logging.WARNING, logger="ferrule.app"):
+        await start_server(pg_database_url, database_app_role="ferrule_app")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ferrule.app"]
+    assert any(PG_MARK_MATCH_LEAKPROOF in w and "SearchAnalyses" in w for w in warnings)
 
 
 async def test_recording_sql_parameters_on_spans_is_announced(
