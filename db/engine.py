@@ -32,7 +32,11 @@ from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from db.engine_factory import async_engine
 from db.models.base import MYSQL_DIALECTS
 from db.point_reads import ROLE_NAME, PointReader
-from db.session import DEFAULT_CLEANUP_TIMEOUT, open_transaction
+from db.session import (
+    DEFAULT_CLEANUP_TIMEOUT,
+    open_transaction,
+    reset_statement_timeout_on_return,
+)
 from db.tenancy import Tenant
 
 log = logging.getLogger(__name__)
@@ -135,12 +139,14 @@ MYSQL_INIT_COMMAND = (
 
 
 def _create_mysql_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
-    return _pooled_engine(
+    engine = _pooled_engine(
         url,
         config,
         isolation_level="READ COMMITTED",
         connect_args={"init_command": MYSQL_INIT_COMMAND, "charset": "utf8mb4"},
     )
+    reset_statement_timeout_on_return(engine)
+    return engine
 
 
 def create_point_read_engine(url: str, config: DatabaseConfig) -> AsyncEngine | None:

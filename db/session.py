@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import Engine, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy import Engine, event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from db.error_translation import translate_error
 from db.models.base import MYSQL_DIALECTS
@@ -64,15 +65,40 @@ async def _apply_postgres_settings(
 
 # MariaDB bounds every statement (seconds); MySQL only SELECTs (milliseconds). Set first,
 # before the transaction's first table access, so the read-only mode applies to it. The
-# timeout is session-wide, and every transaction of this helper sets it. The read-only
-# mode has no scope keyword, so it is the next transaction's alone and ends with its
-# commit or rollback: as a session value it would outlive the transaction and make the
+# read-only mode has no scope keyword, so it is the next transaction's alone and ends with
+# its commit or rollback: as a session value it would outlive the transaction and make the
 # pooled connection read-only for a next user that does not set it (a migration, a
-# maintenance task writing on the engine directly).
+# maintenance task writing on the engine directly). The timeout has no transaction scope
+# at all: it is a session value, so the connection's return to the pool puts it back to
+# the server's default (:func:`reset_statement_timeout_on_return`), or such a next user
+# would run under this transaction's bound.
 _MARIADB_SETTINGS = text("SET @@session.max_statement_time = :seconds, @@tx_read_only = :read_only")
 _MYSQL_SETTINGS = text(
     "SET @@session.max_execution_time = :ms, @@transaction_read_only = :read_only"
 )
+_MARIADB_RESET = "SET @@session.max_statement_time = DEFAULT"
+_MYSQL_RESET = "SET @@session.max_execution_time = DEFAULT"
+#: Key of the pooled connection's info: the statement that resets the timeout this
+#: helper set on it.
+_TIMEOUT_RESET = "ferrule.mysql_timeout_reset"
+
+
+def reset_statement_timeout_on_return(engine: AsyncEngine) -> None:
+    """Give a MariaDB/MySQL connection back to the pool with the session timeout of the
+    server's default when the transaction helper changed it (one statement, before the
+    pool's rollback); a failure there makes the pool drop the connection."""
+
+    def on_reset(dbapi_connection: Any, record: ConnectionPoolEntry, state: Any) -> None:
+        reset = record.info.pop(_TIMEOUT_RESET, None)
+        if reset is None or state.terminate_only:
+            return
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(reset)
+        finally:
+            cursor.close()
+
+    event.listen(engine.sync_engine, "reset", on_reset)
 
 
 async def _apply_mysql_settings(
@@ -84,8 +110,10 @@ async def _apply_mysql_settings(
     ms = max(int(timeout_ms), 1) if timeout_ms else 0
     if getattr(connection.dialect, "is_mariadb", False):
         await connection.execute(_MARIADB_SETTINGS, {"seconds": ms / 1000, "read_only": read_only})
+        connection.info[_TIMEOUT_RESET] = _MARIADB_RESET
     else:
         await connection.execute(_MYSQL_SETTINGS, {"ms": ms, "read_only": read_only})
+        connection.info[_TIMEOUT_RESET] = _MYSQL_RESET
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection
     thread_id: int = driver.thread_id()

@@ -196,3 +196,27 @@ async def test_cancelled_query_returns_its_connection_clean(pg_database: Databas
         return await sleeping() == 0
 
     await eventually(cancelled_on_the_server, what="the server-side query cancelled too")
+
+
+async def test_mariadb_statement_time_does_not_outlive_the_transaction(
+    mariadb_database_url: str,
+) -> None:
+    """``max_statement_time`` has no transaction scope: the helper's bound must not follow
+    the pooled connection to code that runs on the engine directly."""
+    db = Database(DatabaseConfig(url=mariadb_database_url, pool_size=1, max_overflow=0))
+    probe = text(
+        "SELECT CONNECTION_ID(), @@session.max_statement_time, @@global.max_statement_time"
+    )
+    try:
+        async with db.transaction(Tenant.all(), timeout_ms=1234) as session:
+            inside = (await session.execute(probe)).one()
+        assert inside[1] == pytest.approx(1.234)
+        async with db.engine.connect() as conn:
+            bare = (await conn.execute(probe)).one()
+        assert bare[0] == inside[0]  # the same pooled connection
+        assert bare[1] == bare[2]
+        async with db.transaction(Tenant.all(), timeout_ms=4321) as session:
+            again = (await session.execute(probe)).one()
+        assert (again[0], again[1]) == (inside[0], pytest.approx(4.321))
+    finally:
+        await db.dispose()
