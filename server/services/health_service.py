@@ -96,6 +96,8 @@ class HealthServicer(health_service_pb2_grpc.HealthServiceServicer):
         out.backend = stats.backend
         out.degraded = stats.degraded or not out.reachable
         out.hits, out.misses, out.hit_rate = stats.hits, stats.misses, stats.hit_rate
+        out.near_hits, out.near_entries = stats.near_hits, stats.near_entries
+        out.near_tracking = stats.near_tracking
         return not out.degraded
 
     def _process(self, out: pb.ProcessInfo) -> None:

@@ -43,12 +43,18 @@ class PoolUsage(Protocol):
 
 
 class CacheCounts(Protocol):
-    """Cumulative cache lookups since start."""
+    """Cumulative cache lookups since start, and the near cache's state."""
 
     @property
     def hits(self) -> int: ...
     @property
     def misses(self) -> int: ...
+    @property
+    def near_hits(self) -> int: ...
+    @property
+    def near_entries(self) -> int: ...
+    @property
+    def near_tracking(self) -> bool: ...
 
 
 class ServerMetrics:
@@ -137,9 +143,10 @@ class ServerMetrics:
         )  # fmt: skip
 
     def observe_cache(self, counts: Callable[[], CacheCounts]) -> None:
-        """Cumulative hit and miss counters from ``counts()`` (hit rate = hits / both)."""
+        """Cumulative hit and miss counters from ``counts()`` (hit rate = hits / both),
+        the hits the near cache served from memory (a part of the hits), and its gauges."""
 
-        def counter(field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observed(field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
             def callback(_options: CallbackOptions) -> Iterable[Observation]:
                 try:
                     return [Observation(int(getattr(counts(), field)))]
@@ -150,11 +157,24 @@ class ServerMetrics:
             return callback
 
         self._meter.create_observable_counter(
-            "ferrule.cache.hits", [counter("hits")], unit="{lookup}", description="Cache hits"
+            "ferrule.cache.hits", [observed("hits")], unit="{lookup}", description="Cache hits"
         )
         self._meter.create_observable_counter(
-            "ferrule.cache.misses", [counter("misses")], unit="{lookup}", description="Cache misses"
-        )
+            "ferrule.cache.misses", [observed("misses")], unit="{lookup}",
+            description="Cache misses",
+        )  # fmt: skip
+        self._meter.create_observable_counter(
+            "ferrule.cache.near_hits", [observed("near_hits")], unit="{lookup}",
+            description="Cache hits served from process memory, without a Redis round trip",
+        )  # fmt: skip
+        self._meter.create_observable_gauge(
+            "ferrule.cache.near_entries", [observed("near_entries")], unit="{entry}",
+            description="Values the near cache holds",
+        )  # fmt: skip
+        self._meter.create_observable_gauge(
+            "ferrule.cache.near_tracking", [observed("near_tracking")],
+            description="1 while Redis tracks this process's near cache (0: it is bypassed)",
+        )  # fmt: skip
 
 
 _default: ServerMetrics | None = None

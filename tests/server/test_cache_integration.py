@@ -162,6 +162,15 @@ async def test_a_second_get_is_a_hit_and_still_checks_the_organization(
         assert await org.client.users.GetUser(request) == user
     assert second == []  # the database was not asked
     assert server.app.cache.stats().hits == hits + 1
+    report = await server.admin().health.GetHealthReport(hpb.GetHealthReportRequest())
+    assert report.cache.hits >= 1
+    if backend == "redis":
+        # The near cache's figures sit beside the others: the second read came from memory.
+        assert report.cache.near_hits >= 1
+        assert report.cache.near_entries >= 1
+        assert report.cache.near_tracking
+    else:
+        assert (report.cache.near_hits, report.cache.near_tracking) == (0, False)
 
     # A cached entry is never a way around the organization check.
     other = await new_org(server)

@@ -250,6 +250,9 @@ class _Pool:
 class _Cache:
     hits: int = 9
     misses: int = 3
+    near_hits: int = 7
+    near_entries: int = 4
+    near_tracking: bool = True
 
 
 def _fetch(url: str) -> str:
@@ -292,6 +295,14 @@ async def test_prometheus_endpoint_serves_rpc_histogram_after_a_call(
     assert "rpc_server_call_duration_seconds_bucket" in body
     assert "ferrule_db_pool_checked_out" in body
     assert "ferrule_cache_hits" in body
+    for name, value in (
+        ("ferrule_cache_near_hits_total", " 7.0"),
+        ("ferrule_cache_near_entries", " 4.0"),
+        ("ferrule_cache_near_tracking", " 1.0"),
+    ):
+        assert any(
+            line.startswith(name + "{") and line.endswith(value) for line in body.splitlines()
+        ), name
     assert any(
         line.startswith("ferrule_rows_ingested") and line.endswith(" 25.0")
         for line in body.splitlines()

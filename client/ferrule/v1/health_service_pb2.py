@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65rrule/v1/health_service.proto\x12\nferrule.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x16GetHealthReportRequest\"\xbc\x01\n\x0e\x44\x61tabaseHealth\x12\x11\n\treachable\x18\x01 \x01(\x08\x12*\n\x07latency\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0eserver_version\x18\x03 \x01(\t\x12\x11\n\tpool_size\x18\x04 \x01(\x05\x12\x18\n\x10pool_checked_out\x18\x05 \x01(\x05\x12\x15\n\rpool_overflow\x18\x06 \x01(\x05\x12\x0f\n\x07\x64ialect\x18\x07 \x01(\t\"s\n\x0b\x43\x61\x63heHealth\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x0c\n\x04hits\x18\x04 \x01(\x03\x12\x0e\n\x06misses\x18\x05 \x01(\x03\x12\x10\n\x08hit_rate\x18\x06 \x01(\x01\"S\n\x0cSchemaHealth\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\t\x12\x15\n\rhead_revision\x18\x02 \x01(\t\x12\x12\n\nup_to_date\x18\x03 \x01(\x08\"\x99\x01\n\x0bProcessInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12)\n\x06uptime\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\trss_bytes\x18\x03 \x01(\x03\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc7\x01\n\x0fQueryStatistics\x12\x13\n\x0btotal_count\x18\x01 \x01(\x03\x12\x14\n\x0c\x66\x61iled_count\x18\x02 \x01(\x03\x12\x12\n\nerror_rate\x18\x03 \x01(\x01\x12\x30\n\rmean_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cp99_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nslow_count\x18\x06 \x01(\x03\"\xc9\x02\n\x0cHealthReport\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.ferrule.v1.HealthStatus\x12,\n\x08\x64\x61tabase\x18\x02 \x01(\x0b\x32\x1a.ferrule.v1.DatabaseHealth\x12&\n\x05\x63\x61\x63he\x18\x03 \x01(\x0b\x32\x17.ferrule.v1.CacheHealth\x12(\n\x06schema\x18\x04 \x01(\x0b\x32\x18.ferrule.v1.SchemaHealth\x12(\n\x07process\x18\x05 \x01(\x0b\x32\x17.ferrule.v1.ProcessInfo\x12\x35\n\x10query_statistics\x18\x06 \x01(\x0b\x32\x1b.ferrule.v1.QueryStatistics\x12.\n\ncheck_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x19GetSlowQueryReportRequest\x12\r\n\x05top_n\x18\x01 \x01(\x05\x12\x10\n\x08order_by\x18\x02 \x01(\t\x12\x1d\n\x15include_explain_plans\x18\x03 \x01(\x08\"\xf1\x02\n\x0eSlowQueryEntry\x12\x11\n\tstatement\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x31\n\x0etotal_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cp50_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cp99_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cmax_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10sample_trace_ids\x18\x07 \x03(\t\x12\x13\n\x0brpc_methods\x18\x08 \x03(\t\x12\x14\n\x0c\x65xplain_plan\x18\t \x01(\t\x12\x32\n\x0elast_seen_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9c\x01\n\x0fSlowQueryReport\x12,\n\tthreshold\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nsince_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x1a.ferrule.v1.SlowQueryEntry\"\x1d\n\x1bResetSlowQueryReportRequest\";\n\x1cResetSlowQueryReportResponse\x12\x1b\n\x13\x63leared_entry_count\x18\x01 \x01(\x05*\x81\x01\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x1b\n\x17HEALTH_STATUS_UNHEALTHY\x10\x03\x32\xa5\x02\n\rHealthService\x12O\n\x0fGetHealthReport\x12\".ferrule.v1.GetHealthReportRequest\x1a\x18.ferrule.v1.HealthReport\x12X\n\x12GetSlowQueryReport\x12%.ferrule.v1.GetSlowQueryReportRequest\x1a\x1b.ferrule.v1.SlowQueryReport\x12i\n\x14ResetSlowQueryReport\x12\'.ferrule.v1.ResetSlowQueryReportRequest\x1a(.ferrule.v1.ResetSlowQueryReportResponseB^\n\x0e\x64\x65v.ferrule.v1B\x12HealthServiceProtoP\x01Z6github.com/ferrule/ferrule/gen/go/ferrule/v1;ferrulev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65rrule/v1/health_service.proto\x12\nferrule.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x16GetHealthReportRequest\"\xbc\x01\n\x0e\x44\x61tabaseHealth\x12\x11\n\treachable\x18\x01 \x01(\x08\x12*\n\x07latency\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0eserver_version\x18\x03 \x01(\t\x12\x11\n\tpool_size\x18\x04 \x01(\x05\x12\x18\n\x10pool_checked_out\x18\x05 \x01(\x05\x12\x15\n\rpool_overflow\x18\x06 \x01(\x05\x12\x0f\n\x07\x64ialect\x18\x07 \x01(\t\"\xb3\x01\n\x0b\x43\x61\x63heHealth\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x0c\n\x04hits\x18\x04 \x01(\x03\x12\x0e\n\x06misses\x18\x05 \x01(\x03\x12\x10\n\x08hit_rate\x18\x06 \x01(\x01\x12\x11\n\tnear_hits\x18\x07 \x01(\x03\x12\x14\n\x0cnear_entries\x18\x08 \x01(\x03\x12\x15\n\rnear_tracking\x18\t \x01(\x08\"S\n\x0cSchemaHealth\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\t\x12\x15\n\rhead_revision\x18\x02 \x01(\t\x12\x12\n\nup_to_date\x18\x03 \x01(\x08\"\x99\x01\n\x0bProcessInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12)\n\x06uptime\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\trss_bytes\x18\x03 \x01(\x03\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc7\x01\n\x0fQueryStatistics\x12\x13\n\x0btotal_count\x18\x01 \x01(\x03\x12\x14\n\x0c\x66\x61iled_count\x18\x02 \x01(\x03\x12\x12\n\nerror_rate\x18\x03 \x01(\x01\x12\x30\n\rmean_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cp99_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nslow_count\x18\x06 \x01(\x03\"\xc9\x02\n\x0cHealthReport\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.ferrule.v1.HealthStatus\x12,\n\x08\x64\x61tabase\x18\x02 \x01(\x0b\x32\x1a.ferrule.v1.DatabaseHealth\x12&\n\x05\x63\x61\x63he\x18\x03 \x01(\x0b\x32\x17.ferrule.v1.CacheHealth\x12(\n\x06schema\x18\x04 \x01(\x0b\x32\x18.ferrule.v1.SchemaHealth\x12(\n\x07process\x18\x05 \x01(\x0b\x32\x17.ferrule.v1.ProcessInfo\x12\x35\n\x10query_statistics\x18\x06 \x01(\x0b\x32\x1b.ferrule.v1.QueryStatistics\x12.\n\ncheck_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x19GetSlowQueryReportRequest\x12\r\n\x05top_n\x18\x01 \x01(\x05\x12\x10\n\x08order_by\x18\x02 \x01(\t\x12\x1d\n\x15include_explain_plans\x18\x03 \x01(\x08\"\xf1\x02\n\x0eSlowQueryEntry\x12\x11\n\tstatement\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x31\n\x0etotal_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cp50_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cp99_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cmax_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10sample_trace_ids\x18\x07 \x03(\t\x12\x13\n\x0brpc_methods\x18\x08 \x03(\t\x12\x14\n\x0c\x65xplain_plan\x18\t \x01(\t\x12\x32\n\x0elast_seen_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9c\x01\n\x0fSlowQueryReport\x12,\n\tthreshold\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nsince_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x1a.ferrule.v1.SlowQueryEntry\"\x1d\n\x1bResetSlowQueryReportRequest\";\n\x1cResetSlowQueryReportResponse\x12\x1b\n\x13\x63leared_entry_count\x18\x01 \x01(\x05*\x81\x01\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x1b\n\x17HEALTH_STATUS_UNHEALTHY\x10\x03\x32\xa5\x02\n\rHealthService\x12O\n\x0fGetHealthReport\x12\".ferrule.v1.GetHealthReportRequest\x1a\x18.ferrule.v1.HealthReport\x12X\n\x12GetSlowQueryReport\x12%.ferrule.v1.GetSlowQueryReportRequest\x1a\x1b.ferrule.v1.SlowQueryReport\x12i\n\x14ResetSlowQueryReport\x12\'.ferrule.v1.ResetSlowQueryReportRequest\x1a(.ferrule.v1.ResetSlowQueryReportResponseB^\n\x0e\x64\x65v.ferrule.v1B\x12HealthServiceProtoP\x01Z6github.com/ferrule/ferrule/gen/go/ferrule/v1;ferrulev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +34,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ferrule.v1.health_service_p
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.ferrule.v1B\022HealthServiceProtoP\001Z6github.com/ferrule/ferrule/gen/go/ferrule/v1;ferrulev1'
-  _globals['_HEALTHSTATUS']._serialized_start=1938
-  _globals['_HEALTHSTATUS']._serialized_end=2067
+  _globals['_HEALTHSTATUS']._serialized_start=2003
+  _globals['_HEALTHSTATUS']._serialized_end=2132
   _globals['_GETHEALTHREPORTREQUEST']._serialized_start=112
   _globals['_GETHEALTHREPORTREQUEST']._serialized_end=136
   _globals['_DATABASEHEALTH']._serialized_start=139
   _globals['_DATABASEHEALTH']._serialized_end=327
-  _globals['_CACHEHEALTH']._serialized_start=329
-  _globals['_CACHEHEALTH']._serialized_end=444
-  _globals['_SCHEMAHEALTH']._serialized_start=446
-  _globals['_SCHEMAHEALTH']._serialized_end=529
-  _globals['_PROCESSINFO']._serialized_start=532
-  _globals['_PROCESSINFO']._serialized_end=685
-  _globals['_QUERYSTATISTICS']._serialized_start=688
-  _globals['_QUERYSTATISTICS']._serialized_end=887
-  _globals['_HEALTHREPORT']._serialized_start=890
-  _globals['_HEALTHREPORT']._serialized_end=1219
-  _globals['_GETSLOWQUERYREPORTREQUEST']._serialized_start=1221
-  _globals['_GETSLOWQUERYREPORTREQUEST']._serialized_end=1312
-  _globals['_SLOWQUERYENTRY']._serialized_start=1315
-  _globals['_SLOWQUERYENTRY']._serialized_end=1684
-  _globals['_SLOWQUERYREPORT']._serialized_start=1687
-  _globals['_SLOWQUERYREPORT']._serialized_end=1843
-  _globals['_RESETSLOWQUERYREPORTREQUEST']._serialized_start=1845
-  _globals['_RESETSLOWQUERYREPORTREQUEST']._serialized_end=1874
-  _globals['_RESETSLOWQUERYREPORTRESPONSE']._serialized_start=1876
-  _globals['_RESETSLOWQUERYREPORTRESPONSE']._serialized_end=1935
-  _globals['_HEALTHSERVICE']._serialized_start=2070
-  _globals['_HEALTHSERVICE']._serialized_end=2363
+  _globals['_CACHEHEALTH']._serialized_start=330
+  _globals['_CACHEHEALTH']._serialized_end=509
+  _globals['_SCHEMAHEALTH']._serialized_start=511
+  _globals['_SCHEMAHEALTH']._serialized_end=594
+  _globals['_PROCESSINFO']._serialized_start=597
+  _globals['_PROCESSINFO']._serialized_end=750
+  _globals['_QUERYSTATISTICS']._serialized_start=753
+  _globals['_QUERYSTATISTICS']._serialized_end=952
+  _globals['_HEALTHREPORT']._serialized_start=955
+  _globals['_HEALTHREPORT']._serialized_end=1284
+  _globals['_GETSLOWQUERYREPORTREQUEST']._serialized_start=1286
+  _globals['_GETSLOWQUERYREPORTREQUEST']._serialized_end=1377
+  _globals['_SLOWQUERYENTRY']._serialized_start=1380
+  _globals['_SLOWQUERYENTRY']._serialized_end=1749
+  _globals['_SLOWQUERYREPORT']._serialized_start=1752
+  _globals['_SLOWQUERYREPORT']._serialized_end=1908
+  _globals['_RESETSLOWQUERYREPORTREQUEST']._serialized_start=1910
+  _globals['_RESETSLOWQUERYREPORTREQUEST']._serialized_end=1939
+  _globals['_RESETSLOWQUERYREPORTRESPONSE']._serialized_start=1941
+  _globals['_RESETSLOWQUERYREPORTRESPONSE']._serialized_end=2000
+  _globals['_HEALTHSERVICE']._serialized_start=2135
+  _globals['_HEALTHSERVICE']._serialized_end=2428
 # @@protoc_insertion_point(module_scope)

@@ -134,6 +134,9 @@ class CacheHealth(_message.Message):
     HITS_FIELD_NUMBER: _builtins.int
     MISSES_FIELD_NUMBER: _builtins.int
     HIT_RATE_FIELD_NUMBER: _builtins.int
+    NEAR_HITS_FIELD_NUMBER: _builtins.int
+    NEAR_ENTRIES_FIELD_NUMBER: _builtins.int
+    NEAR_TRACKING_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """Backend in use: "redis" or "memory"."""
     reachable: _builtins.bool
@@ -148,6 +151,16 @@ class CacheHealth(_message.Message):
     """Cache misses."""
     hit_rate: _builtins.float
     """hits / (hits + misses) in [0, 1]; 0 when there were no lookups."""
+    near_hits: _builtins.int
+    """Of the hits, those the near cache served from process memory (no Redis round
+    trip); 0 without Redis or with the near cache off.
+    """
+    near_entries: _builtins.int
+    """Values the near cache holds now."""
+    near_tracking: _builtins.bool
+    """Whether Redis tracks the near cache now (false: it is flushed and bypassed until
+    tracking is back, or there is no near cache).
+    """
     def __init__(
         self,
         *,
@@ -157,10 +170,13 @@ class CacheHealth(_message.Message):
         hits: _builtins.int = ...,
         misses: _builtins.int = ...,
         hit_rate: _builtins.float = ...,
+        near_hits: _builtins.int = ...,
+        near_entries: _builtins.int = ...,
+        near_tracking: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "degraded", b"degraded", "hit_rate", b"hit_rate", "hits", b"hits", "misses", b"misses", "reachable", b"reachable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "degraded", b"degraded", "hit_rate", b"hit_rate", "hits", b"hits", "misses", b"misses", "near_entries", b"near_entries", "near_hits", b"near_hits", "near_tracking", b"near_tracking", "reachable", b"reachable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
