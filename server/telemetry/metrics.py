@@ -156,25 +156,36 @@ class ServerMetrics:
 
             return callback
 
-        self._meter.create_observable_counter(
-            "ferrule.cache.hits", [observed("hits")], unit="{lookup}", description="Cache hits"
-        )
-        self._meter.create_observable_counter(
-            "ferrule.cache.misses", [observed("misses")], unit="{lookup}",
-            description="Cache misses",
-        )  # fmt: skip
-        self._meter.create_observable_counter(
-            "ferrule.cache.near_hits", [observed("near_hits")], unit="{lookup}",
-            description="Cache hits served from process memory, without a Redis round trip",
-        )  # fmt: skip
-        self._meter.create_observable_gauge(
-            "ferrule.cache.near_entries", [observed("near_entries")], unit="{entry}",
-            description="Values the near cache holds",
-        )  # fmt: skip
-        self._meter.create_observable_gauge(
-            "ferrule.cache.near_tracking", [observed("near_tracking")],
-            description="1 while Redis tracks this process's near cache (0: it is bypassed)",
-        )  # fmt: skip
+        for name, field, unit, description in _CACHE_COUNTERS:
+            self._meter.create_observable_counter(
+                name, [observed(field)], unit=unit, description=description
+            )
+        for name, field, unit, description in _CACHE_GAUGES:
+            self._meter.create_observable_gauge(
+                name, [observed(field)], unit=unit, description=description
+            )
+
+
+#: (instrument, CacheCounts field, unit, description)
+_CACHE_COUNTERS = (
+    ("ferrule.cache.hits", "hits", "{lookup}", "Cache hits"),
+    ("ferrule.cache.misses", "misses", "{lookup}", "Cache misses"),
+    (
+        "ferrule.cache.near_hits",
+        "near_hits",
+        "{lookup}",
+        "Cache hits served from process memory, without a Redis round trip",
+    ),
+)
+_CACHE_GAUGES = (
+    ("ferrule.cache.near_entries", "near_entries", "{entry}", "Values the near cache holds"),
+    (
+        "ferrule.cache.near_tracking",
+        "near_tracking",
+        "",
+        "1 while Redis tracks this process's near cache (0: it is bypassed)",
+    ),
+)
 
 
 _default: ServerMetrics | None = None

@@ -273,6 +273,27 @@ async def test_a_process_without_a_near_cache_still_invalidates_the_others(
         await without.close()
 
 
+async def _invalidate_while_redis_holds_writes(
+    own_redis: RedisProcess, **writer_options: Any
+) -> tuple[Cache, Cache, int]:
+    """Process a caches a value (near copy tracked); then, while Redis holds every write
+    for longer than one call's timeout (reads go on), process b (``writer_options``)
+    invalidates it, as after its write committed. Returns both caches, open, and how many
+    invalidations a's near cache had heard before b's."""
+    a = make_cache(own_redis.url, timeout_ms=50)
+    b = make_cache(own_redis.url, timeout_ms=50, **writer_options)
+    await tracking(a)
+    await tracking(b)
+    assert await a.get_or_load(key(), Loader(b"old"), ttl=60) == b"old"
+    near_a = backend_of(a).near
+    assert near_a is not None
+    seen = near_a.invalidations
+    with redis.Redis(port=own_redis.port) as admin:
+        admin.execute_command("CLIENT", "PAUSE", 120, "WRITE")
+        await b.invalidate(key())
+    return a, b, seen
+
+
 async def test_a_write_whose_invalidation_times_out_once_retries_before_it_answers(
     own_redis: RedisProcess,
 ) -> None:
@@ -280,18 +301,10 @@ async def test_a_write_whose_invalidation_times_out_once_retries_before_it_answe
     the database, but a write that gave up on its invalidation would leave the other
     processes serving the old value (from Redis and their near caches) until it replays
     it, after the write answered: the invalidation is retried before the write answers."""
-    a, b = make_cache(own_redis.url, timeout_ms=50), make_cache(own_redis.url, timeout_ms=50)
-    await tracking(a)
-    await tracking(b)
+    a, b, seen = await _invalidate_while_redis_holds_writes(own_redis)
     try:
         near_a = backend_of(a).near
         assert near_a is not None
-        assert await a.get_or_load(key(), Loader(b"old"), ttl=60) == b"old"
-        seen = near_a.invalidations
-        with redis.Redis(port=own_redis.port) as admin:
-            # Redis holds every write for longer than one call's timeout (reads go on).
-            admin.execute_command("CLIENT", "PAUSE", 120, "WRITE")
-            await b.invalidate(key())  # b's write committed
         assert b.stats().pending_invalidations == 0
         await invalidations_reach(near_a, seen + 1)
         assert await a.get_or_load(key(), Loader(b"new"), ttl=60) == b"new"
@@ -306,19 +319,8 @@ async def test_without_invalidation_retries_a_timed_out_invalidation_is_left_for
     """``invalidation_retry_ms`` (FERRULE_CACHE_INVALIDATION_RETRY_MS) is what makes the
     write above wait: at 0 the one attempt that timed out is all, and the invalidation
     waits for the background replay after the write has answered."""
-    a, b = (
-        make_cache(own_redis.url, timeout_ms=50),
-        make_cache(own_redis.url, timeout_ms=50, invalidation_retry_ms=0),
-    )
-    await tracking(a)
-    await tracking(b)
+    a, b, _ = await _invalidate_while_redis_holds_writes(own_redis, invalidation_retry_ms=0)
     try:
-        near_a = backend_of(a).near
-        assert near_a is not None
-        assert await a.get_or_load(key(), Loader(b"old"), ttl=60) == b"old"
-        with redis.Redis(port=own_redis.port) as admin:
-            admin.execute_command("CLIENT", "PAUSE", 120, "WRITE")
-            await b.invalidate(key())
         assert b.stats().pending_invalidations > 0
     finally:
         await a.close()
