@@ -11,14 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import TracebackType
 
 import grpc
 
-from server.call_context import CallContext, current_call
+from server.call_context import current_call
 from server.input_boundary import loggable
 from server.interceptors.scoped import Context, ScopedInterceptor
 
@@ -142,51 +142,63 @@ class RequestLogInterceptor(ScopedInterceptor):
     def __init__(self, writer: RequestLogWriter) -> None:
         self._writer = writer
 
-    @asynccontextmanager
-    async def scope(self, method: str, context: Context, request: object) -> AsyncIterator[None]:
+    def scope(self, method: str, context: Context, request: object) -> _LogScope:
+        return _LogScope(self._writer, method, context)
+
+
+class _LogScope:
+    """Records one call's entry when it ends: an async context manager by hand (this runs
+    on every call; a generator-based one costs a generator, its frames and a helper
+    object more per call)."""
+
+    __slots__ = ("_call", "_context", "_method", "_peer", "_started", "_user_agent", "_writer")
+
+    def __init__(self, writer: RequestLogWriter, method: str, context: Context) -> None:
+        self._writer = writer
+        self._method = method
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        context = self._context
         # Read the call's peer and metadata now: once a cancelled call is finished, grpc.aio
         # may have released the C call object, and context.peer() then crashes the process.
-        peer = context.peer()
+        self._peer = context.peer()
         user_agent = None
         for key, value in context.invocation_metadata() or ():
             if key == "user-agent":
                 user_agent = value if isinstance(value, str) else value.decode()
+        self._user_agent = user_agent
         # Taken on entry, in the call's context: the exit may run in another one.
-        call = current_call()
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            yield
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except BaseException:
-            code = grpc.StatusCode.UNKNOWN
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                code = context.code() or code
-            self._record(call, method, peer, user_agent, code, time.perf_counter() - started)
+        self._call = current_call()
+        self._started = time.perf_counter()
 
-    def _record(
+    async def __aexit__(
         self,
-        call: CallContext,
-        method: str,
-        peer: str,
-        user_agent: str | None,
-        code: grpc.StatusCode,
-        elapsed: float,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
     ) -> None:
+        context = self._context
+        code = grpc.StatusCode.OK
+        if isinstance(exc, grpc.aio.AbortError):
+            with contextlib.suppress(Exception):
+                code = context.code() or grpc.StatusCode.UNKNOWN
+        elif isinstance(exc, asyncio.CancelledError):
+            code = grpc.StatusCode.CANCELLED
+        elif exc is not None:
+            code = grpc.StatusCode.UNKNOWN
+        with contextlib.suppress(Exception):
+            code = context.code() or code
+        elapsed = time.perf_counter() - self._started
+        call = self._call
+        user_agent = self._user_agent
         self._writer.record(
             RequestLogEntry(
-                method=method,
+                method=self._method,
                 caller=call.principal.subject if call.principal else None,
                 organization_id=call.organization_id,
                 # Recorded, not refused: what a text column cannot hold is replaced.
-                peer=loggable(peer),
+                peer=loggable(self._peer),
                 user_agent=None if user_agent is None else loggable(user_agent),
                 status_code=code.name,
                 latency_ms=elapsed * 1000,

@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -93,61 +92,94 @@ class TracingInterceptor(ScopedInterceptor):
                 self._names[method] = described
         return described
 
-    @asynccontextmanager
-    async def scope(self, method: str, context: Context, request: Any) -> AsyncIterator[None]:
-        name, rpc_attributes = self._describe(method)
+    def scope(self, method: str, context: Context, request: Any) -> _RpcScope:
+        return _RpcScope(self, method, context)
+
+
+class _RpcScope:
+    """The span, metrics and statement context of one RPC: an async context manager by
+    hand (this runs on every call; a generator-based one costs a generator, its frames
+    and a helper object more per call)."""
+
+    __slots__ = (
+        "_call",
+        "_context",
+        "_context_token",
+        "_interceptor",
+        "_method",
+        "_metrics",
+        "_span",
+        "_started",
+        "_statement_token",
+    )
+
+    def __init__(self, interceptor: TracingInterceptor, method: str, context: Context) -> None:
+        self._interceptor = interceptor
+        self._method = method
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        interceptor = self._interceptor
+        method, context = self._method, self._context
+        name, rpc_attributes = interceptor._describe(method)
         carrier = _metadata_carrier(context)
-        propagator = self._propagator
+        propagator = interceptor._propagator
         parent = (propagator or propagate.get_global_textmap()).extract(carrier)
-        span = self._tracer.start_span(
+        span = interceptor._tracer.start_span(
             name, context=parent, kind=SpanKind.SERVER, attributes=rpc_attributes
         )
         if span.is_recording():
             span.set_attributes(peer_attributes(context.peer()))
-        context_token = otel_context.attach(trace.set_span_in_context(span, parent))
+        self._span = span
+        self._context_token = otel_context.attach(trace.set_span_in_context(span, parent))
         span_context = span.get_span_context()
         trace_id = trace.format_trace_id(span_context.trace_id) if span_context.is_valid else None
-        call = maybe_current_call()
+        call = self._call = maybe_current_call()
         if call is not None:
             call.trace_id = trace_id
-        statement_token = set_statement_context(
+        self._statement_token = set_statement_context(
             StatementContext(
                 rpc_method=name,
                 tenant=call.organization_id if call is not None else None,
                 trace_id=trace_id,
             )
         )
-        server_metrics = self._metrics or default_metrics()
-        server_metrics.rpc_started(method)
-        started = time.perf_counter()
+        metrics = self._metrics = interceptor._metrics or default_metrics()
+        metrics.rpc_started(method)
+        self._started = time.perf_counter()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        context = self._context
         code = grpc.StatusCode.OK
         error: BaseException | None = None
-        try:
-            yield
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except BaseException as exc:
-            code, error = grpc.StatusCode.UNKNOWN, exc
-            raise
-        finally:
+        if isinstance(exc, grpc.aio.AbortError):
             with contextlib.suppress(Exception):
-                code = context.code() or code
-            elapsed = time.perf_counter() - started
-            if span.is_recording():
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-                tenant = call.organization_id if call is not None else None
-                if tenant:
-                    span.set_attribute("ferrule.tenant", tenant)
-                if error is not None:
-                    # The type only: messages can carry request data.
-                    span.set_attribute("error.type", type(error).__qualname__)
-                if code in _SERVER_ERRORS:
-                    span.set_status(Status(StatusCode.ERROR, code.name))
-            span.end()
-            if reset_statement_context(statement_token):  # else: a copy nobody reads
-                otel_context.detach(context_token)
-            server_metrics.rpc_finished(method, code.name, elapsed)
+                code = context.code() or grpc.StatusCode.UNKNOWN
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            code = grpc.StatusCode.CANCELLED
+        elif exc is not None:
+            code, error = grpc.StatusCode.UNKNOWN, exc
+        with contextlib.suppress(Exception):
+            code = context.code() or code
+        elapsed = time.perf_counter() - self._started
+        span = self._span
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            call = self._call
+            tenant = call.organization_id if call is not None else None
+            if tenant:
+                span.set_attribute("ferrule.tenant", tenant)
+            if error is not None:
+                # The type only: messages can carry request data.
+                span.set_attribute("error.type", type(error).__qualname__)
+            if code in _SERVER_ERRORS:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end()
+        if reset_statement_context(self._statement_token):  # else: a copy nobody reads
+            otel_context.detach(self._context_token)
+        self._metrics.rpc_finished(self._method, code.name, elapsed)
