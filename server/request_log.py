@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +26,7 @@ from server.interceptors.scoped import Context, ScopedInterceptor
 log = logging.getLogger("ferrule.request_log")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestLogEntry:
     method: str
     caller: str | None
@@ -52,7 +53,12 @@ class RequestLogWriter:
         flush_interval: float = 0.5,
     ) -> None:
         self._write_batch = write_batch
-        self._queue: asyncio.Queue[RequestLogEntry] = asyncio.Queue(maxsize=max_queue)
+        # A deque and an event rather than an asyncio.Queue: every RPC appends one entry,
+        # and the queue's per-item bookkeeping (and waking its getter) would be paid per
+        # call; here the writer is woken only when the first entry of a batch arrives.
+        self._pending: deque[RequestLogEntry] = deque()
+        self._arrived = asyncio.Event()
+        self._max_queue = max_queue
         self._max_batch = max_batch
         self._flush_interval = flush_interval
         self._task: asyncio.Task[None] | None = None
@@ -61,28 +67,29 @@ class RequestLogWriter:
         self.failed_batches = 0
 
     def record(self, entry: RequestLogEntry) -> None:
-        try:
-            self._queue.put_nowait(entry)
-        except asyncio.QueueFull:
+        pending = self._pending
+        if len(pending) >= self._max_queue:
             self.dropped += 1
+            return
+        if not pending:
+            self._arrived.set()
+        pending.append(entry)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="request-log-writer")
 
     async def _run(self) -> None:
         while True:
-            first = await self._queue.get()
+            if not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
             await asyncio.sleep(self._flush_interval)  # let a batch accumulate
-            await self._write([first, *self._drain()])
+            await self._write(self._take())
 
-    def _drain(self) -> list[RequestLogEntry]:
-        batch: list[RequestLogEntry] = []
-        while len(batch) < self._max_batch - 1:
-            try:
-                batch.append(self._queue.get_nowait())
-            except asyncio.QueueEmpty:
-                break
-        return batch
+    def _take(self) -> list[RequestLogEntry]:
+        """Up to a batch of the oldest entries."""
+        pending = self._pending
+        return [pending.popleft() for _ in range(min(len(pending), self._max_batch))]
 
     async def _write(self, batch: list[RequestLogEntry]) -> None:
         try:
@@ -115,11 +122,11 @@ class RequestLogWriter:
             # asyncio.wait returns at the deadline even if the task is still unwinding.
             await asyncio.wait({self._task}, timeout=grace)
             self._task = None
-        while not self._queue.empty():
+        while self._pending:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            batch = [self._queue.get_nowait(), *self._drain()]
+            batch = self._take()
             write = asyncio.ensure_future(self._write_batch(batch))
             done, _ = await asyncio.wait({write}, timeout=remaining)
             if not done:
@@ -131,9 +138,8 @@ class RequestLogWriter:
                 self.written += len(batch)
             else:
                 self._failed(batch, error)
-        unwritten = self._queue.qsize()
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        unwritten = len(self._pending)
+        self._pending.clear()
         if unwritten:
             self._lost(unwritten, f"still queued after the {grace:.1f} s grace period")
 
