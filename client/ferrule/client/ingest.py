@@ -370,10 +370,10 @@ class AsyncPredictionStreamer:
         self._sent = 0
         sender = asyncio.create_task(self._send(call))
         try:
-            while True:
-                response = await call.read()
-                if response is aio.EOF:
-                    break
+            # Iterated, not read(): once the call has its status, read() raises at once
+            # and drops acknowledgements still buffered, which would re-send (as
+            # duplicates) batches the server had acknowledged before it ended the stream.
+            async for response in call:
                 assert isinstance(response, pb.StreamPredictionsResponse)
                 await self._acknowledged(response)
             if self._unacked:  # the server ended the stream OK while batches were pending
