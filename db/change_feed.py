@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,15 +171,69 @@ class ChangeFeed:
         """Stop listening."""
 
 
-class PostgresChangeFeed(ChangeFeed):
+class _ListeningChangeFeed(ChangeFeed):
+    """A transport with one listening connection per process: :meth:`_listen` connects
+    and returns (or raises one of :attr:`_transient_errors`) when the connection is lost;
+    this reconnects with backoff. Every watcher is woken on each (re)connection and after
+    each loss, since what was committed while nothing listened was not heard."""
+
+    #: The listener's name in logs.
+    _listener_name = "change listener"
+    _transient_errors: tuple[type[Exception], ...] = (OSError,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._task: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen_forever(), name="ferrule-change-listener")
+
+    async def wait_listening(self) -> None:
+        await self._listening.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+            self._task = None
+
+    async def _listen(self, listening: Callable[[], None]) -> None:
+        """Connect, subscribe, call ``listening()``, then dispatch until the connection
+        is lost; release the connection on the way out."""
+        raise NotImplementedError
+
+    async def _listen_forever(self) -> None:
+        backoff = _RECONNECT_MIN_S
+
+        def listening() -> None:
+            nonlocal backoff
+            backoff = _RECONNECT_MIN_S
+            self.wake_all()
+            self._listening.set()
+
+        while True:
+            try:
+                await self._listen(listening)
+            except asyncio.CancelledError:
+                raise
+            except self._transient_errors as exc:
+                log.warning("%s: %s; reconnecting", self._listener_name, type(exc).__name__)
+            finally:
+                self._listening.clear()
+            self.wake_all()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _RECONNECT_MAX_S)
+
+
+class PostgresChangeFeed(_ListeningChangeFeed):
     """NOTIFY in the writing transaction; one LISTEN connection per process."""
+
+    _transient_errors = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
     def __init__(self, database_url: str) -> None:
         super().__init__()
         # asyncpg speaks libpq's URL form; the SQLAlchemy driver suffix is not part of it.
         self._dsn = make_url(database_url).set(drivername="postgresql")
-        self._task: asyncio.Task[None] | None = None
-        self._listening = asyncio.Event()
         #: Bumped on every (re)connection, so tests can tell a reconnect happened.
         self.connections = 0
 
@@ -193,61 +247,40 @@ class PostgresChangeFeed(ChangeFeed):
     async def committed(self, changes: Iterable[Change]) -> None:
         """Delivered by PostgreSQL, to this process too, through the LISTEN connection."""
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen_forever(), name="ferrule-change-listener")
-
-    async def wait_listening(self) -> None:
-        await self._listening.wait()
-
-    async def close(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait([self._task])
-            self._task = None
-
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         change = Change.parse(payload)
         if change is not None:
             self.dispatch(change)
 
-    async def _listen_forever(self) -> None:
-        backoff = _RECONNECT_MIN_S
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(
-                    self._dsn.render_as_string(hide_password=False),
-                    timeout=10,
-                    server_settings={"application_name": LISTENER_APPLICATION_NAME},
-                )
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._on_notification)
-                self.connections += 1
-                backoff = _RECONNECT_MIN_S
-                # Changes committed while no connection listened were not heard.
-                self.wake_all()
-                self._listening.set()
-                while not lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_KEEPALIVE_S):
-                            await lost.wait()
-                    if not lost.is_set():
-                        await conn.execute("SELECT 1", timeout=_KEEPALIVE_S)
-            except asyncio.CancelledError:
-                raise
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("change listener: %s; reconnecting", type(exc).__name__)
-            finally:
-                self._listening.clear()
-                if conn is not None:
-                    conn.terminate()
-            self.wake_all()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _RECONNECT_MAX_S)
+    async def _listen(self, listening: Callable[[], None]) -> None:
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await asyncpg.connect(
+                self._dsn.render_as_string(hide_password=False),
+                timeout=10,
+                server_settings={"application_name": LISTENER_APPLICATION_NAME},
+            )
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+            await conn.add_listener(CHANNEL, self._on_notification)
+            self.connections += 1
+            listening()
+            while not lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_KEEPALIVE_S):
+                        await lost.wait()
+                if not lost.is_set():
+                    await conn.execute("SELECT 1", timeout=_KEEPALIVE_S)
+        finally:
+            if conn is not None:
+                conn.terminate()
 
 
-class RedisChangeFeed(ChangeFeed):
+class RedisChangeFeed(_ListeningChangeFeed):
     """PUBLISH after the transaction; one pub/sub connection per process."""
+
+    _listener_name = "change subscriber"
+    _transient_errors = (redis.exceptions.RedisError, OSError)
 
     def __init__(self, config: RedisConnectionConfig, prefix: str, timeout_s: float) -> None:
         super().__init__()
@@ -265,8 +298,6 @@ class RedisChangeFeed(ChangeFeed):
                 client_name="ferrule-change-subscriber",
             )
         )
-        self._task: asyncio.Task[None] | None = None
-        self._listening = asyncio.Event()
 
     async def committed(self, changes: Iterable[Change]) -> None:
         for change in changes:
@@ -277,49 +308,29 @@ class RedisChangeFeed(ChangeFeed):
                 log.warning("change publish failed: %s", type(exc).__name__)
                 self.dispatch(change)
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen_forever(), name="ferrule-change-listener")
-
-    async def wait_listening(self) -> None:
-        await self._listening.wait()
-
     async def close(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait([self._task])
-            self._task = None
+        await super().close()
         await self._publisher.aclose()
         await self._subscriber.aclose()
 
-    async def _listen_forever(self) -> None:
-        backoff = _RECONNECT_MIN_S
-        while True:
-            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._channel)
-                backoff = _RECONNECT_MIN_S
-                self.wake_all()
-                self._listening.set()
-                while True:
-                    message = await pubsub.get_message(timeout=_KEEPALIVE_S)
-                    if message is None:
-                        await pubsub.ping()
-                        continue
-                    data = message.get("data")
-                    if isinstance(data, bytes):
-                        change = Change.parse(data.decode("utf-8", "replace"))
-                        if change is not None:
-                            self.dispatch(change)
-            except asyncio.CancelledError:
-                raise
-            except (redis.exceptions.RedisError, OSError) as exc:
-                log.warning("change subscriber: %s; reconnecting", type(exc).__name__)
-            finally:
-                self._listening.clear()
-                with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                    await pubsub.aclose()
-            self.wake_all()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _RECONNECT_MAX_S)
+    async def _listen(self, listening: Callable[[], None]) -> None:
+        pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self._channel)
+            listening()
+            while True:
+                message = await pubsub.get_message(timeout=_KEEPALIVE_S)
+                if message is None:
+                    await pubsub.ping()
+                    continue
+                data = message.get("data")
+                if isinstance(data, bytes):
+                    change = Change.parse(data.decode("utf-8", "replace"))
+                    if change is not None:
+                        self.dispatch(change)
+        finally:
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await pubsub.aclose()
 
 
 def create_change_feed(
