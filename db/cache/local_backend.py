@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 from db.cache.errors import CacheBackendError
+from db.cache.lru import ExpiringLRU
 
 
 class LocalBackend:
@@ -19,11 +19,9 @@ class LocalBackend:
     """
 
     def __init__(self, max_entries: int, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
         self._max = max_entries
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._entries = ExpiringLRU(max_entries, clock=clock)
         self._leases: dict[str, tuple[str, float]] = {}
         self._counters: dict[str, int] = {}
         self._closed = False
@@ -49,26 +47,12 @@ class LocalBackend:
 
     async def get(self, key: str, ttl_ms: int | None = None) -> bytes | None:
         self._check_open()
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        value, expires = entry
-        if expires <= self._clock():
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return value
-
-    def _store(self, key: str, value: bytes, ttl_ms: int) -> None:
-        self._entries[key] = (value, self._clock() + ttl_ms / 1000)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        return self._entries.get(key)
 
     async def delete(self, *keys: str) -> None:
         self._check_open()
         for key in keys:
-            self._entries.pop(key, None)
+            self._entries.pop(key)
             self._leases.pop(key, None)
             self._counters.pop(key, None)
 
@@ -106,7 +90,7 @@ class LocalBackend:
         if self._live_lease(lease_key) != token:
             return False
         del self._leases[lease_key]
-        self._store(key, value, ttl_ms)
+        self._entries.put(key, value, ttl_ms / 1000)
         return True
 
     async def release_lease(self, lease_key: str, token: str) -> None:

@@ -19,8 +19,9 @@ in a way nobody notices) and the cache is a bounded LRU.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
+
+from db.cache.lru import ExpiringLRU
 
 
 class Ticket:
@@ -45,14 +46,10 @@ class NearCache:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
         if max_ttl_s <= 0:
             raise ValueError("max_ttl_s must be positive")
-        self._max = max_entries
         self._max_ttl = max_ttl_s
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._entries = ExpiringLRU(max_entries, clock=clock)
         self._tickets: dict[str, Ticket] = {}
         self._epoch = 0
         #: True while invalidations are known to arrive (the listener is subscribed).
@@ -71,15 +68,9 @@ class NearCache:
     def get(self, key: str) -> bytes | None:
         if not self.active:
             return None
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        value, expires = entry
-        if expires <= self._clock():
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
+        value = self._entries.get(key)
+        if value is not None:
+            self.hits += 1
         return value
 
     def begin(self, key: str) -> Ticket | None:
@@ -107,17 +98,13 @@ class NearCache:
         if ticket is None or not ticket.valid or ticket.epoch != self._epoch or not self.active:
             return False
         ttl = self._max_ttl if ttl_s is None else min(ttl_s, self._max_ttl)
-        entries = self._entries
-        entries[ticket.key] = (value, self._clock() + ttl)
-        entries.move_to_end(ticket.key)
-        while len(entries) > self._max:
-            entries.popitem(last=False)
+        self._entries.put(ticket.key, value, ttl)
         return True
 
     def invalidate(self, keys: Iterable[str]) -> None:
         for key in keys:
             self.invalidations += 1
-            self._entries.pop(key, None)
+            self._entries.pop(key)
             ticket = self._tickets.pop(key, None)
             if ticket is not None:
                 ticket.valid = False
