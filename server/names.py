@@ -39,7 +39,21 @@ class Pattern:
         return _format_string(self.template).format(*ids)
 
     def parse(self, name: str, field: str = "name") -> tuple[uuid.UUID, ...]:
-        """Every id in the name as a UUID, or INVALID_ARGUMENT naming the field."""
+        """Every id in the name as a UUID, or INVALID_ARGUMENT naming the field.
+
+        Names that parsed are remembered (a bounded table, emptied when full): every
+        request names its resource and hot resources are named again and again, and a
+        name's ids never change; names that fail are never remembered."""
+        key = (self.template, name)
+        parsed = _parsed.get(key)
+        if parsed is None:
+            parsed = self._parse(name, field)
+            if len(_parsed) >= _PARSED_MAX:
+                _parsed.clear()
+            _parsed[key] = parsed
+        return parsed
+
+    def _parse(self, name: str, field: str) -> tuple[uuid.UUID, ...]:
         if not name:
             raise _invalid(field, f"required; expected {self.template}")
         match = self.regex.fullmatch(name)
@@ -55,6 +69,9 @@ class Pattern:
 
 
 _cache: dict[str, re.Pattern[str]] = {}
+#: Names already parsed, by (template, name); at most _PARSED_MAX of them.
+_parsed: dict[tuple[str, str], tuple[uuid.UUID, ...]] = {}
+_PARSED_MAX = 4096
 
 
 def _compiled(template: str) -> re.Pattern[str]:

@@ -34,8 +34,9 @@ def authorize(pattern: Pattern, name: str, field: str = "name") -> tuple[uuid.UU
 def authorize_organization(organization_id: uuid.UUID) -> Tenant:
     call = current_call()
     assert call.principal is not None, "authorize() runs after authentication"
-    check_organization(call.principal, str(organization_id))
-    call.organization_id = str(organization_id)
+    organization = str(organization_id)
+    check_organization(call.principal, organization)
+    call.organization_id = organization
     bind_statement_tenant(call.organization_id)
     return Tenant.of(organization_id)
 
