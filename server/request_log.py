@@ -8,7 +8,6 @@ queue fills and new entries are dropped (and counted) rather than slowing RPCs d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -21,7 +20,7 @@ import grpc
 
 from server.call_context import current_call
 from server.input_boundary import loggable
-from server.interceptors.scoped import Context, ScopedInterceptor
+from server.interceptors.scoped import Context, ScopedInterceptor, final_code
 
 log = logging.getLogger("ferrule.request_log")
 
@@ -187,14 +186,12 @@ class _LogScope:
         context = self._context
         code = grpc.StatusCode.OK
         if isinstance(exc, grpc.aio.AbortError):
-            with contextlib.suppress(Exception):
-                code = context.code() or grpc.StatusCode.UNKNOWN
+            code = grpc.StatusCode.UNKNOWN
         elif isinstance(exc, asyncio.CancelledError):
             code = grpc.StatusCode.CANCELLED
         elif exc is not None:
             code = grpc.StatusCode.UNKNOWN
-        with contextlib.suppress(Exception):
-            code = context.code() or code
+        code = final_code(context, code)
         elapsed = time.perf_counter() - self._started
         call = self._call
         user_agent = self._user_agent

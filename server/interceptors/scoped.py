@@ -55,6 +55,18 @@ def rebuild(
     return result
 
 
+def final_code(context: Context, otherwise: grpc.StatusCode) -> grpc.StatusCode:
+    """The status the call ended with, as grpc.aio recorded it (an abort, or a code the
+    behaviour set), else ``otherwise``: what the scope saw leave the behaviour.
+
+    A released call has no code to read. A try/except, not ``contextlib.suppress``: this
+    runs at the end of every call, and the context manager costs more than the read."""
+    try:
+        return context.code() or otherwise
+    except Exception:
+        return otherwise
+
+
 def yields_responses(behaviour: Callable[..., Any]) -> bool:
     """How a streaming-response behaviour sends: True for an async generator (yields
     each response), False for a coroutine that writes with ``context.write`` (grpc.aio's

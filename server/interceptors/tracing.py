@@ -13,7 +13,6 @@ second interceptor for the RPC metrics; this one is a thin ScopedInterceptor ins
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from types import TracebackType
 from typing import Any
@@ -26,7 +25,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from db.observability import StatementContext, reset_statement_context, set_statement_context
 from server.call_context import maybe_current_call
-from server.interceptors.scoped import Context, ScopedInterceptor
+from server.interceptors.scoped import Context, ScopedInterceptor, final_code
 from server.telemetry.metrics import ServerMetrics, default_metrics
 
 __all__ = ["TracingInterceptor", "peer_attributes"]
@@ -158,14 +157,12 @@ class _RpcScope:
         code = grpc.StatusCode.OK
         error: BaseException | None = None
         if isinstance(exc, grpc.aio.AbortError):
-            with contextlib.suppress(Exception):
-                code = context.code() or grpc.StatusCode.UNKNOWN
+            code = grpc.StatusCode.UNKNOWN
         elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             code = grpc.StatusCode.CANCELLED
         elif exc is not None:
             code, error = grpc.StatusCode.UNKNOWN, exc
-        with contextlib.suppress(Exception):
-            code = context.code() or code
+        code = final_code(context, code)
         elapsed = time.perf_counter() - self._started
         span = self._span
         if span.is_recording():
