@@ -25,6 +25,7 @@ from sqlalchemy import Column, Connection, Index, pool
 import db.models
 from db.engine_factory import async_engine
 from db.models import Base
+from db.models.predictions import COMMIT_SEQUENCE_TABLE
 from db.search_sql import MYSQL_FULLTEXT_INDEX, PG_VECTOR_COLUMN, PG_VECTOR_INDEX, SQLITE_FTS_TABLE
 
 config = context.config
@@ -51,18 +52,22 @@ _PARTIAL_INDEXES = frozenset(
 )
 
 
-def _is_search_object(name: str | None, type_: str) -> bool:
+def _is_database_only_object(name: str | None, type_: str) -> bool:
+    """Search objects (migration 0003) and the commit-order counter (0005): built by
+    migrations per backend, not modelled."""
     if name is None:
         return False
     if type_ == "table":
-        return name == SQLITE_FTS_TABLE or name.startswith(SQLITE_FTS_TABLE + "_")
+        return name in (SQLITE_FTS_TABLE, COMMIT_SEQUENCE_TABLE) or name.startswith(
+            SQLITE_FTS_TABLE + "_"
+        )
     if type_ == "index":
         return name in (PG_VECTOR_INDEX, MYSQL_FULLTEXT_INDEX)
     return type_ == "column" and name == PG_VECTOR_COLUMN
 
 
 def _include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
-    return not (reflected and compare_to is None and _is_search_object(name, type_))
+    return not (reflected and compare_to is None and _is_database_only_object(name, type_))
 
 
 def _include_on_mysql(

@@ -96,6 +96,7 @@ RPC_ACCESS: MappingProxyType[str, Access] = MappingProxyType(
         "/ferrule.v1.PredictionService/GetPrediction": _R,
         "/ferrule.v1.PredictionService/ListPredictions": _R,
         "/ferrule.v1.PredictionService/ExportPredictions": _R,
+        "/ferrule.v1.PredictionService/WatchPredictions": _R,
         "/ferrule.v1.PredictionService/GetRiskDistribution": _R,
         "/ferrule.v1.PredictionService/GetPredictionStatistics": _R,
         "/ferrule.v1.PredictionService/PurgePredictions": _ADMIN,

@@ -28,9 +28,18 @@ log = logging.getLogger("ferrule.errors")
 class ResourceExhaustedError(Exception):
     """Too much at once (concurrency limit, oversized batch); retry later with backoff."""
 
-    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after_seconds: float = 1.0,
+        *,
+        reason: str = "RESOURCE_EXHAUSTED",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+        self.reason = reason
+        self.metadata = dict(metadata or {})
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,9 @@ def map_exception(exc: BaseException) -> MappedError:
             return _status(
                 s.RESOURCE_EXHAUSTED,
                 str(exc),
-                "RESOURCE_EXHAUSTED",
+                exc.reason,
                 retry_info(exc.retry_after_seconds),
+                metadata=exc.metadata,
             )
         case TimeoutError():
             return _status(s.DEADLINE_EXCEEDED, "the deadline expired", "DEADLINE_EXCEEDED")

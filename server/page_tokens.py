@@ -58,8 +58,21 @@ class PageTokenCodec:
         sig = base64.urlsafe_b64encode(self._sign(self._secret, signed)).rstrip(b"=")
         return (signed + b"." + sig).decode()
 
-    def decode(self, token: str, *, organization: str, method: str, query: str) -> list[Any]:
-        """The cursor inside `token`; INVALID_ARGUMENT if forged, altered or misapplied."""
+    def decode(
+        self, token: str, *, organization: str, method: str, query: str, field: str = _FIELD
+    ) -> list[Any]:
+        """The cursor inside `token`; INVALID_ARGUMENT (on ``field``) if forged, altered
+        or misapplied."""
+        try:
+            return self._decode(token, organization=organization, method=method, query=query)
+        except ValidationError as exc:
+            if field == _FIELD:
+                raise
+            raise ValidationError(
+                [FieldViolation(field, v.description) for v in exc.violations]
+            ) from None
+
+    def _decode(self, token: str, *, organization: str, method: str, query: str) -> list[Any]:
         try:
             signed, _, sig = token.encode("ascii").rpartition(b".")
             kid, _, body = signed.partition(b".")

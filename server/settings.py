@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     ferrule_max_watches_per_caller: int = Field(
         64, ge=1, description="open watch streams per token subject and organization"
     )
+    ferrule_watch_backlog_rows: int = Field(
+        1000,
+        ge=1,
+        description="WatchPredictions: rows read but not yet sent per stream; beyond it the "
+        "stream ends with RESOURCE_EXHAUSTED and the cursor to resume from",
+    )
     ferrule_max_anonymous_streams: int = Field(
         16,
         ge=1,

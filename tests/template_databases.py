@@ -18,8 +18,9 @@ builds the schema once per backend and each test gets a private copy:
 * **MariaDB** has no ``CREATE DATABASE ... TEMPLATE`` and no ``RENAME DATABASE``: the
   template is built under a named lock (``GET_LOCK``) and marked complete by a table
   created last; a copy re-creates each table from ``SHOW CREATE TABLE`` (columns,
-  indexes, checks and foreign keys alike) and copies the rows migrations wrote
-  (``alembic_version``). Stale templates are swept as on PostgreSQL.
+  indexes, checks and foreign keys alike) and each trigger from ``SHOW CREATE TRIGGER``,
+  and copies the rows migrations wrote (``alembic_version``). Stale templates are swept
+  as on PostgreSQL.
 
 The migration tests do not use any of this: they start from empty databases.
 """
@@ -395,3 +396,11 @@ async def _copy_mariadb_tables(cursor: Any, template: str, target: str) -> None:
         await cursor.execute(
             f"INSERT INTO `{target}`.`{table}` SELECT * FROM `{template}`.`{table}`"
         )
+    await cursor.execute(
+        "SELECT trigger_name FROM information_schema.triggers WHERE trigger_schema = %s",
+        (template,),
+    )
+    for (trigger,) in await cursor.fetchall():
+        await cursor.execute(f"SHOW CREATE TRIGGER `{template}`.`{trigger}`")
+        ddl = (await cursor.fetchone())[2]  # SQL Original Statement: unqualified table names
+        await cursor.execute(ddl)

@@ -5,11 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Index, String, func
+from sqlalchemy import BigInteger, FetchedValue, Index, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.models.base import Base, EnumString, IdMixin, TenantMixin, check_between, check_in, utcnow
 from db.models.enums import RiskLevel
+
+#: SQLite and MariaDB/MySQL: the per-organization counter the ``commit_seq`` trigger takes
+#: (migration 0005). Not a model: PostgreSQL has none, and nothing else reads it.
+COMMIT_SEQUENCE_TABLE = "prediction_sequences"
+COMMIT_SEQUENCE_INDEX = "ix_predictions_organization_id_commit_seq_id"
 
 
 class Prediction(IdMixin, TenantMixin, Base):
@@ -35,6 +40,12 @@ class Prediction(IdMixin, TenantMixin, Base):
         default=utcnow, server_default=func.current_timestamp()
     )
     create_by: Mapped[str | None] = mapped_column(String(255))
+    #: WatchPredictions' commit order, set by the database (never by the application):
+    #: on PostgreSQL the writing transaction's id (delivered once no older transaction
+    #: is still running), elsewhere a per-organization counter a trigger takes under a
+    #: row lock held to the commit. See docs/operations.md, "Watch streams". NULL on rows
+    #: written before migration 0005.
+    commit_seq: Mapped[int | None] = mapped_column(BigInteger, server_default=FetchedValue())
 
     __table_args__ = (
         check_between("probability", 0, 1),
@@ -51,6 +62,7 @@ class Prediction(IdMixin, TenantMixin, Base):
             "create_time",
             "id",
         ),
+        Index(COMMIT_SEQUENCE_INDEX, "organization_id", "commit_seq", "id"),
         Index(
             "ix_predictions_organization_id_subject_id_predict_time",
             "organization_id",

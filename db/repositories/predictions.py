@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, delete, func, select
+from sqlalchemy import Select, Table, and_, delete, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -98,6 +98,44 @@ class PredictionFilter:
     start_time: datetime | None = None
     end_time: datetime | None = None
     min_probability: float | None = None
+
+
+#: PostgreSQL: every transaction below the snapshot's xmin has ended (see migration 0005).
+_PG_HORIZON = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1")
+_PG_START = text(
+    "SELECT pg_snapshot_xmin(s)::text::bigint - 1, s::text FROM pg_current_snapshot() AS s"
+)
+#: Rows a start snapshot saw are not new: skipped until the horizon passes its xmax.
+_PG_NOT_IN_START = text(
+    "NOT pg_visible_in_snapshot(predictions.commit_seq::text::xid8, "
+    "CAST(:tail_snapshot AS pg_snapshot))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TailPosition:
+    """A position in WatchPredictions' commit order: past every row up to ``(commit_seq,
+    id)``; with id None, past every row of ``commit_seq`` and below. ``snapshot``
+    (PostgreSQL, a watch started "now"): the rows that snapshot saw are past too; it is
+    dropped once the horizon passes the snapshot's xmax."""
+
+    commit_seq: int
+    id: uuid.UUID | None = None
+    snapshot: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TailPage:
+    """What :meth:`PredictionsRepository.tail` found after a position."""
+
+    rows: list[Prediction]
+    #: Where the next read starts: past the last row, or past everything scanned.
+    position: TailPosition
+    #: The limit cut the page short: read again at once.
+    more: bool
+    #: Committed rows exist beyond the horizon (PostgreSQL: an older transaction still
+    #: runs); they become readable when it ends, which may notify nobody: read again soon.
+    held_back: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +290,61 @@ class PredictionsRepository(Repository[Prediction]):
             include_total=include_total,
         )
 
+    # --- the tail (WatchPredictions) ---------------------------------------------------
+    async def tail_horizon(self) -> int:
+        """The highest ``commit_seq`` below which no row can still commit.
+
+        PostgreSQL: the snapshot's xmin minus one (a transaction id: every transaction
+        below xmin has ended). Elsewhere the organization's highest visible value: the
+        trigger hands values out under a row lock held to the commit, so every lower
+        value's transaction has ended too."""
+        if self.session.get_bind().dialect.name == "postgresql":
+            return int((await self.session.execute(_PG_HORIZON)).scalar_one())
+        stmt = self.scoped(select(func.max(Prediction.commit_seq)))
+        return int((await self.session.execute(stmt)).scalar_one() or 0)
+
+    async def tail_start(self) -> TailPosition:
+        """Now: past every committed row. On PostgreSQL rows below the horizon may still
+        commit, so the start also carries the snapshot, which tells them from the rows
+        committed before."""
+        if self.session.get_bind().dialect.name == "postgresql":
+            horizon, snapshot = (await self.session.execute(_PG_START)).one()
+            return TailPosition(int(horizon), None, str(snapshot))
+        return TailPosition(await self.tail_horizon())
+
+    async def tail(
+        self, flt: PredictionFilter | None, after: TailPosition, *, limit: int
+    ) -> TailPage:
+        """Matching rows after ``after`` up to the horizon, in commit order, at most
+        ``limit``. The horizon is read first, in its own statement: every row at or below
+        it is committed before the rows are read, so none can appear behind a position
+        returned here later (under READ COMMITTED the second statement sees them all)."""
+        horizon = await self.tail_horizon()
+        seq, ident, snapshot = after.commit_seq, after.id, after.snapshot
+        later = Prediction.commit_seq > seq
+        if ident is not None:
+            later = or_(later, and_(Prediction.commit_seq == seq, Prediction.id > ident))
+        stmt = (
+            self._filtered(select(Prediction), flt)
+            .where(later, Prediction.commit_seq <= horizon)
+            .order_by(Prediction.commit_seq, Prediction.id)
+            .limit(limit)
+        )
+        if snapshot is not None:
+            stmt = stmt.where(_PG_NOT_IN_START.bindparams(tail_snapshot=snapshot))
+        rows = list((await self.session.execute(stmt)).scalars())
+        if len(rows) == limit:
+            last = rows[-1]
+            assert last.commit_seq is not None
+            position = TailPosition(last.commit_seq, last.id, snapshot)
+            return TailPage(rows, position, more=True, held_back=False)
+        if snapshot is not None and horizon >= _snapshot_xmax(snapshot) - 1:
+            snapshot = None  # every row the snapshot could concern is behind the horizon
+        position = TailPosition(horizon, None, snapshot) if horizon >= seq else after
+        beyond = self.scoped(select(Prediction.id)).where(Prediction.commit_seq > max(horizon, seq))
+        held_back = (await self.session.execute(beyond.limit(1))).first() is not None
+        return TailPage(rows, position, more=False, held_back=held_back)
+
     async def risk_distribution(self, flt: PredictionFilter | None = None) -> RiskDistribution:
         """Count per risk level: one GROUP BY."""
         stmt = self._filtered(
@@ -293,6 +386,11 @@ class PredictionsRepository(Repository[Prediction]):
             for name, version, k, avg in await self.session.execute(by_model)
         ]
         return PredictionStatistics(int(count), float(mean), float(low), float(high), versions)
+
+
+def _snapshot_xmax(snapshot: str) -> int:
+    """``xmin:xmax:xip,...`` (PostgreSQL's pg_snapshot text form)."""
+    return int(snapshot.split(":")[1])
 
 
 def sort_keys(order_by: str | None) -> list[SortKey]:

@@ -22,6 +22,7 @@ import grpc
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from db import change_feed as feed
 from db.errors import AlreadyExistsError, FieldViolation, ValidationError
 from db.models import RequestLogEntry, RiskLevel, new_id
 from db.repositories import predictions as prediction_repo
@@ -52,6 +53,7 @@ from server.scoping import (
     transaction,
 )
 from server.services import cached_reads as cr
+from server.services import prediction_watch
 from server.services.prediction_rows import (
     RowViolation,
     prediction_name,
@@ -255,6 +257,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
         async def create(session: AsyncSession) -> pb.Prediction:
             inserted = await PredictionsRepository(session, tenant).insert_many([row])
+            await cr.stage_changes(self.deps, session, stale)
             if row.id not in inserted:
                 name = prediction_name(organization_id, row.id)
                 raise AlreadyExistsError(
@@ -262,9 +265,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 )
             return values_to_proto(row)
 
-        # A new row has no cached entry; the aggregates move.
+        # A new row has no cached entry; the aggregates move; watchers of the tail wake.
         async with cr.invalidation(self.deps) as stale:
             stale.bump(cr.prediction_stats_generation(organization_id))
+            stale.changed(feed.PREDICTIONS, organization_id, None)
             return await idempotent(self.deps, tenant, request.request_id, pb.Prediction, create)
 
     async def BatchCreatePredictions(
@@ -317,6 +321,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
         async def create(session: AsyncSession) -> pb.BatchCreatePredictionsResponse:
             inserted = await PredictionsRepository(session, tenant).insert_many(rows)
+            await cr.stage_changes(self.deps, session, stale)
             taken = [r for r in rows if r.id not in inserted]
             if taken:  # raising rolls the whole batch back: all or none
                 name = prediction_name(organization_id, taken[0].id)
@@ -329,6 +334,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
         async with cr.invalidation(self.deps) as stale:
             stale.bump(cr.prediction_stats_generation(organization_id))  # once per batch
+            stale.changed(feed.PREDICTIONS, organization_id, None)
             return await idempotent(
                 self.deps, tenant, request.request_id, pb.BatchCreatePredictionsResponse, create
             )
@@ -469,6 +475,18 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             pb.PredictionStatistics,
             load,
         )
+
+    async def WatchPredictions(
+        self, request: pb.WatchPredictionsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchPredictionsResponse]:
+        tenant = _authorize_parent(request.parent)
+        violations: list[FieldViolation] = []
+        flt = _prediction_filter(request.filter, violations)
+        _raise_if_any(violations)
+        async for response in prediction_watch.watch_predictions(
+            self.deps, tenant, flt, _fingerprint(request.filter), request.cursor
+        ):
+            yield response
 
     # --- operations (admin) ----------------------------------------------------------
     async def PurgePredictions(

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from db import change_feed as feed
 from db.background_tasks import cancel_and_wait
 from db.errors import FieldViolation, ValidationError
 from db.repositories.prediction_ingest import PendingBatch, StagedRow, ingest_batches
@@ -307,6 +308,7 @@ class _Stream:
                 stale,
             ):
                 stale.bump(cr.prediction_stats_generation(self.organization_id))
+                stale.changed(feed.PREDICTIONS, self.organization_id, None)
                 counts = await ingest_batches(
                     session, self.organization_id, self.create_by, pendings
                 )

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
 from db.models import Base
+from db.models.predictions import COMMIT_SEQUENCE_INDEX, COMMIT_SEQUENCE_TABLE
 from db.search_sql import (
     MYSQL_FULLTEXT_INDEX,
     PG_MARK_MATCH_LEAKPROOF,
@@ -35,8 +36,9 @@ def _run(connection: Connection, action: str, revision: str = "head") -> None:
 
 
 def _tables(connection: Connection) -> set[str]:
-    """The tables, without the search index's (SQLite's FTS5 table and its shadows)."""
-    names = set(inspect(connection).get_table_names()) - {"alembic_version"}
+    """The tables, without the search index's (SQLite's FTS5 table and its shadows) and
+    the commit-order counter (0005, not a model)."""
+    names = set(inspect(connection).get_table_names()) - {"alembic_version", COMMIT_SEQUENCE_TABLE}
     return {n for n in names if not n.startswith(SQLITE_FTS_TABLE)}
 
 
@@ -57,6 +59,30 @@ def _search_objects(connection: Connection) -> set[str]:
         found |= {t for t in triggers if "search" in t}
     return found
 
+
+def _commit_order_objects(connection: Connection) -> set[str]:
+    """What migration 0005 builds for WatchPredictions' commit order."""
+    inspector = inspect(connection)
+    found = set(inspector.get_table_names()) & {COMMIT_SEQUENCE_TABLE}
+    found |= {c["name"] for c in inspector.get_columns("predictions")} & {"commit_seq"}
+    found |= {str(i["name"]) for i in inspector.get_indexes("predictions")} & {
+        COMMIT_SEQUENCE_INDEX
+    }
+    if connection.dialect.name == "sqlite":
+        sql = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+    elif connection.dialect.name == "postgresql":
+        sql = "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
+    else:
+        sql = (
+            "SELECT trigger_name FROM information_schema.triggers WHERE trigger_schema = database()"
+        )
+    found |= {t for t in connection.exec_driver_sql(sql).scalars() if "commit_seq" in t}
+    return found
+
+
+#: What 0005 builds: PostgreSQL needs no counter (the transaction id is the order).
+COMMIT_ORDER_OBJECTS = {"commit_seq", COMMIT_SEQUENCE_INDEX}
+COUNTER_OBJECTS = {COMMIT_SEQUENCE_TABLE, "predictions_commit_seq"}
 
 #: What 0003 builds on each backend.
 SEARCH_OBJECTS = {
@@ -85,6 +111,14 @@ async def test_upgrade_downgrade_upgrade_round_trip(empty_database_url: str) -> 
             assert await conn.run_sync(_tables) == set(Base.metadata.tables)
         assert await current_revision(engine) == head_revision()
         async with engine.begin() as conn:
+            commit_order = COMMIT_ORDER_OBJECTS
+            if conn.dialect.name != "postgresql":
+                commit_order = commit_order | COUNTER_OBJECTS
+            assert await conn.run_sync(_commit_order_objects) == commit_order
+            await conn.run_sync(_run, "downgrade", "0004")
+            assert await conn.run_sync(_commit_order_objects) == set()
+            await conn.run_sync(_run, "upgrade")
+            assert await conn.run_sync(_commit_order_objects) == commit_order
             expected = SEARCH_OBJECTS[conn.dialect.name]
             assert await conn.run_sync(_search_objects) == expected
             await conn.run_sync(_run, "downgrade", "0002")

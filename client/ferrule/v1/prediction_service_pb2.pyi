@@ -476,6 +476,68 @@ class ListPredictionsRequest(_message.Message):
 Global___ListPredictionsRequest: _TypeAlias = ListPredictionsRequest  # noqa: Y015
 
 @_typing.final
+class WatchPredictionsRequest(_message.Message):
+    """Request of PredictionService.WatchPredictions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. "organizations/{organization}"."""
+    cursor: _builtins.str
+    """Optional. A `cursor` of an earlier response of a watch with the same parent
+    and filter: resume after it. Empty: start now. Opaque and signed.
+    """
+    @_builtins.property
+    def filter(self) -> Global___PredictionFilter:
+        """Optional. Which predictions to deliver (the filter of ListPredictions)."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        filter: Global___PredictionFilter | None = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "filter", b"filter", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchPredictionsRequest: _TypeAlias = WatchPredictionsRequest  # noqa: Y015
+
+@_typing.final
+class WatchPredictionsResponse(_message.Message):
+    """Response of PredictionService.WatchPredictions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Resume after these predictions by passing this as `cursor`."""
+    @_builtins.property
+    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]:
+        """New matching predictions, in commit order (empty in the first response)."""
+
+    def __init__(
+        self,
+        *,
+        predictions: _abc.Iterable[Global___Prediction] | None = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "predictions", b"predictions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchPredictionsResponse: _TypeAlias = WatchPredictionsResponse  # noqa: Y015
+
+@_typing.final
 class ListPredictionsResponse(_message.Message):
     """Response of PredictionService.ListPredictions."""
 

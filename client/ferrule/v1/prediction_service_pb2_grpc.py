@@ -91,6 +91,11 @@ class PredictionServiceStub:
                 request_serializer=ferrule_dot_v1_dot_prediction__service__pb2.ListRequestLogsRequest.SerializeToString,
                 response_deserializer=ferrule_dot_v1_dot_prediction__service__pb2.ListRequestLogsResponse.FromString,
                 _registered_method=True)
+        self.WatchPredictions = channel.unary_stream(
+                '/ferrule.v1.PredictionService/WatchPredictions',
+                request_serializer=ferrule_dot_v1_dot_prediction__service__pb2.WatchPredictionsRequest.SerializeToString,
+                response_deserializer=ferrule_dot_v1_dot_prediction__service__pb2.WatchPredictionsResponse.FromString,
+                _registered_method=True)
 
 
 class PredictionServiceServicer:
@@ -227,6 +232,25 @@ class PredictionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchPredictions(self, request, context):
+        """Tails new predictions matching a filter, in commit order, each delivered
+        after its commit, from any server process. The first response carries no
+        predictions, only the cursor of the starting point (now, or `cursor`): from
+        then on nothing committed is missed. Every later response carries the
+        predictions and the cursor after them; a caller that reconnects with the last
+        cursor it processed gets every later matching prediction exactly once. The
+        stream does not end by itself (use a deadline and resume).
+        A caller reading slower than predictions arrive: the server holds a bounded
+        backlog, sends it, then ends the stream with RESOURCE_EXHAUSTED, ErrorInfo
+        reason WATCH_BACKLOG_EXCEEDED and metadata "cursor" (resume from it).
+        Errors: INVALID_ARGUMENT (a cursor that is not this server's, or was issued
+        for another organization or filter), RESOURCE_EXHAUSTED (too many watches for
+        the caller or the process, with RetryInfo; or the backlog, as above).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PredictionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -279,6 +303,11 @@ def add_PredictionServiceServicer_to_server(servicer, server):
                     servicer.ListRequestLogs,
                     request_deserializer=ferrule_dot_v1_dot_prediction__service__pb2.ListRequestLogsRequest.FromString,
                     response_serializer=ferrule_dot_v1_dot_prediction__service__pb2.ListRequestLogsResponse.SerializeToString,
+            ),
+            'WatchPredictions': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPredictions,
+                    request_deserializer=ferrule_dot_v1_dot_prediction__service__pb2.WatchPredictionsRequest.FromString,
+                    response_serializer=ferrule_dot_v1_dot_prediction__service__pb2.WatchPredictionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -558,6 +587,33 @@ class PredictionService:
             '/ferrule.v1.PredictionService/ListRequestLogs',
             ferrule_dot_v1_dot_prediction__service__pb2.ListRequestLogsRequest.SerializeToString,
             ferrule_dot_v1_dot_prediction__service__pb2.ListRequestLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPredictions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ferrule.v1.PredictionService/WatchPredictions',
+            ferrule_dot_v1_dot_prediction__service__pb2.WatchPredictionsRequest.SerializeToString,
+            ferrule_dot_v1_dot_prediction__service__pb2.WatchPredictionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

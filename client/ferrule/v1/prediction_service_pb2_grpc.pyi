@@ -124,6 +124,21 @@ class PredictionServiceStub:
     background, so the newest entries may appear a few seconds late). Admin
     only.
     """
+    WatchPredictions: _grpc.UnaryStreamMultiCallable[_prediction_service_pb2.WatchPredictionsRequest, _prediction_service_pb2.WatchPredictionsResponse]
+    """Tails new predictions matching a filter, in commit order, each delivered
+    after its commit, from any server process. The first response carries no
+    predictions, only the cursor of the starting point (now, or `cursor`): from
+    then on nothing committed is missed. Every later response carries the
+    predictions and the cursor after them; a caller that reconnects with the last
+    cursor it processed gets every later matching prediction exactly once. The
+    stream does not end by itself (use a deadline and resume).
+    A caller reading slower than predictions arrive: the server holds a bounded
+    backlog, sends it, then ends the stream with RESOURCE_EXHAUSTED, ErrorInfo
+    reason WATCH_BACKLOG_EXCEEDED and metadata "cursor" (resume from it).
+    Errors: INVALID_ARGUMENT (a cursor that is not this server's, or was issued
+    for another organization or filter), RESOURCE_EXHAUSTED (too many watches for
+    the caller or the process, with RetryInfo; or the backlog, as above).
+    """
 
 @_typing.type_check_only
 class PredictionServiceAsyncStub(PredictionServiceStub):
@@ -218,6 +233,21 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     """Lists the request log (one entry per RPC served, written in the
     background, so the newest entries may appear a few seconds late). Admin
     only.
+    """
+    WatchPredictions: _aio.UnaryStreamMultiCallable[_prediction_service_pb2.WatchPredictionsRequest, _prediction_service_pb2.WatchPredictionsResponse]  # type: ignore[assignment]
+    """Tails new predictions matching a filter, in commit order, each delivered
+    after its commit, from any server process. The first response carries no
+    predictions, only the cursor of the starting point (now, or `cursor`): from
+    then on nothing committed is missed. Every later response carries the
+    predictions and the cursor after them; a caller that reconnects with the last
+    cursor it processed gets every later matching prediction exactly once. The
+    stream does not end by itself (use a deadline and resume).
+    A caller reading slower than predictions arrive: the server holds a bounded
+    backlog, sends it, then ends the stream with RESOURCE_EXHAUSTED, ErrorInfo
+    reason WATCH_BACKLOG_EXCEEDED and metadata "cursor" (resume from it).
+    Errors: INVALID_ARGUMENT (a cursor that is not this server's, or was issued
+    for another organization or filter), RESOURCE_EXHAUSTED (too many watches for
+    the caller or the process, with RetryInfo; or the backlog, as above).
     """
 
 class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -370,6 +400,27 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the request log (one entry per RPC served, written in the
         background, so the newest entries may appear a few seconds late). Admin
         only.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchPredictions(
+        self,
+        request: _prediction_service_pb2.WatchPredictionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_prediction_service_pb2.WatchPredictionsResponse], _abc.AsyncIterator[_prediction_service_pb2.WatchPredictionsResponse]]:
+        """Tails new predictions matching a filter, in commit order, each delivered
+        after its commit, from any server process. The first response carries no
+        predictions, only the cursor of the starting point (now, or `cursor`): from
+        then on nothing committed is missed. Every later response carries the
+        predictions and the cursor after them; a caller that reconnects with the last
+        cursor it processed gets every later matching prediction exactly once. The
+        stream does not end by itself (use a deadline and resume).
+        A caller reading slower than predictions arrive: the server holds a bounded
+        backlog, sends it, then ends the stream with RESOURCE_EXHAUSTED, ErrorInfo
+        reason WATCH_BACKLOG_EXCEEDED and metadata "cursor" (resume from it).
+        Errors: INVALID_ARGUMENT (a cursor that is not this server's, or was issued
+        for another organization or filter), RESOURCE_EXHAUSTED (too many watches for
+        the caller or the process, with RetryInfo; or the backlog, as above).
         """
 
 def add_PredictionServiceServicer_to_server(servicer: PredictionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
