@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 import redis
@@ -28,6 +29,9 @@ class RedisProcess:
     """A redis-server this test owns: it may kill, pause and restart it (by its pid).
 
     ``extra_args`` are added to its command line (e.g. a TLS port next to the plain one).
+    Its working directory is a private temporary one, removed when it is killed: even
+    without persistence a replica writes the RDB it receives there, and the shared cwd
+    (the repository) must not collect a ``dump.rdb``.
     """
 
     def __init__(self, *extra_args: str, port: int | None = None) -> None:
@@ -35,6 +39,7 @@ class RedisProcess:
         self._extra_args = extra_args
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
+        self._dir: str | None = None
 
     @property
     def url(self) -> str:
@@ -43,10 +48,12 @@ class RedisProcess:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not on PATH"
+        self._dir = self._dir or tempfile.mkdtemp(prefix="ferrule-redis-")
         self._proc = subprocess.Popen(
             [
                 binary,
                 *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--dir", self._dir),
                 *_NO_PERSISTENCE,
                 *self._extra_args,
             ],
@@ -63,6 +70,7 @@ class RedisProcess:
                 time.sleep(0.05)
         finally:
             client.close()
+        self.kill()
         raise RuntimeError(f"redis-server on port {self.port} did not start")
 
     def kill(self) -> None:
@@ -72,6 +80,9 @@ class RedisProcess:
             self._proc.kill()
             self._proc.wait(timeout=5)
             self._proc = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def pause(self) -> None:
         """SIGSTOP: the socket stays open but nothing answers (a hung Redis)."""

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import random
 import re
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -41,6 +40,7 @@ from ferrule.v1 import analysis_service_pb2 as apb
 from ferrule.v1 import health_service_pb2 as hpb
 from ferrule.v1 import prediction_service_pb2 as ppb
 from ferrule.v1 import user_service_pb2 as upb
+from tests.db.cache_fixtures import RedisProcess
 from tests.polling import DEADLINE_S, eventually
 from tests.server.conftest import RunningServer, StartServer
 
@@ -765,56 +765,15 @@ async def test_cancelled_calls_leave_every_later_reply_for_its_own_key(
 
 
 # --- Redis dies and comes back ----------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def start_redis(port: int) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    client = aioredis.Redis(port=port, socket_connect_timeout=0.2)
-    try:
-        deadline = time.monotonic() + DEADLINE_S
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, aioredis.RedisError):
-                if await client.ping():
-                    return process
-            await asyncio.sleep(0.05)
-    finally:
-        await client.aclose()
-    process.kill()
-    raise RuntimeError("redis-server did not start")
-
-
-async def stop_redis(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.kill()  # by pid: this test's own redis-server only
-        await process.wait()
-
-
 async def test_redis_outage_mid_burst_fails_no_call_and_recovers(
     start_server: StartServer, pg_database_url: str
 ) -> None:
-    port = free_port()
-    redis_process = await start_redis(port)
+    redis_process = RedisProcess()
+    redis_process.start()
     try:
         server = await start_server(
             pg_database_url,
-            redis_url=f"redis://127.0.0.1:{port}/0",
+            redis_url=redis_process.url,
             ferrule_cache_prefix=f"ferrule-test-{uuid.uuid4().hex[:12]}",
             database_pool_size=10,
         )
@@ -844,7 +803,7 @@ async def test_redis_outage_mid_burst_fails_no_call_and_recovers(
 
         workers = [asyncio.create_task(worker(n)) for n in range(20)]
         await eventually(lambda: answered >= 100, what="the burst under way")
-        await stop_redis(redis_process)  # mid-burst
+        redis_process.kill()  # mid-burst
         killed_at = answered
         # Calls keep being answered after the kill.
         await eventually(lambda: answered >= killed_at + 200, what="calls answered after the kill")
@@ -856,7 +815,7 @@ async def test_redis_outage_mid_burst_fails_no_call_and_recovers(
         assert report.cache.degraded
         assert not report.cache.reachable
 
-        redis_process = await start_redis(port)  # the same port: the server's URL
+        redis_process.start()  # the same port: the server's URL
         hits = server.app.cache.stats().hits
         deadline = time.monotonic() + DEADLINE_S
         while True:
@@ -869,4 +828,4 @@ async def test_redis_outage_mid_burst_fails_no_call_and_recovers(
             await asyncio.sleep(0.2)
         assert report.cache.reachable
     finally:
-        await stop_redis(redis_process)
+        redis_process.kill()
