@@ -685,6 +685,24 @@ def on_loop(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, _T])
     return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=120)
 
 
+#: Streams that end only once what they watch is terminal. The first response is the
+#: server's whole answer to the request (it accepted it and streams the current state);
+#: reading on would only wait out the call's deadline, as nothing here writes meanwhile.
+OPEN_ENDED = {"ferrule.v1.AnalysisService.WatchAnalysis", "ferrule.v1.AnalysisService.WatchBatch"}
+
+
+async def _read_stream(method: MethodDescriptor, call: Any) -> int:
+    """Responses of a server-streaming ``call``: all of them, or the first of an open-ended
+    one (then the call is cancelled)."""
+    received = 0
+    async for _ in call:
+        received += 1
+        if method.full_name in OPEN_ENDED:
+            call.cancel()
+            break
+    return received
+
+
 async def _call_once(
     client: AsyncFerruleClient, attribute: str, method: MethodDescriptor, requests: list[Message]
 ) -> tuple[grpc.StatusCode, int, bool]:
@@ -696,8 +714,7 @@ async def _call_once(
             async for _ in rpc(iter(requests), timeout=20):
                 received += 1
         elif method.server_streaming:
-            async for _ in rpc(requests[0], timeout=20):
-                received += 1
+            received = await _read_stream(method, rpc(requests[0], timeout=20))
         else:
             await rpc(requests[0], timeout=20)
             received = 1
@@ -788,8 +805,7 @@ async def fitting_name(method: MethodDescriptor, attribute: str, world: World) -
             setattr(request, field_name, candidate)
         try:
             if method.server_streaming:
-                async for _ in rpc(request, timeout=20):
-                    pass
+                await _read_stream(method, rpc(request, timeout=20))
             else:
                 await rpc(request, timeout=20)
         except InvalidArgument as refused:
@@ -890,6 +906,7 @@ def test_every_rpc_of_every_service_is_walked() -> None:
         "ferrule.v1.AnalysisService.GetAnalysisStatistics",
     }
     assert len(METHODS) == sum(len(s.methods) for s in SERVICES.values()) >= 50
+    assert {m.full_name for _, m in METHODS} >= OPEN_ENDED
 
 
 # --- SQL injection is data ---------------------------------------------------------------
