@@ -6,6 +6,7 @@ its LISTEN connection is lost."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from db.repositories.organizations import OrganizationsRepository
 from db.tenancy import Tenant
 from ferrule.client import AsyncFerruleClient, ClientConfig
 from ferrule.v1 import analysis_service_pb2 as pb
+from ferrule.v1 import prediction_service_pb2 as ppb
 from tests.server.conftest import make_token
 from tests.server.process_helpers import free_port, server_env, start_server_process, wait_serving
 from tests.server.test_scale_out import stop_tree
@@ -172,3 +174,101 @@ async def test_a_lost_listen_connection_makes_watchers_re_read(
         updated = await _update(b, created.name, pb.ANALYSIS_STATE_PROCESSING)
         seen = await next_of(watch)
         assert (seen.state, seen.etag) == (pb.ANALYSIS_STATE_PROCESSING, updated.etag)
+
+
+@pytest.fixture(params=["postgresql", "mariadb", "sqlite"])
+def shared_database(request: pytest.FixtureRequest) -> tuple[str, dict[str, str]]:
+    """A database for server processes, and their extra environment: PostgreSQL carries
+    wake-ups by NOTIFY; MariaDB and SQLite (one file, two processes) by Redis pub/sub."""
+    fixture = {"postgresql": "pg", "mariadb": "mariadb", "sqlite": "sqlite"}[request.param]
+    url: str = request.getfixturevalue(f"{fixture}_database_url")
+    if request.param == "postgresql":
+        return url, {}
+    redis_url: str = request.getfixturevalue("redis_url")
+    prefix: str = request.getfixturevalue("redis_namespace")
+    return url, {"REDIS_URL": redis_url, "FERRULE_CACHE_PREFIX": prefix}
+
+
+async def test_watch_predictions_resumed_after_its_process_is_killed_yields_each_row_once(
+    shared_database: tuple[str, dict[str, str]],
+) -> None:
+    """A writer keeps inserting through process B while a WatchPredictions (HIGH only) on
+    process A is killed (SIGKILL) mid-stream; a watch resumed on a fresh process from the
+    last cursor the caller processed delivers every HIGH row exactly once (count and
+    checksum against what the writer committed)."""
+    database_url, extra = shared_database
+    org_id = await _organization(database_url)
+    parent = f"organizations/{org_id}"
+    high = ppb.PredictionFilter(risk_level=ppb.RISK_LEVEL_HIGH)
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        procs.append(start_server_process(server_env(database_url, port, **extra)))
+        return procs[-1], f"127.0.0.1:{port}"
+
+    try:
+        (proc_a, target_a), (_, target_b) = start(), start()
+        for target in (target_a, target_b):
+            await asyncio.to_thread(wait_serving, target)
+        written: list[str] = []
+
+        async def write(client: AsyncFerruleClient) -> None:
+            for i in range(60):  # bounded: 60 commits of 20 rows, half of them HIGH
+                response = await client.predictions.BatchCreatePredictions(
+                    ppb.BatchCreatePredictionsRequest(
+                        parent=parent,
+                        requests=[
+                            ppb.CreatePredictionRequest(
+                                prediction=ppb.Prediction(
+                                    subject_id=f"s{i}-{j}",
+                                    probability=0.9 if j % 2 else 0.1,
+                                    risk_level=ppb.RISK_LEVEL_HIGH if j % 2 else ppb.RISK_LEVEL_LOW,
+                                    model_name="m",
+                                    model_version="v",
+                                )
+                            )
+                            for j in range(20)
+                        ],
+                    )
+                )
+                written.extend(
+                    p.name for p in response.predictions if p.risk_level == ppb.RISK_LEVEL_HIGH
+                )
+
+        received: list[str] = []
+        async with _client(target_a, org_id) as a, _client(target_b, org_id) as b:
+            stream = a.predictions.WatchPredictions(
+                ppb.WatchPredictionsRequest(parent=parent, filter=high), timeout=120
+            )
+            cursor = (await next_of(stream)).cursor
+            writer = asyncio.create_task(write(b))
+            while len(received) < 100:
+                response = await next_of(stream)
+                received += [p.name for p in response.predictions]
+                cursor = response.cursor
+            assert not writer.done(), "the writer must still be writing at the kill"
+            proc_a.kill()
+            await asyncio.to_thread(proc_a.wait, 30)
+            _, target_c = start()
+            await asyncio.to_thread(wait_serving, target_c)
+            async with _client(target_c, org_id) as c:
+                resumed = c.predictions.WatchPredictions(
+                    ppb.WatchPredictionsRequest(parent=parent, filter=high, cursor=cursor),
+                    timeout=120,
+                )
+                await next_of(resumed)
+                await asyncio.wait_for(writer, WAIT_S * 4)
+                while len(received) < len(written):
+                    received += [p.name for p in (await next_of(resumed)).predictions]
+                resumed.cancel()
+        assert len(written) == 600
+        assert len(received) == len(set(received)) == len(written)
+
+        def checksum(names: list[str]) -> str:
+            return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
+
+        assert checksum(received) == checksum(written)
+    finally:
+        for proc in procs:
+            stop_tree(proc, [])

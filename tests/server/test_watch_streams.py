@@ -29,11 +29,11 @@ async def next_of(stream: grpc.aio.UnaryStreamCall[Any, T]) -> T:
     return cast(T, message)
 
 
-async def rest_of(stream: grpc.aio.UnaryStreamCall[Any, T]) -> list[T]:
+async def rest_of(stream: grpc.aio.UnaryStreamCall[Any, T], bound: float = WAIT_S) -> list[T]:
     async def drain() -> list[T]:
         return [item async for item in stream]
 
-    return await asyncio.wait_for(drain(), WAIT_S)
+    return await asyncio.wait_for(drain(), bound)
 
 
 async def finish(org: Org, name: str, state: int) -> pb.Analysis:
@@ -134,11 +134,25 @@ async def test_watches_beyond_the_callers_bound_are_refused(
 
 
 async def test_concurrent_watches_of_two_tenants_never_cross(any_server: RunningServer) -> None:
-    orgs: list[Org] = [await _org(any_server, subject=f"svc-{i}") for i in range(2)]
-    analyses = {o.id: [await create(o, f"t{i} {uuid.uuid4()}") for i in range(25)] for o in orgs}
+    """100 watches open at once, 50 per tenant (within the default per-caller bound). Each
+    tenant has its own connection: gRPC shares one between channels of equal arguments,
+    and 100 watches would fill its FERRULE_MAX_STREAMS_PER_CONNECTION."""
+    orgs: list[Org] = []
+    for i in range(2):
+        org = await _org(any_server)
+        own_connection = any_server.client(
+            make_token(org.id, subject=f"svc-{i}"),
+            options=(("grpc.use_local_subchannel_pool", 1),),
+        )
+        orgs.append(Org(org.id, org.parent, own_connection))
+    analyses = {o.id: [await create(o, f"t{i} {uuid.uuid4()}") for i in range(50)] for o in orgs}
 
     async def watch_to_end(o: Org, a: pb.Analysis) -> list[pb.Analysis]:
-        return await rest_of(o.client.analyses.WatchAnalysis(pb.WatchAnalysisRequest(name=a.name)))
+        # A deadline for the whole test, not the client's unary default: 200 writes follow.
+        request = pb.WatchAnalysisRequest(name=a.name)
+        return await rest_of(
+            o.client.analyses.WatchAnalysis(request, timeout=WAIT_S * 4), WAIT_S * 4
+        )
 
     tasks = [asyncio.create_task(watch_to_end(o, a)) for o in orgs for a in analyses[o.id]]
     for o in orgs:
