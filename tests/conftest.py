@@ -29,6 +29,7 @@ from tests.template_databases import (
     PgDatabases,
     build_sqlite_template,
     clone_mariadb_database,
+    clone_pg_database,
     clone_sqlite_database,
     drop_mariadb_database,
     ensure_mariadb_template,
@@ -241,29 +242,44 @@ def redis_namespace() -> str:
 ADMIN_URL_FIXTURES = {"postgresql": "pg_admin_url", "mariadb": "mariadb_admin_url"}
 
 
-async def create_database(admin_url: str) -> str:
-    """A fresh, empty database on the server of ``admin_url`` (PostgreSQL or MariaDB); its URL.
+async def create_database(admin_url: str, template: str | None = None) -> str:
+    """A fresh database on the server of ``admin_url`` (PostgreSQL or MariaDB): a copy of
+    the migrated ``template``, or empty without one; its URL.
 
     For module-scoped fixtures, which cannot use the per-test factories; pair with
     :func:`drop_database`.
     """
-    name = f"ferrule_test_{uuid.uuid4().hex[:12]}"
     if admin_url.startswith("postgresql"):
-        conn = await asyncpg.connect(_driverless(admin_url))
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
+        name = await clone_pg_database(admin_url, template)
     else:
-        mariadb = await mariadb_connect(admin_url)
-        try:
-            async with mariadb.cursor() as cursor:
-                await cursor.execute(
-                    f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
-                )
-        finally:
-            mariadb.close()
+        name = await clone_mariadb_database(admin_url, template)
     return with_database(admin_url, name)
+
+
+@pytest.fixture(scope="module")
+async def pg_module_database_url(pg_admin_url: str, pg_template: str) -> AsyncIterator[str]:
+    """A PostgreSQL database at head shared by one module's tests (module-scoped servers);
+    the tests isolate themselves in it by organization."""
+    url = await create_database(pg_admin_url, pg_template)
+    yield url
+    await drop_database(pg_admin_url, url)
+
+
+@pytest.fixture(scope="module")
+async def mariadb_module_database_url(
+    mariadb_admin_url: str, mariadb_template: str
+) -> AsyncIterator[str]:
+    """A MariaDB database at head shared by one module's tests (see the PostgreSQL one)."""
+    url = await create_database(mariadb_admin_url, mariadb_template)
+    yield url
+    await drop_database(mariadb_admin_url, url)
+
+
+#: Server backends -> the fixture of a module's shared database at head on it.
+MODULE_DATABASE_FIXTURES = {
+    "postgresql": "pg_module_database_url",
+    "mariadb": "mariadb_module_database_url",
+}
 
 
 async def drop_database(admin_url: str, url: str) -> None:

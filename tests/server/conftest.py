@@ -21,7 +21,12 @@ from ferrule.client import AsyncFerruleClient, ClientConfig
 from server.app import FerruleApp
 from server.settings import Settings
 from server.telemetry import Telemetry, setup_telemetry
-from tests.conftest import ADMIN_URL_FIXTURES, DATABASE_FIXTURES, CreateDatabase
+from tests.conftest import (
+    ADMIN_URL_FIXTURES,
+    DATABASE_FIXTURES,
+    MODULE_DATABASE_FIXTURES,
+    CreateDatabase,
+)
 from tests.polling import finishes
 
 JWT_SECRET = "test-jwt-secret-" + "x" * 32
@@ -138,10 +143,11 @@ async def db_server(server_database_url: str, start_server: StartServer) -> Runn
     return await start_server(server_database_url)
 
 
-@pytest.fixture(scope="module", params=list(ADMIN_URL_FIXTURES))
-def backend_admin_url(request: pytest.FixtureRequest) -> str:
-    """For module-scoped servers: the admin URL of each server backend in turn."""
-    url: str = request.getfixturevalue(ADMIN_URL_FIXTURES[request.param])
+@pytest.fixture(scope="module", params=list(MODULE_DATABASE_FIXTURES))
+def module_database_url(request: pytest.FixtureRequest) -> str:
+    """For module-scoped servers: a database at head shared by the module's tests, on each
+    server backend in turn. Sync: see ``database_url``."""
+    url: str = request.getfixturevalue(MODULE_DATABASE_FIXTURES[request.param])
     return url
 
 

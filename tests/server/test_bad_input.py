@@ -50,7 +50,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from db.migrate import upgrade_to_head
 from ferrule.client import AsyncFerruleClient, FerruleError, InvalidArgument
 from ferrule.v1 import (
     analysis_service_pb2,
@@ -68,6 +67,7 @@ from tests.server.conftest import (
     make_token,
     server_settings,
 )
+from tests.template_databases import clone_sqlite_database
 
 pytestmark = pytest.mark.timeout(300)
 _T = TypeVar("_T")
@@ -256,9 +256,8 @@ def _forged_token(**claims: Any) -> str:
 
 
 async def start_world(url: str, checksum: Checksum) -> AsyncIterator[World]:
-    """One server (small message limit) on the migrated database at ``url``, seeded with
+    """One server (small message limit) on the database at ``url`` (at head), seeded with
     two tenants."""
-    await upgrade_to_head(url)
     app = FerruleApp(server_settings(url, ferrule_max_message_bytes=MAX_MESSAGE_BYTES))
     port = await app.start()
     server = RunningServer(app=app, database_url=url, target=f"127.0.0.1:{port}")
@@ -309,15 +308,8 @@ def _sqlite_checksum(path: Path) -> dict[str, str]:
     return result
 
 
-async def pg_world(pg_admin_url: str) -> AsyncIterator[World]:
-    """The world on a fresh PostgreSQL database (dropped afterwards)."""
-    name = f"ferrule_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(_dsn(pg_admin_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = f"{pg_admin_url.rpartition('/')[0]}/{name}"
+async def pg_world(url: str) -> AsyncIterator[World]:
+    """The world on the PostgreSQL database at ``url`` (fresh, at head)."""
     conn: asyncpg.Connection | None = None
 
     async def pg_checksum() -> dict[str, str]:
@@ -332,28 +324,26 @@ async def pg_world(pg_admin_url: str) -> AsyncIterator[World]:
     finally:
         if conn is not None:
             await conn.close()
-        admin = await asyncpg.connect(_dsn(pg_admin_url))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @pytest.fixture(scope="module")
-async def world(pg_admin_url: str) -> AsyncIterator[World]:
-    async for value in pg_world(pg_admin_url):
+async def world(pg_module_database_url: str) -> AsyncIterator[World]:
+    async for value in pg_world(pg_module_database_url):
         yield value
 
 
 @pytest.fixture(scope="module")
-async def sqlite_world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    """The world on the embedded default: a fresh SQLite file."""
+async def sqlite_world(
+    sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[World]:
+    """The world on the embedded default: a fresh SQLite file at head."""
     path = tmp_path_factory.mktemp("bad-input") / "ferrule.db"
+    url = clone_sqlite_database(sqlite_template, path)
 
     async def sqlite_checksum() -> dict[str, str]:
         return await asyncio.to_thread(_sqlite_checksum, path)
 
-    async for value in start_world(f"sqlite+aiosqlite:///{path}", sqlite_checksum):
+    async for value in start_world(url, sqlite_checksum):
         yield value
 
 
@@ -685,10 +675,15 @@ def on_loop(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, _T])
     return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=120)
 
 
-#: Streams that end only once what they watch is terminal. The first response is the
-#: server's whole answer to the request (it accepted it and streams the current state);
-#: reading on would only wait out the call's deadline, as nothing here writes meanwhile.
-OPEN_ENDED = {"ferrule.v1.AnalysisService.WatchAnalysis", "ferrule.v1.AnalysisService.WatchBatch"}
+#: Watches: streams that end only once what they watch is terminal, or never. The first
+#: response is the server's whole answer to the request (it accepted it and streams the
+#: current state or the cursor); reading on would only wait out the call's deadline, as
+#: nothing here writes meanwhile.
+OPEN_ENDED = {
+    "ferrule.v1.AnalysisService.WatchAnalysis",
+    "ferrule.v1.AnalysisService.WatchBatch",
+    "ferrule.v1.PredictionService.WatchPredictions",
+}
 
 
 async def _read_stream(method: MethodDescriptor, call: Any) -> int:
@@ -906,7 +901,7 @@ def test_every_rpc_of_every_service_is_walked() -> None:
         "ferrule.v1.AnalysisService.GetAnalysisStatistics",
     }
     assert len(METHODS) == sum(len(s.methods) for s in SERVICES.values()) >= 50
-    assert {m.full_name for _, m in METHODS} >= OPEN_ENDED
+    assert {m.full_name for _, m in METHODS if m.name.startswith("Watch")} == OPEN_ENDED
 
 
 # --- SQL injection is data ---------------------------------------------------------------

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ferrule.client import AsyncFerruleClient, FerruleError
-from tests.conftest import ADMIN_URL_FIXTURES, create_database, drop_database, query
+from tests.conftest import MODULE_DATABASE_FIXTURES, query
 from tests.server.conftest import make_token
 from tests.server.test_bad_input import (
     CHECKED_TABLES,
@@ -44,14 +44,14 @@ EXAMPLES = 40
 
 
 @pytest.fixture(scope="module")
-async def postgresql_world(pg_admin_url: str) -> AsyncIterator[World]:
-    async for value in pg_world(pg_admin_url):
+async def postgresql_world(pg_module_database_url: str) -> AsyncIterator[World]:
+    async for value in pg_world(pg_module_database_url):
         yield value
 
 
 @pytest.fixture(scope="module")
-async def mariadb_world(mariadb_admin_url: str) -> AsyncIterator[World]:
-    url = await create_database(mariadb_admin_url)
+async def mariadb_world(mariadb_module_database_url: str) -> AsyncIterator[World]:
+    url = mariadb_module_database_url
 
     async def row_checksum() -> dict[str, str]:
         return {
@@ -60,14 +60,11 @@ async def mariadb_world(mariadb_admin_url: str) -> AsyncIterator[World]:
             for rows in [await query(url, f"SELECT * FROM {table}")]
         }
 
-    try:
-        async for value in start_world(url, row_checksum):
-            yield value
-    finally:
-        await drop_database(mariadb_admin_url, url)
+    async for value in start_world(url, row_checksum):
+        yield value
 
 
-@pytest.fixture(scope="module", params=list(ADMIN_URL_FIXTURES))
+@pytest.fixture(scope="module", params=list(MODULE_DATABASE_FIXTURES))
 def world(request: pytest.FixtureRequest) -> World:
     """On PostgreSQL (RLS behind the repositories) and on MariaDB, where the repositories'
     scoping is the only wall."""

@@ -19,7 +19,6 @@ from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from db.migrate import upgrade_to_head
 from ferrule.client import (
     Aborted,
     AlreadyExists,
@@ -32,25 +31,22 @@ from ferrule.client import (
 )
 from ferrule.v1 import user_service_pb2 as pb
 from server.app import FerruleApp
-from tests.conftest import create_database, drop_database, query
+from tests.conftest import query
 from tests.server.conftest import RunningServer, server_settings
 
 PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture(scope="module")
-async def srv(backend_admin_url: str) -> AsyncIterator[RunningServer]:
+async def srv(module_database_url: str) -> AsyncIterator[RunningServer]:
     """One server on one fresh database for the whole module, on each server backend."""
-    url = await create_database(backend_admin_url)
-    await upgrade_to_head(url)
-    app = FerruleApp(server_settings(url))
+    app = FerruleApp(server_settings(module_database_url))
     port = await app.start()
-    running = RunningServer(app=app, database_url=url, target=f"127.0.0.1:{port}")
+    running = RunningServer(app=app, database_url=module_database_url, target=f"127.0.0.1:{port}")
     yield running
     for client in running.clients:
         await client.close()
     await app.stop(grace=0.5)
-    await drop_database(backend_admin_url, url)
 
 
 @pytest.fixture
@@ -906,12 +902,23 @@ async def _create_many(client: AsyncFerruleClient, org: uuid.UUID, emails: list[
     await asyncio.gather(*(one(e) for e in emails))
 
 
+@pytest.fixture(scope="module")
+async def thousand_users(srv: RunningServer) -> tuple[uuid.UUID, set[str]]:
+    """An organization with 1000 users (and their emails), created once per backend for
+    the paging tests: each only adds rows to it, and asserts only about these 1000 and
+    the rows it saw."""
+    org = await new_org(srv.admin(), "thousand")
+    originals = {f"u{i:04d}-{uuid.uuid4().hex[:6]}@example.com" for i in range(1000)}
+    await _create_many(srv.for_org(org), org, sorted(originals))
+    return org, originals
+
+
 @pytest.mark.parametrize("order_by", ["", "email"])
 async def test_list_users_walks_1000_rows_under_concurrent_inserts(
-    client: AsyncFerruleClient, org: uuid.UUID, order_by: str
+    srv: RunningServer, thousand_users: tuple[uuid.UUID, set[str]], order_by: str
 ) -> None:
-    originals = {f"u{i:04d}-{uuid.uuid4().hex[:6]}@example.com" for i in range(1000)}
-    await _create_many(client, org, sorted(originals))
+    org, originals = thousand_users
+    client = srv.for_org(org, subject="alice-svc")
 
     stop = asyncio.Event()
     inserted: list[str] = []
