@@ -1,10 +1,12 @@
 """The client's watch helpers: every state until the final one, across a server restart
-(asyncio), and the same through the blocking client."""
+(asyncio), and the same through the blocking client; the predictions tail, each row once
+across a restart."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 from google.protobuf import field_mask_pb2
 
@@ -14,14 +16,19 @@ from ferrule.client import (
     FerruleClient,
     NotFound,
     awatch_analysis,
+    awatch_predictions,
     watch_analysis,
     watch_batch,
+    watch_predictions,
 )
 from ferrule.v1 import analysis_service_pb2 as pb
+from ferrule.v1 import prediction_service_pb2 as ppb
 from tests.polling import eventually
 from tests.server.conftest import StartServer, make_token
 from tests.server.process_helpers import free_port
 from tests.server.test_analysis_service import _org, create, set_state
+from tests.server.test_prediction_service import batch_create
+from tests.server.test_watch_predictions import mixed
 
 WAIT_S = 60.0
 
@@ -105,3 +112,55 @@ async def test_blocking_watch_helpers_follow_to_the_final_state(
         pass
     else:
         raise AssertionError("a missing analysis is NOT_FOUND, not retried")
+
+
+async def test_watch_predictions_helpers_resume_across_a_server_restart_exactly_once(
+    start_server: StartServer, sqlite_database_url: str
+) -> None:
+    """awatch_predictions follows the tail through a server restart (its stream breaks
+    with UNAVAILABLE and reopens from the last cursor): each row once; watch_predictions
+    (blocking) delivers the same rows from the same starting cursor."""
+    listen = f"127.0.0.1:{free_port()}"
+    first_server = await start_server(sqlite_database_url, ferrule_listen=listen)
+    org = await _org(first_server)
+    start = await anext(
+        aiter(
+            org.client.predictions.WatchPredictions(
+                ppb.WatchPredictionsRequest(parent=org.parent), timeout=WAIT_S
+            )
+        )
+    )
+    config = ClientConfig(target=listen, token=make_token(org.id))
+    written: list[str] = []
+    received: list[str] = []
+
+    async def read_until(
+        count: int, responses: AsyncIterator[ppb.WatchPredictionsResponse]
+    ) -> None:
+        while len(received) < count:
+            response = await asyncio.wait_for(anext(responses), WAIT_S)
+            received.extend(p.name for p in response.predictions)
+
+    async with AsyncFerruleClient(config=config) as client:
+        responses = awatch_predictions(
+            client, org.parent, cursor=start.cursor, initial_backoff=0.05
+        )
+        written += [p.name for p in await batch_create(org.client, org.parent, mixed(10, "a"))]
+        await read_until(10, responses)
+        await first_server.app.stop(grace=0)  # the stream breaks (UNAVAILABLE)
+        second_server = await start_server(sqlite_database_url, ferrule_listen=listen)
+        writer = second_server.for_org(org.id)
+        written += [p.name for p in await batch_create(writer, org.parent, mixed(10, "b"))]
+        await read_until(20, responses)
+    assert sorted(received) == sorted(written) and len(set(received)) == 20
+
+    def follow() -> list[str]:
+        names: list[str] = []
+        with FerruleClient(config=ClientConfig(target=listen, token=make_token(org.id))) as c:
+            for response in watch_predictions(c, org.parent, cursor=start.cursor):
+                names += [p.name for p in response.predictions]
+                if len(names) >= 20:
+                    return names
+        raise AssertionError("the tail has no end")
+
+    assert sorted(await asyncio.wait_for(asyncio.to_thread(follow), WAIT_S)) == sorted(written)

@@ -29,7 +29,14 @@ from ferrule.client.errors import (
 )
 from ferrule.client.pagination import aiterate_items, aiterate_pages, iterate_items, iterate_pages
 from ferrule.client.sync import FerruleClient
-from ferrule.client.watch import awatch_analysis, awatch_batch, watch_analysis, watch_batch
+from ferrule.client.watch import (
+    awatch_analysis,
+    awatch_batch,
+    awatch_predictions,
+    watch_analysis,
+    watch_batch,
+    watch_predictions,
+)
 
 __all__ = [
     "FERRULE_SERVICES",
@@ -57,6 +64,7 @@ __all__ = [
     "aiterate_pages",
     "awatch_analysis",
     "awatch_batch",
+    "awatch_predictions",
     "create_aio_channel",
     "create_channel",
     "from_rpc_error",
@@ -64,4 +72,5 @@ __all__ = [
     "iterate_pages",
     "watch_analysis",
     "watch_batch",
+    "watch_predictions",
 ]

@@ -1,4 +1,5 @@
-"""Watch helpers: follow an analysis or a batch until it is final, across reconnects.
+"""Watch helpers: follow an analysis or a batch until it is final, or the tail of new
+predictions, across reconnects.
 
 ``WatchAnalysis`` and ``WatchBatch`` are level-triggered: every stream starts with the
 current state, so resuming after a broken stream is opening another one. These helpers
@@ -11,6 +12,13 @@ deadline, which suits unary calls): when it passes, the helper opens another str
 which costs the server one read.
 ``max_attempts`` bounds consecutive failed attempts (an attempt that delivers a state
 resets the count).
+
+``WatchPredictions`` is a tail resumed from a cursor instead: :func:`awatch_predictions`
+and :func:`watch_predictions` reconnect (same codes, same backoff, including the
+server's WATCH_BACKLOG_EXCEEDED for a caller that read too slowly) with the cursor of the
+last response they yielded, so each matching prediction is yielded once. They yield whole
+responses: a caller that stores ``response.cursor`` after processing
+``response.predictions`` can resume after its own restart with ``cursor=``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from ferrule.client.errors import FerruleError, from_rpc_error
 from ferrule.client.ingest import RECONNECT_CODES
 from ferrule.client.sync import FerruleClient
 from ferrule.v1 import analysis_service_pb2 as pb
+from ferrule.v1 import prediction_service_pb2 as ppb
 
 M = TypeVar("M", bound=Message)
 
@@ -104,6 +113,88 @@ def _follow(
             typed = _typed(exc)
             assert typed is not None
             time.sleep(backoff.failed(typed))
+
+
+async def _afollow_tail(
+    open_stream: Callable[[str], AsyncIterator[ppb.WatchPredictionsResponse]],
+    cursor: str,
+    backoff: _Backoff,
+) -> AsyncIterator[ppb.WatchPredictionsResponse]:
+    while True:
+        try:
+            async for response in open_stream(cursor):
+                backoff.failures = 0
+                cursor = response.cursor
+                if response.predictions:
+                    yield response
+            continue  # the tail has no end: a stream that ended is reopened
+        except (FerruleError, aio.AioRpcError) as exc:
+            typed = _typed(exc)
+            assert typed is not None
+            await asyncio.sleep(backoff.failed(typed))
+
+
+def _follow_tail(
+    open_stream: Callable[[str], Iterable[ppb.WatchPredictionsResponse]],
+    cursor: str,
+    backoff: _Backoff,
+) -> Iterator[ppb.WatchPredictionsResponse]:
+    while True:
+        try:
+            for response in open_stream(cursor):
+                backoff.failures = 0
+                cursor = response.cursor
+                if response.predictions:
+                    yield response
+            continue
+        except (FerruleError, grpc.RpcError) as exc:
+            typed = _typed(exc)
+            assert typed is not None
+            time.sleep(backoff.failed(typed))
+
+
+def awatch_predictions(
+    client: AsyncFerruleClient,
+    parent: str,
+    filter: ppb.PredictionFilter | None = None,
+    *,
+    cursor: str = "",
+    initial_backoff: float = 0.1,
+    max_backoff: float = 5.0,
+    max_attempts: int = 10,
+    stream_timeout: float = 300.0,
+) -> AsyncIterator[ppb.WatchPredictionsResponse]:
+    """Every response of ``WatchPredictions`` that carries predictions, from ``cursor``
+    (empty: now), forever, resuming after the last one yielded on every reconnect
+    (asyncio)."""
+
+    def open_stream(after: str) -> AsyncIterator[ppb.WatchPredictionsResponse]:
+        request = ppb.WatchPredictionsRequest(parent=parent, filter=filter, cursor=after)
+        return aiter(client.predictions.WatchPredictions(request, timeout=stream_timeout))
+
+    backoff = _Backoff(initial_backoff, max_backoff, max_attempts)
+    return _afollow_tail(open_stream, cursor, backoff)
+
+
+def watch_predictions(
+    client: FerruleClient,
+    parent: str,
+    filter: ppb.PredictionFilter | None = None,
+    *,
+    cursor: str = "",
+    initial_backoff: float = 0.1,
+    max_backoff: float = 5.0,
+    max_attempts: int = 10,
+    stream_timeout: float = 300.0,
+) -> Iterator[ppb.WatchPredictionsResponse]:
+    """:func:`awatch_predictions` for the blocking client."""
+
+    def open_stream(after: str) -> Iterable[ppb.WatchPredictionsResponse]:
+        request = ppb.WatchPredictionsRequest(parent=parent, filter=filter, cursor=after)
+        return client.predictions.WatchPredictions(request, timeout=stream_timeout)
+
+    backoff = _Backoff(initial_backoff, max_backoff, max_attempts)
+    return _follow_tail(open_stream, cursor, backoff)
 
 
 def awatch_analysis(
@@ -183,6 +274,8 @@ __all__: list[str] = [
     "WATCH_RECONNECT_CODES",
     "awatch_analysis",
     "awatch_batch",
+    "awatch_predictions",
     "watch_analysis",
     "watch_batch",
+    "watch_predictions",
 ]
