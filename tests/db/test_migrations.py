@@ -12,7 +12,7 @@ from sqlalchemy import Connection, inspect, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
-from db.models import Base
+from db.models import TENANT_TABLES, Base
 from db.models.predictions import COMMIT_SEQUENCE_INDEX, COMMIT_SEQUENCE_TABLE
 from db.search_sql import (
     MYSQL_FULLTEXT_INDEX,
@@ -222,3 +222,39 @@ async def test_0004_marks_the_match_function_leakproof_only_as_a_superuser(
             await conn.exec_driver_sql(f"REVOKE ALL ON alembic_version FROM {migrator}")
             await conn.exec_driver_sql(f"DROP ROLE IF EXISTS {migrator}")
         await engine.dispose()
+
+
+def _policies(connection: Connection) -> dict[str, tuple[object, ...]]:
+    """Every row-level security policy of the schema, as the catalog prints it back."""
+    rows = connection.exec_driver_sql(
+        "SELECT tablename, policyname, permissive, roles::text, cmd, qual, with_check"
+        " FROM pg_catalog.pg_policies WHERE schemaname = 'public'"
+    )
+    return {f"{row[0]}.{row[1]}": tuple(row[2:]) for row in rows}
+
+
+async def test_0006_reads_the_tenant_settings_in_sub_selects_and_its_downgrade_restores_0001s(
+    empty_pg_database_url: str,
+) -> None:
+    engine = create_async_engine(empty_pg_database_url, poolclass=pool.NullPool)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_run, "upgrade", "0005")
+            before = await conn.run_sync(_policies)
+            await conn.run_sync(_run, "upgrade", "0006")
+            after = await conn.run_sync(_policies)
+            await conn.run_sync(_run, "downgrade", "0005")
+            restored = await conn.run_sync(_policies)
+    finally:
+        await engine.dispose()
+    tenant_tables = {"organizations", *TENANT_TABLES}
+    assert set(before) == set(after) == {f"{t}.tenant_isolation" for t in tenant_tables}
+    for name, (permissive, roles, cmd, qual, with_check) in after.items():
+        assert (permissive, roles, cmd) == before[name][:3], name
+        assert qual == with_check, name
+        # Each setting read by a sub-select, and nowhere else; 0001 read them per row.
+        assert str(qual).count("current_setting(") == 2, (name, qual)
+        assert "( SELECT (NULLIF(current_setting('ferrule.organization_id'" in str(qual)
+        assert "( SELECT (current_setting('ferrule.all_organizations'" in str(qual)
+        assert "SELECT" not in str(before[name][3]), before[name]
+    assert restored == before
