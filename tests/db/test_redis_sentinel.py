@@ -79,11 +79,16 @@ def wait_for(predicate: Callable[[], bool], what: str, within: float = 30.0) -> 
         time.sleep(0.1)
 
 
+_SYNC_AT_ONCE = ("--repl-diskless-sync-delay", "0")
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[RedisProcess, RedisProcess, SentinelProcess]]:
-    master = RedisProcess()
+    # A master waits repl-diskless-sync-delay (5 s by default) for more replicas before
+    # it sends one its data: the replica, then the demoted master after the failover.
+    master = RedisProcess(*_SYNC_AT_ONCE)
     master.start()
-    replica = RedisProcess("--replicaof", "127.0.0.1", str(master.port))
+    replica = RedisProcess(*_SYNC_AT_ONCE, "--replicaof", "127.0.0.1", str(master.port))
     replica.start()
     sentinel = SentinelProcess(tmp_path, master.port)
     try:
