@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -107,6 +108,8 @@ class ProtoEnum(Protocol[V]):
 
     def Value(self, name: str) -> V: ...
 
+    def __hash__(self) -> int: ...
+
 
 def enum_from_proto(
     proto_enum: ProtoEnum[V], value: int, domain: type[E], field: str, *, required: bool = True
@@ -136,7 +139,10 @@ def enum_to_proto(proto_enum: ProtoEnum[V], value: enum.StrEnum | None) -> V:
     return proto_enum.Value(_enum_prefix(proto_enum) + value.value)
 
 
+@functools.cache
 def _enum_prefix(proto_enum: ProtoEnum[V]) -> str:
-    """`RISK_LEVEL_` for enum RiskLevel: buf's ENUM_VALUE_PREFIX convention."""
+    """`RISK_LEVEL_` for enum RiskLevel: buf's ENUM_VALUE_PREFIX convention (remembered
+    per enum: every response converts its enums, and the descriptor lookup costs more
+    than the rest of the conversion)."""
     zero: str = proto_enum.DESCRIPTOR.values_by_number[0].name
     return zero.removesuffix("UNSPECIFIED")

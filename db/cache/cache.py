@@ -123,6 +123,10 @@ class Cache:
         not cancel the load for the others. The load is cancelled only when every waiter
         has gone. Exceptions from ``loader`` propagate to every waiter and are not cached.
         """
+        if not trace.get_current_span().is_recording():
+            # Untraced (the common case): no span, and no context manager around the read
+            # either, as this runs on every cached Get.
+            return (await self._get_or_load(key, loader, ttl))[1]
         with self._span("cache get_or_load", key) as span:
             outcome, value = await self._get_or_load(key, loader, ttl)
             if span is not None:
