@@ -26,12 +26,14 @@ from sqlalchemy.pool import NullPool
 from db.engine_factory import async_engine
 from tests.db.cache_fixtures import RedisProcess
 from tests.template_databases import (
-    PgDatabases,
+    ClonedDatabases,
     build_sqlite_template,
     clone_mariadb_database,
     clone_pg_database,
     clone_sqlite_database,
     drop_mariadb_database,
+    drop_mariadb_databases,
+    drop_pg_databases,
     ensure_mariadb_template,
     ensure_pg_template,
     mariadb_connect,
@@ -77,9 +79,9 @@ async def pg_template(pg_admin_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-async def pg_databases(pg_admin_url: str, pg_template: str) -> AsyncIterator[PgDatabases]:
-    """Where the tests' PostgreSQL databases come from and go back to (see PgDatabases)."""
-    databases = PgDatabases(pg_admin_url, pg_template)
+async def pg_databases(pg_admin_url: str, pg_template: str) -> AsyncIterator[ClonedDatabases]:
+    """Where the tests' PostgreSQL databases come from and go back to."""
+    databases = ClonedDatabases(pg_admin_url, pg_template, clone_pg_database, drop_pg_databases)
     yield databases
     await databases.aclose()
 
@@ -89,7 +91,9 @@ class CreateDatabase(Protocol):
 
 
 @pytest.fixture
-def create_pg_database(pg_admin_url: str, pg_databases: PgDatabases) -> Iterator[CreateDatabase]:
+def create_pg_database(
+    pg_admin_url: str, pg_databases: ClonedDatabases
+) -> Iterator[CreateDatabase]:
     """Factory: each call creates a database of its own and returns its SQLAlchemy URL:
     a clone of the migrated template, or an empty one with ``migrated=False``. They are
     dropped after the test."""
@@ -152,24 +156,34 @@ async def mariadb_template(mariadb_admin_url: str) -> str:
     return await ensure_mariadb_template(mariadb_admin_url)
 
 
-@pytest.fixture
-async def create_mariadb_database(
+@pytest.fixture(scope="session")
+async def mariadb_databases(
     mariadb_admin_url: str, mariadb_template: str
-) -> AsyncIterator[CreateDatabase]:
+) -> AsyncIterator[ClonedDatabases]:
+    """Where the tests' MariaDB databases come from and go back to."""
+    databases = ClonedDatabases(
+        mariadb_admin_url, mariadb_template, clone_mariadb_database, drop_mariadb_databases
+    )
+    yield databases
+    await databases.aclose()
+
+
+@pytest.fixture
+def create_mariadb_database(
+    mariadb_admin_url: str, mariadb_databases: ClonedDatabases
+) -> Iterator[CreateDatabase]:
     """Factory: each call creates a MariaDB database of its own and returns its URL: a
-    copy of the migrated template, or an empty one with ``migrated=False``."""
+    copy of the migrated template, or an empty one with ``migrated=False``. They are
+    dropped after the test."""
     created: list[str] = []
 
     async def create(*, migrated: bool = True) -> str:
-        name = await clone_mariadb_database(
-            mariadb_admin_url, mariadb_template if migrated else None
-        )
+        name = await mariadb_databases.take(migrated=migrated)
         created.append(name)
         return with_database(mariadb_admin_url, name)
 
     yield create
-    for name in created:
-        await drop_mariadb_database(mariadb_admin_url, name)
+    mariadb_databases.release(created)
 
 
 @pytest.fixture

@@ -22,6 +22,9 @@ builds the schema once per backend and each test gets a private copy:
   and copies the rows migrations wrote (``alembic_version``). Stale templates are swept
   as on PostgreSQL.
 
+On both servers the per-test copies are made ahead of demand and dropped behind it, in
+the background (:class:`ClonedDatabases`).
+
 The migration tests do not use any of this: they start from empty databases.
 """
 
@@ -34,6 +37,7 @@ import shutil
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,25 +207,36 @@ async def drop_pg_databases(admin_url: str, names: list[str]) -> None:
         await conn.close()
 
 
-class PgDatabases:
-    """Per-test PostgreSQL databases, cloned ahead of demand and dropped behind it.
+#: ``(admin_url, template or None) -> name`` of a new database on that server.
+Clone = Callable[[str, str | None], Awaitable[str]]
+#: ``(admin_url, names)``: drop those databases, whoever is still connected to them.
+Drop = Callable[[str, list[str]], Awaitable[None]]
 
-    A clone and a drop each take the server a few hundred milliseconds, mostly waiting on
-    its disk; done on the session's event loop in the background, they overlap with the
-    tests instead of adding to them. At most ``ahead`` clones wait unused; every database
-    handed out or left over is dropped by :meth:`aclose` at the latest."""
 
-    def __init__(self, admin_url: str, template: str, ahead: int = 2) -> None:
+class ClonedDatabases:
+    """Per-test databases on one server (PostgreSQL or MariaDB), cloned from its template
+    ahead of demand and dropped behind it.
+
+    A clone and a drop each cost the server mostly waiting on its disk; done on the
+    session's event loop in the background, they overlap with the tests instead of
+    adding to them. At most ``ahead`` clones wait unused; every database handed out or
+    left over is dropped by :meth:`aclose` at the latest."""
+
+    def __init__(
+        self, admin_url: str, template: str, clone: Clone, drop: Drop, ahead: int = 2
+    ) -> None:
         self.admin_url = admin_url
         self.template = template
         self.ahead = ahead
+        self._clone = clone
+        self._drop = drop
         self._ready: deque[asyncio.Task[str]] = deque()
         self._drops: set[asyncio.Task[None]] = set()
 
     async def take(self, *, migrated: bool = True) -> str:
         """The name of a new database of this test's own: at head, or empty."""
         if not migrated:
-            return await clone_pg_database(self.admin_url, None)
+            return await self._clone(self.admin_url, None)
         self._refill()
         name = await self._ready.popleft()
         self._refill()
@@ -230,22 +245,20 @@ class PgDatabases:
     def release(self, names: list[str]) -> None:
         """Drop ``names`` in the background (the test is done with them)."""
         if names:
-            task = asyncio.ensure_future(drop_pg_databases(self.admin_url, list(names)))
+            task = asyncio.ensure_future(self._drop(self.admin_url, list(names)))
             self._drops.add(task)
             task.add_done_callback(self._drops.discard)
 
     def _refill(self) -> None:
         while len(self._ready) < self.ahead:
-            self._ready.append(
-                asyncio.ensure_future(clone_pg_database(self.admin_url, self.template))
-            )
+            self._ready.append(asyncio.ensure_future(self._clone(self.admin_url, self.template)))
 
     async def aclose(self) -> None:
         unused: list[str] = []
         while self._ready:
             with contextlib.suppress(Exception):  # a failed clone left nothing to drop
                 unused.append(await self._ready.popleft())
-        await drop_pg_databases(self.admin_url, unused)
+        await self._drop(self.admin_url, unused)
         if self._drops:
             await asyncio.gather(*self._drops)
 
@@ -299,6 +312,11 @@ async def drop_mariadb_database(admin_url: str, name: str) -> None:
             await cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
     finally:
         conn.close()
+
+
+async def drop_mariadb_databases(admin_url: str, names: list[str]) -> None:
+    for name in names:
+        await drop_mariadb_database(admin_url, name)
 
 
 async def _mariadb_template_complete(cursor: Any, name: str) -> bool:
