@@ -8,6 +8,11 @@ arrived, counted from the moment the UpdateAnalysis request was sent; the time o
 UpdateAnalysis call itself (its commit is inside it) is printed beside, as the
 reference. Delivery includes NOTIFY, A's LISTEN connection, 1,000 re-reads on A, and
 the bench client (one event loop) receiving 1,000 messages.
+
+Then the predictions tail: ``--watch-tail-watchers`` ``WatchPredictions`` streams (filter
+HIGH) on process A, and per round one BatchCreatePredictions of 10 HIGH rows through B;
+the same figures, from the request to each watcher's receipt of the rows (NOTIFY, a
+horizon and a tail read per watcher on A).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from bench.harness import fresh_database, org_token, server_process
 from bench.registry import Figures, Scenario
 from ferrule.client import AsyncFerruleClient, ClientConfig
 from ferrule.v1 import analysis_service_pb2 as pb
+from ferrule.v1 import prediction_service_pb2 as ppb
 
 PER_CONNECTION = 100
 
@@ -32,6 +38,7 @@ PER_CONNECTION = 100
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watch-watchers", type=int, default=1000)
     parser.add_argument("--watch-rounds", type=int, default=10)
+    parser.add_argument("--watch-tail-watchers", type=int, default=100)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -121,6 +128,7 @@ async def run(args: argparse.Namespace) -> Figures:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+            tail = await _tail_rounds(writer, readers, parent, args.watch_tail_watchers, rounds)
     figures: Figures = {
         "watchers": watchers,
         "rounds": rounds,
@@ -136,6 +144,95 @@ async def run(args: argparse.Namespace) -> Figures:
         f"{figures['delivery_max_ms_median']} ms after the request was sent",
         flush=True,
     )
+    figures.update(tail)
+    return figures
+
+
+async def _tail_rounds(
+    writer: AsyncFerruleClient,
+    readers: list[AsyncFerruleClient],
+    parent: str,
+    watchers: int,
+    rounds: int,
+) -> Figures:
+    high = ppb.PredictionFilter(risk_level=ppb.RISK_LEVEL_HIGH)
+    arrivals: dict[str, list[float]] = defaultdict(list)
+    complete: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+    opened: list[float] = []
+    all_open = asyncio.Event()
+
+    async def tail(reader: AsyncFerruleClient) -> None:
+        request = ppb.WatchPredictionsRequest(parent=parent, filter=high)
+        async for response in reader.predictions.WatchPredictions(request):
+            now = time.perf_counter()
+            if not response.predictions:  # the first response: the watch is established
+                opened.append(now)
+                if len(opened) == watchers:
+                    all_open.set()
+                continue
+            for tag in {p.subject_id for p in response.predictions}:
+                heard = arrivals[tag]
+                heard.append(now)
+                if len(heard) == watchers:
+                    complete[tag].set()
+
+    tasks = [asyncio.create_task(tail(readers[i % len(readers)])) for i in range(watchers)]
+    p50s, p99s, maxes, writes = [], [], [], []
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_open.wait(), 120)
+        if len(opened) < watchers:
+            raise RuntimeError(f"only {len(opened)} of {watchers} tails opened")
+        for r in range(rounds):
+            tag = f"tail-{r}"
+            rows = [
+                ppb.CreatePredictionRequest(
+                    prediction=ppb.Prediction(
+                        subject_id=tag,
+                        probability=0.9,
+                        risk_level=ppb.RISK_LEVEL_HIGH,
+                        model_name="bench",
+                        model_version="v1",
+                    )
+                )
+                for _ in range(10)
+            ]
+            sent = time.perf_counter()
+            await writer.predictions.BatchCreatePredictions(
+                ppb.BatchCreatePredictionsRequest(parent=parent, requests=rows)
+            )
+            writes.append((time.perf_counter() - sent) * 1000)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(complete[tag].wait(), 60)
+            got = [(t - sent) * 1000 for t in arrivals[tag]]
+            if len(got) < watchers:
+                raise RuntimeError(f"{tag}: {len(got)} of {watchers} tails received it")
+            p50s.append(statistics.median(got))
+            p99s.append(_percentile(got, 0.99))
+            maxes.append(max(got))
+            print(
+                f"  {tag}: batch create {writes[-1]:7.2f} ms; delivered to all {watchers}: "
+                f"p50 {p50s[-1]:7.2f} ms  p99 {p99s[-1]:7.2f} ms  max {maxes[-1]:7.2f} ms",
+                flush=True,
+            )
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    figures: Figures = {
+        "tail_watchers": watchers,
+        "tail_write_ms_median": round(statistics.median(writes), 2),
+        "tail_delivery_p50_ms_median": round(statistics.median(p50s), 2),
+        "tail_delivery_p99_ms_median": round(statistics.median(p99s), 2),
+        "tail_delivery_max_ms_worst": round(max(maxes), 2),
+    }
+    print(
+        f"predictions tail: {watchers} watchers, median of {rounds} rounds: "
+        f"BatchCreatePredictions {figures['tail_write_ms_median']} ms; delivery p50 "
+        f"{figures['tail_delivery_p50_ms_median']} ms, p99 "
+        f"{figures['tail_delivery_p99_ms_median']} ms after the request was sent",
+        flush=True,
+    )
     return figures
 
 
@@ -144,5 +241,5 @@ SCENARIO = Scenario(
     run=run,
     add_arguments=add_arguments,
     description="WatchAnalysis fan-out: one change committed through process B, 1,000 "
-    "watchers on process A (PostgreSQL NOTIFY/LISTEN)",
+    "watchers on process A (PostgreSQL NOTIFY/LISTEN); then the WatchPredictions tail",
 )
