@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -257,3 +258,36 @@ async def test_a_row_committed_behind_a_later_one_is_still_delivered_once(
     assert again.name == got[0].name
     stream.cancel()
     resumed.cancel()
+
+
+async def test_rows_ingested_by_stream_predictions_reach_the_tail_once(
+    any_server: RunningServer,
+) -> None:
+    """StreamPredictions' group commits (COPY and INSERT ... SELECT on PostgreSQL, INSERT
+    IGNORE on MariaDB) take the commit order and wake the tail like the unary writes; a
+    re-sent batch adds nothing."""
+    org = await _org(any_server)
+    stream = watch(org.client, org.parent)
+    await opened(stream)
+    batches = [
+        pb.StreamPredictionsRequest(
+            parent=org.parent, batch_id=f"b{b}", predictions=mixed(50, f"stream-{b}")
+        )
+        for b in range(4)
+    ]
+
+    async def send(requests: list[pb.StreamPredictionsRequest]) -> int:
+        async def source() -> AsyncIterator[pb.StreamPredictionsRequest]:
+            for item in requests:
+                yield item
+
+        acks = org.client.predictions.StreamPredictions(source(), timeout=WAIT_S)
+        return sum([ack.accepted async for ack in acks])
+
+    assert await send(batches) == 200
+    assert await send(batches[:1]) == 0  # re-sent: nothing new
+    got, _ = await collect(stream, 200)
+    subjects = [p.subject_id for p in got]
+    assert len(set(subjects)) == 200
+    assert set(subjects) == {p.subject_id for b in batches for p in b.predictions}
+    stream.cancel()
