@@ -69,6 +69,8 @@ class PredictionValues:
     request_id: str | None
     create_time: datetime
     create_by: str | None
+    #: Set by the database as the row commits (WatchPredictions' order); never inserted.
+    commit_seq: int | None = None
 
     def as_row(self) -> dict[str, Any]:
         return {
