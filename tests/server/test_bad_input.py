@@ -686,16 +686,19 @@ OPEN_ENDED = {
 }
 
 
-async def _read_stream(method: MethodDescriptor, call: Any) -> int:
-    """Responses of a server-streaming ``call``: all of them, or the first of an open-ended
-    one (then the call is cancelled)."""
-    received = 0
-    async for _ in call:
-        received += 1
+async def stream_responses(method: MethodDescriptor, call: Any) -> AsyncIterator[Message]:
+    """The responses of a server-streaming ``call``: all of them, or the first of an
+    open-ended one (then the call is cancelled)."""
+    async for response in call:
+        yield response
         if method.full_name in OPEN_ENDED:
             call.cancel()
-            break
-    return received
+            return
+
+
+async def _read_stream(method: MethodDescriptor, call: Any) -> int:
+    """How many responses a server-streaming ``call`` gave (see stream_responses)."""
+    return len([response async for response in stream_responses(method, call)])
 
 
 async def _call_once(

@@ -35,6 +35,7 @@ from tests.server.test_bad_input import (
     on_loop,
     pg_world,
     start_world,
+    stream_responses,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -108,7 +109,7 @@ async def _responses(
             async for response in rpc(iter([request]), timeout=20):
                 found += strings_in(response)
         elif method.server_streaming:
-            async for response in rpc(request, timeout=20):
+            async for response in stream_responses(method, rpc(request, timeout=20)):
                 found += strings_in(response)
         else:
             found += strings_in(await rpc(request, timeout=20))
