@@ -264,9 +264,11 @@ async def test_slow_statement_lands_in_digest_with_trace_id_log_line_and_plan(
     await observers.aclose()
 
     trace_id = trace.format_trace_id(parent.get_span_context().trace_id)
+    # Only the sleeping statement must be slow; on a busy machine the others may be too.
+    sleeping = "SELECT pg_sleep(?), id FROM secrets WHERE id = ?"
     entries = observers.slow_queries.top(10, order_by="p99")
-    assert [e.statement for e in entries] == ["SELECT pg_sleep(?), id FROM secrets WHERE id = ?"]
-    entry = entries[0]
+    assert sleeping in [e.statement for e in entries]
+    entry = next(e for e in entries if e.statement == sleeping)
     assert entry.count == 1
     assert entry.trace_ids == (trace_id,)
     assert entry.rpc_methods == ((METHOD, 1),)
@@ -278,7 +280,11 @@ async def test_slow_statement_lands_in_digest_with_trace_id_log_line_and_plan(
     assert "Plan" in entry.plan[0]
     assert "4242" not in json.dumps(entry.plan)
 
-    slow_spans = [s for s in exporter.get_finished_spans() if s.events]
+    slow_spans = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.events and "pg_sleep" in str((s.attributes or {}).get("db.query.text", ""))
+    ]
     assert len(slow_spans) == 1
     event = slow_spans[0].events[0]
     assert event.name == "slow_statement"
@@ -287,7 +293,11 @@ async def test_slow_statement_lands_in_digest_with_trace_id_log_line_and_plan(
     assert isinstance(duration, float)
     assert duration >= 50
 
-    records = [r for r in caplog.records if r.name == "ferrule.db.slow_query"]
+    records = [
+        r
+        for r in caplog.records
+        if r.name == "ferrule.db.slow_query" and r.ferrule["db.query.text"] == sleeping  # type: ignore[attr-defined]
+    ]
     assert len(records) == 1
     fields: dict[str, Any] = records[0].ferrule  # type: ignore[attr-defined]
     assert fields["trace_id"] == trace_id
@@ -325,8 +335,9 @@ async def test_tracing_off_still_times_and_reports_the_context_trace_id(
         async with engine.connect() as conn:
             await conn.execute(text("SELECT pg_sleep(0.05)"))
     observers.close()
-    assert observers.statistics.snapshot().slow == 1
-    assert observers.slow_queries.top(1)[0].trace_ids == ("ab" * 16,)
+    assert observers.statistics.snapshot().slow >= 1
+    slow = next(e for e in observers.slow_queries.top(10) if "pg_sleep" in e.statement)
+    assert slow.trace_ids == ("ab" * 16,)
 
 
 async def test_embedded_sqlite_is_observed_too(sqlite_database_url: str) -> None:

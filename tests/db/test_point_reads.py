@@ -239,8 +239,8 @@ async def test_point_reads_are_traced_commented_and_digested(
     assert str(user_id) not in " ".join(str(v) for v in attributes.values())
     assert "FROM users" in str(attributes["db.query.text"])
     assert observers.statistics.snapshot().total == 2
-    (slow,) = observers.slow_queries.top(5)
-    assert "pg_sleep" in slow.statement
+    # Only the sleep must be slow; on a busy machine the user read may be too.
+    slow = next(e for e in observers.slow_queries.top(5) if "pg_sleep" in e.statement)
     assert slow.rpc_methods == ((METHOD, 1),)
 
 
