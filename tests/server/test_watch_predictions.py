@@ -175,13 +175,13 @@ async def test_watches_of_two_tenants_never_cross(any_server: RunningServer) -> 
 
 
 async def test_a_slow_consumer_ends_with_the_cursor_and_resumes_exactly_once(
-    start_server: StartServer, sqlite_database_url: str
+    start_server: StartServer, database_url: str
 ) -> None:
     """A caller that stops reading while 3,000 rows commit: the server reads at most the
     backlog bound ahead of what it sent (flow control stops its sends), then ends the
     stream with RESOURCE_EXHAUSTED carrying the cursor; resuming from it yields the rest,
     each row once."""
-    server = await start_server(sqlite_database_url, ferrule_watch_backlog_rows=200)
+    server = await start_server(database_url, ferrule_watch_backlog_rows=200)
     org = await _org(server)
     # No BDP probing: the HTTP/2 window stays small while the client reads nothing.
     slow = server.client(make_token(org.id), options=(("grpc.http2.bdp_probe", 0),))
