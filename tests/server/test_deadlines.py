@@ -111,13 +111,19 @@ async def test_cancelled_calls_leave_no_connection_checked_out(
     database = slow_pg_server.database_url.rsplit("/", 1)[1]
     conn = await asyncpg.connect(_dsn(slow_pg_server.database_url))
     try:
+        unsettled: list[object] = []
 
         async def settled() -> bool:
             backends = await _our_backends(conn, database)
             busy = [r for r in backends if r["state"] in ("active", "idle in transaction")]
-            return slow_pg_server.app.database.pool_status().checked_out == 0 and not busy
+            checked_out = slow_pg_server.app.database.pool_status().checked_out
+            unsettled[:] = [f"checked out: {checked_out}", *(dict(r) for r in busy)]
+            return checked_out == 0 and not busy
 
-        await eventually(settled, what="no connection checked out or busy after cancellations")
+        try:
+            await eventually(settled, what="no connection checked out or busy after cancellations")
+        except AssertionError as failed:
+            raise AssertionError(f"{failed}; still: {unsettled}") from None
         assert await conn.fetchval("SELECT count(*) FROM organizations") == 0
     finally:
         await conn.close()
