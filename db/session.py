@@ -29,10 +29,15 @@ DEFAULT_CLEANUP_TIMEOUT = 10.0
 # One round trip sets everything, transaction-local (is_local = true), so nothing leaks
 # to the next user of the pooled (or PgBouncer-shared) connection. The role must come
 # last: after it the session may no longer be allowed to change the other settings.
+# client_connection_check_interval (PostgreSQL 14+) ends a statement whose client has
+# gone: a cancelled RPC whose connection is dropped rather than rolled back (the cleanup
+# bound, or the driver's own invalidation) would otherwise leave it running, holding its
+# locks, until statement_timeout, since a backend reads its socket only between statements.
 _SETTINGS = (
     "SELECT set_config('ferrule.organization_id', :organization_id, true),"
     " set_config('ferrule.all_organizations', :all_organizations, true),"
     " set_config('statement_timeout', :statement_timeout, true),"
+    " set_config('client_connection_check_interval', '1s', true),"
     " set_config('transaction_read_only', :read_only, true)"
 )
 _SET_TENANT = text(_SETTINGS)

@@ -132,11 +132,12 @@ async def test_transaction_settings_are_local_and_one_round_trip(pg_database: Da
                     "SELECT current_setting('ferrule.organization_id'),"
                     " current_setting('ferrule.all_organizations'),"
                     " current_setting('statement_timeout'),"
+                    " current_setting('client_connection_check_interval'),"
                     " current_setting('transaction_read_only')"
                 )
             )
         ).one()
-    assert tuple(row) == (str(tenant.organization_id), "off", "1234ms", "on")
+    assert tuple(row) == (str(tenant.organization_id), "off", "1234ms", "1s", "on")
     async with pg_database.transaction(Tenant.all()) as session:
         row = (
             await session.execute(
@@ -157,6 +158,59 @@ async def test_statement_timeout_maps_to_statement_timeout_error(pg_database: Da
     assert pg_database.pool_status().checked_out == 0
     async with pg_database.transaction(Tenant.all()) as session:  # the pool is still healthy
         assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+async def test_a_statement_whose_connection_is_dropped_ends_on_the_server(
+    pg_database: Database,
+) -> None:
+    """A connection dropped mid-statement (the cleanup bound, or the driver invalidating
+    it after a cancellation) leaves no statement running on: PostgreSQL checks the
+    client's socket while it executes, instead of only between statements."""
+    dropped = asyncio.Event()
+    marker = f"dropped-{uuid.uuid4().hex}"
+
+    async def slow() -> None:
+        async with pg_database.transaction(Tenant.all()) as session:
+            connection = await session.connection()
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+
+            async def drop_once_running() -> None:
+                await eventually(
+                    lambda: _running(pg_database, marker), what="the sleep on the server"
+                )
+                driver.terminate()  # the socket closes; the backend is not told
+                dropped.set()
+
+            dropping = asyncio.create_task(drop_once_running())
+            try:
+                await session.execute(text(f"SELECT pg_sleep(600) /* {marker} */"))
+            finally:
+                await dropping
+
+    with pytest.raises(Exception):  # noqa: B017, PT011  (whatever the driver says of a lost link)
+        await slow()
+    assert dropped.is_set()
+
+    async def ended() -> bool:
+        return not await _running(pg_database, marker)
+
+    await eventually(ended, what="the dropped connection's statement ended on the server")
+
+
+async def _running(database: Database, marker: str) -> bool:
+    async with database.transaction(Tenant.all()) as session:
+        count = (
+            await session.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+                    " AND query LIKE :pattern AND pid <> pg_backend_pid()"
+                ),
+                {"pattern": f"SELECT pg_sleep(600) /* {marker} */%"},
+            )
+        ).scalar_one()
+    return bool(count)
 
 
 async def test_cancelled_query_returns_its_connection_clean(pg_database: Database) -> None:
