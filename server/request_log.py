@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 
-import grpc
-
 from server.call_context import current_call
 from server.input_boundary import loggable
-from server.interceptors.scoped import Context, ScopedInterceptor, final_code
+from server.interceptors.scoped import Context, ScopedInterceptor, exit_status
 
 log = logging.getLogger("ferrule.request_log")
 
@@ -183,15 +181,7 @@ class _LogScope:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        context = self._context
-        code = grpc.StatusCode.OK
-        if isinstance(exc, grpc.aio.AbortError):
-            code = grpc.StatusCode.UNKNOWN
-        elif isinstance(exc, asyncio.CancelledError):
-            code = grpc.StatusCode.CANCELLED
-        elif exc is not None:
-            code = grpc.StatusCode.UNKNOWN
-        code = final_code(context, code)
+        code, _ = exit_status(self._context, exc)
         elapsed = time.perf_counter() - self._started
         call = self._call
         user_agent = self._user_agent

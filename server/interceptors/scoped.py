@@ -9,6 +9,7 @@ length.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -53,6 +54,24 @@ def rebuild(
         response_serializer=handler.response_serializer,
     )
     return result
+
+
+def exit_status(
+    context: Context, exc: BaseException | None
+) -> tuple[grpc.StatusCode, BaseException | None]:
+    """The status a scope's exit reports for a call that ended with ``exc``, and the
+    unexpected exception among them (None for an abort, a cancellation or no error): one
+    mapping for every scope, so the span and the request log never disagree."""
+    error: BaseException | None = None
+    if exc is None:
+        code = grpc.StatusCode.OK
+    elif isinstance(exc, grpc.aio.AbortError):
+        code = grpc.StatusCode.UNKNOWN
+    elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        code = grpc.StatusCode.CANCELLED
+    else:
+        code, error = grpc.StatusCode.UNKNOWN, exc
+    return final_code(context, code), error
 
 
 def final_code(context: Context, otherwise: grpc.StatusCode) -> grpc.StatusCode:

@@ -12,7 +12,6 @@ second interceptor for the RPC metrics; this one is a thin ScopedInterceptor ins
 
 from __future__ import annotations
 
-import asyncio
 import time
 from types import TracebackType
 from typing import Any
@@ -25,7 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from db.observability import StatementContext, reset_statement_context, set_statement_context
 from server.call_context import maybe_current_call
-from server.interceptors.scoped import Context, ScopedInterceptor, final_code
+from server.interceptors.scoped import Context, ScopedInterceptor, exit_status
 from server.telemetry.metrics import ServerMetrics, default_metrics
 
 __all__ = ["TracingInterceptor", "peer_attributes"]
@@ -153,16 +152,7 @@ class _RpcScope:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        context = self._context
-        code = grpc.StatusCode.OK
-        error: BaseException | None = None
-        if isinstance(exc, grpc.aio.AbortError):
-            code = grpc.StatusCode.UNKNOWN
-        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-            code = grpc.StatusCode.CANCELLED
-        elif exc is not None:
-            code, error = grpc.StatusCode.UNKNOWN, exc
-        code = final_code(context, code)
+        code, error = exit_status(self._context, exc)
         elapsed = time.perf_counter() - self._started
         span = self._span
         if span.is_recording():
