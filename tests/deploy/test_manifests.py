@@ -157,6 +157,26 @@ def test_secrets_come_only_from_the_secret(rendered: list[dict[str, Any]]) -> No
     assert referenced == secret_settings() & setting_names()
 
 
+def base_env_keys() -> tuple[set[str], set[str]]:
+    """The keys base/ferrule.env sets, and those it lists commented out (unset by default)."""
+    text = (REPO / "deploy" / "kubernetes" / "base" / "ferrule.env").read_text()
+    keys = set(re.findall(r"^([A-Z][A-Z0-9_]*)=", text, re.MULTILINE))
+    unset = set(re.findall(r"^#\s*([A-Z][A-Z0-9_]*)=", text, re.MULTILINE))
+    return keys, unset
+
+
+def test_every_setting_is_in_the_configmap_or_the_secret() -> None:
+    """An operator finds every knob where the manifests keep it: a setting added to
+    server/settings.py without a line in base/ferrule.env (set, or commented out when it
+    stays unset by default) or a Secret reference fails here."""
+    keys, unset = base_env_keys()
+    documented = keys | unset
+    missing = setting_names() - secret_settings() - documented
+    assert not missing, f"not in deploy/kubernetes/base/ferrule.env: {sorted(missing)}"
+    assert not (keys | unset) & secret_settings(), "secrets belong in the Secret"
+    assert not unset - setting_names(), sorted(unset - setting_names())
+
+
 def test_every_configured_key_is_a_setting(rendered: list[dict[str, Any]]) -> None:
     unknown = {key for key in config(rendered) if not key.startswith("OTEL_")} - setting_names()
     assert not unknown, f"not settings of server/settings.py: {sorted(unknown)}"
