@@ -8,6 +8,7 @@ come from the Secret and never from the ConfigMap, and every key names a real se
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from server.health import LIVENESS_SERVICE
 from server.settings import Settings
@@ -146,6 +148,9 @@ def test_secrets_come_only_from_the_secret(rendered: list[dict[str, Any]]) -> No
     for pod in pod_specs(rendered):
         for container in pod["containers"]:
             for variable in container.get("env", []):
+                if "value" in variable:  # a literal: never a secret's
+                    assert variable["name"] not in secret_settings(), variable
+                    continue
                 reference = variable["valueFrom"]["secretKeyRef"]
                 secret_names.add(reference["name"])
                 assert reference["key"] == variable["name"]
@@ -182,15 +187,51 @@ def test_every_configured_key_is_a_setting(rendered: list[dict[str, Any]]) -> No
     assert not unknown, f"not settings of server/settings.py: {sorted(unknown)}"
 
 
-def test_configured_values_pass_the_servers_own_validation(
-    rendered: list[dict[str, Any]],
+#: What the operator's Secret would hold, shaped as each setting expects.
+SECRET_PLACEHOLDERS = {
+    "DATABASE_URL": "postgresql+asyncpg://ferrule@db.invalid/ferrule",
+    "DATABASE_REPLICA_URLS": "postgresql+asyncpg://ferrule@replica.invalid/ferrule",
+    "REDIS_URL": "redis://redis.invalid:6379/0",
+}
+
+
+def container_environment(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The environment Kubernetes gives `container`: its ConfigMaps, then its own `env`
+    (which wins), with a placeholder for each Secret key it requires. Optional Secret keys
+    are left out: the operator's Secret may lack them, and the pod must start anyway."""
+    configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(configmaps[source["configMapRef"]["name"]])
+    for variable in container.get("env", []):
+        if "value" in variable:
+            env[variable["name"]] = variable["value"]
+            continue
+        reference = variable["valueFrom"]["secretKeyRef"]
+        if not reference.get("optional", False):
+            env[variable["name"]] = SECRET_PLACEHOLDERS.get(reference["key"], "placeholder")
+    return env
+
+
+def test_every_container_starts_with_the_environment_it_is_given(
+    rendered: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    values = {k.lower(): v for k, v in config(rendered).items() if not k.startswith("OTEL_")}
-    values["database_url"] = "postgresql+asyncpg://ferrule@db.invalid/ferrule"
-    if int(values.get("ferrule_workers", "1")) > 1:
-        values["redis_url"] = "redis://redis.invalid:6379/0"
-    settings = Settings.model_validate(values)
-    assert settings.plaintext_refusal() is None
+    """The server and the migration Job load their settings from what the manifests give
+    them alone (the Job has no Redis, for one), as `ferrule-server` does at start."""
+    for doc in rendered:
+        if doc["kind"] not in ("Deployment", "Job"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            for name in list(os.environ):
+                monkeypatch.delenv(name)
+            for name, value in container_environment(rendered, container).items():
+                monkeypatch.setenv(name, value)
+            try:
+                settings = Settings()
+            except ValidationError as exc:
+                pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc}", pytrace=False)
+            if doc["kind"] == "Deployment":
+                assert settings.plaintext_refusal() is None
 
 
 def test_every_overlay_samples_traces_by_parent_and_ratio(rendered: list[dict[str, Any]]) -> None:
