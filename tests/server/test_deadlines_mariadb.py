@@ -7,6 +7,11 @@ long time makes CreateOrganization's INSERT slow on purpose (not SLEEP: that one
 a closed client connection by itself, a computation does not); the processlist shows
 whether it still runs. Unstopped, it would run into the server's default statement
 timeout (30 s), so a broken stop shows as a failure, not as a hang.
+
+Each test runs under both URL schemes a deployment may write, ``mariadb+asyncmy://`` and
+``mysql+asyncmy://``: under the second SQLAlchemy's dialect is named ``mysql`` but still
+detects MariaDB, so the bound must follow the server (``max_statement_time``; MySQL's
+``max_execution_time`` does not exist on MariaDB), not the scheme.
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ END
 """
 
 
-@pytest.fixture
-async def slow_server(mariadb_database_url: str, start_server: StartServer) -> RunningServer:
-    server = await start_server(mariadb_database_url)
+@pytest.fixture(params=["mariadb+asyncmy", "mysql+asyncmy"])
+async def slow_server(
+    request: pytest.FixtureRequest, mariadb_database_url: str, start_server: StartServer
+) -> RunningServer:
+    scheme, _, rest = mariadb_database_url.partition("://")
+    assert scheme == "mariadb+asyncmy"
+    server = await start_server(f"{request.param}://{rest}")
     conn = await mariadb_connect(mariadb_database_url)
     try:
         async with conn.cursor() as cursor:
