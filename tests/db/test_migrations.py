@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
 from db.models import TENANT_TABLES, Base
+from db.models.base import UTCDateTime
 from db.models.predictions import COMMIT_SEQUENCE_INDEX, COMMIT_SEQUENCE_TABLE
 from db.search_sql import (
     MYSQL_FULLTEXT_INDEX,
@@ -22,6 +23,7 @@ from db.search_sql import (
     PG_VECTOR_INDEX,
     SQLITE_FTS_TABLE,
 )
+from tests.conftest import query
 
 
 def _run(connection: Connection, action: str, revision: str = "head") -> None:
@@ -178,6 +180,27 @@ async def test_databases_copied_from_the_template_match_the_models(database_url:
             await conn.run_sync(_run, "check")
     finally:
         await engine.dispose()
+
+
+async def test_every_timestamp_keeps_microseconds_on_mariadb(mariadb_database_url: str) -> None:
+    """MariaDB's DATETIME drops the fraction of a second unless it is DATETIME(6), and
+    ``alembic check`` does not compare that precision there: a migration adding a plain
+    DateTime would pass the drift check and store whole seconds. So every timestamp of the
+    models must be a DATETIME(6) in the migrated database."""
+    expected = {
+        (table.name, column.name)
+        for table in Base.metadata.tables.values()
+        for column in table.columns
+        if isinstance(column.type, UTCDateTime)
+    }
+    columns = await query(
+        mariadb_database_url,
+        "SELECT table_name, column_name, column_type FROM information_schema.columns"
+        " WHERE table_schema = database() AND data_type IN ('datetime', 'timestamp')",
+    )
+    found = {(table, column): kind for table, column, kind in map(tuple, columns)}
+    assert expected and set(found) == expected
+    assert {key: kind for key, kind in found.items() if kind != "datetime(6)"} == {}
 
 
 def _match_is_leakproof(connection: Connection) -> bool:
