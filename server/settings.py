@@ -7,12 +7,22 @@ name and the reason, instead of surfacing later as a confusing runtime error.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    Secret,
+    SecretBytes,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from db.cache.redis_client import RedisConnectionConfig, parse_sentinels
@@ -40,12 +50,48 @@ def is_loopback(host: str) -> bool:
         return False  # any other name may resolve anywhere
 
 
+# What a setting is, for the code that must treat every setting of a kind alike (development
+# mode ends on any credential, any non-loopback listener, any other service): a kind read
+# from the model rather than a list kept by hand, so a setting added later is not missed.
+# Credentials are known by type (a secret type, or a file); the two kinds below by marker.
+
+
+@dataclass(frozen=True)
+class Listener:
+    """Marks an address this server listens on: ``host:port``, or a host alone when the
+    port is a setting of its own."""
+
+    with_port: bool
+
+    def host(self, value: str) -> str:
+        return value.rpartition(":")[0] if self.with_port else value
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Marks where another service is (a URL, which may carry its password, or host:port)."""
+
+
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return value
+
+
+ListenAddress = Annotated[str, AfterValidator(_check_host_port), Listener(with_port=True)]
+ListenHost = Annotated[str, Listener(with_port=False)]
+UpstreamLocation = Annotated[str, Upstream()]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
     # --- network ---------------------------------------------------------------
-    ferrule_listen: str = Field("127.0.0.1:50051", description="host:port the server binds")
-    ferrule_health_listen: str | None = Field(
+    ferrule_listen: ListenAddress = Field(
+        "127.0.0.1:50051", description="host:port the server binds"
+    )
+    ferrule_health_listen: ListenAddress | None = Field(
         None,
         description="host:port of a second, plaintext listener serving only grpc.health.v1 "
         "(Kubernetes' gRPC probes cannot speak TLS)",
@@ -110,8 +156,8 @@ class Settings(BaseSettings):
     )
 
     # --- database --------------------------------------------------------------
-    database_url: str = DEFAULT_DATABASE_URL
-    database_replica_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    database_url: UpstreamLocation = DEFAULT_DATABASE_URL
+    database_replica_urls: Annotated[list[UpstreamLocation], NoDecode] = Field(default_factory=list)
     database_pool_size: int = Field(10, ge=1)
     database_point_read_pool_size: int = Field(
         4, ge=0, description="connections kept for single-row reads (0: off; unused via PgBouncer)"
@@ -137,7 +183,7 @@ class Settings(BaseSettings):
     )
 
     # --- cache -----------------------------------------------------------------
-    redis_url: str | None = Field(
+    redis_url: UpstreamLocation | None = Field(
         None, description="redis://, rediss:// (TLS) or unix://; unset: an in-process cache"
     )
     ferrule_redis_tls_ca_file: Path | None = Field(
@@ -147,7 +193,7 @@ class Settings(BaseSettings):
         None, description="rediss://: client certificate presented to Redis"
     )
     ferrule_redis_tls_key_file: Path | None = None
-    ferrule_redis_sentinels: Annotated[list[str], NoDecode] = Field(
+    ferrule_redis_sentinels: Annotated[list[UpstreamLocation], NoDecode] = Field(
         default_factory=list, description="host:port of Redis Sentinels (comma-separated)"
     )
     ferrule_redis_sentinel_service: str | None = Field(
@@ -217,7 +263,7 @@ class Settings(BaseSettings):
     ferrule_trace_sql_params: bool = False
     ferrule_explain_slow_queries: bool = False
     ferrule_metrics_port: int | None = Field(None, ge=0, le=65535)
-    ferrule_metrics_host: str = Field(
+    ferrule_metrics_host: ListenHost = Field(
         "127.0.0.1", description="address of the Prometheus endpoint (0.0.0.0 to scrape remotely)"
     )
     ferrule_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -235,16 +281,6 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-    @field_validator("ferrule_listen", "ferrule_health_listen")
-    @classmethod
-    def _check_listen(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"expected host:port, got {value!r}")
         return value
 
     @field_validator("database_url")
@@ -347,3 +383,54 @@ class Settings(BaseSettings):
 
 def _path(value: Path | None) -> str | None:
     return None if value is None else str(value)
+
+
+def _parts(annotation: Any) -> Iterator[Any]:
+    """Every type and Annotated marker inside `annotation` (``list[X] | None`` yields X)."""
+    yield annotation
+    origin = get_origin(annotation)
+    if origin is not None:
+        yield origin
+    args = get_args(annotation)
+    if origin is Annotated:
+        yield from _parts(args[0])
+        yield from args[1:]
+    else:
+        for arg in args:
+            yield from _parts(arg)
+
+
+def _field_parts(name: str) -> list[Any]:
+    field = Settings.model_fields[name]
+    return [*field.metadata, *_parts(field.annotation)]
+
+
+def credential_settings() -> tuple[str, ...]:
+    """Settings holding a credential: those typed as a secret, and those naming a file (every
+    file setting is a key or a certificate; a file added for something else would count too,
+    the cautious side)."""
+    kinds = (SecretStr, SecretBytes, Secret, Path)
+    return tuple(
+        name
+        for name in Settings.model_fields
+        if any(isinstance(p, type) and issubclass(p, kinds) for p in _field_parts(name))
+    )
+
+
+def listener_settings() -> dict[str, Listener]:
+    """Settings holding an address this server listens on, with how to read its host."""
+    return {
+        name: marker
+        for name in Settings.model_fields
+        for marker in _field_parts(name)
+        if isinstance(marker, Listener)
+    }
+
+
+def upstream_settings() -> tuple[str, ...]:
+    """Settings saying where another service (a database, Redis) is."""
+    return tuple(
+        name
+        for name in Settings.model_fields
+        if any(isinstance(p, Upstream) for p in _field_parts(name))
+    )
