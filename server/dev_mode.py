@@ -6,7 +6,9 @@ on the embedded default (SQLite, in-process cache), with no credential of any ki
 loopback listen address, it uses a random admin token kept in a git-ignored file (the
 same token on every run, so a pasted command keeps working) and prints it with a call
 that creates an organization. Anything that looks like a real deployment (a secret, TLS,
-another database or Redis, an address other machines can reach) switches it off.
+another database or Redis, an address other machines can reach) switches it off: every
+setting of those kinds, as the settings model declares them (server/settings.py), so that
+a setting added later switches it off too.
 """
 
 from __future__ import annotations
@@ -14,39 +16,67 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
+import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import SecretStr
 
-from server.settings import Settings, is_loopback
+from server.settings import (
+    Settings,
+    credential_settings,
+    is_loopback,
+    listener_settings,
+    upstream_settings,
+)
 
-#: What ends development mode, by environment variable.
-CREDENTIAL_SETTINGS = (
-    "ferrule_jwt_secret",
-    "ferrule_jwt_public_key_file",
-    "ferrule_admin_token",
-    "ferrule_page_token_secret",
-    "ferrule_tls_cert_file",
-)
-SWITCHES_OFF = (
-    "a credential or service ("
-    + ", ".join(name.upper() for name in CREDENTIAL_SETTINGS)
-    + ", REDIS_URL or FERRULE_REDIS_SENTINELS, a DATABASE_URL other than SQLite) "
-    "or a non-loopback FERRULE_LISTEN"
-)
+CREDENTIALS = credential_settings()
+LISTENERS = listener_settings()
+UPSTREAMS = upstream_settings()
+
+
+def _switches_off() -> str:
+    kinds = [
+        ("any credential", CREDENTIALS),
+        ("a database other than SQLite, or Redis", UPSTREAMS),
+        ("an address other than loopback", tuple(LISTENERS)),
+    ]
+    return "\n".join(
+        textwrap.fill(
+            f"{kind}: " + ", ".join(name.upper() for name in names),
+            width=92,
+            initial_indent="    ",
+            subsequent_indent="      ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        for kind, names in kinds
+    )
+
+
+#: What ends development mode, by environment variable, one kind a line (the banner's end).
+SWITCHES_OFF = _switches_off()
+
+
+def _values(value: object) -> Sequence[object]:
+    if value is None:
+        return ()
+    return value if isinstance(value, list) else (value,)
 
 
 def blockers(settings: Settings) -> list[str]:
-    """Why development mode does not apply (empty: it does)."""
-    found = [name.upper() for name in CREDENTIAL_SETTINGS if getattr(settings, name) is not None]
-    if settings.redis is not None:
-        found.append("REDIS_URL")
-    if not settings.database_url.startswith("sqlite"):
-        found.append("DATABASE_URL")
-    host, _, _ = settings.ferrule_listen.rpartition(":")
-    if not is_loopback(host):
-        found.append("FERRULE_LISTEN")
+    """Why development mode does not apply (empty: it does): the environment variables."""
+    found: list[str] = []
+    for name in Settings.model_fields:
+        values = _values(getattr(settings, name))
+        listener = LISTENERS.get(name)
+        if (
+            (name in CREDENTIALS and values)
+            or (name in UPSTREAMS and any(not str(v).startswith("sqlite") for v in values))
+            or (listener and any(not is_loopback(listener.host(str(v))) for v in values))
+        ):
+            found.append(name.upper())
     return found
 
 
@@ -80,7 +110,8 @@ class Banner:
                 f"    {self.token}",
                 "  create an organization:",
                 f"    {create_organization_command(self.token, target)}",
-                f"  development mode is off as soon as {SWITCHES_OFF} is configured",
+                "  development mode is off as soon as any of these is configured:",
+                SWITCHES_OFF,
             ]
         )
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin
 
 import jwt
 import pytest
@@ -16,7 +17,7 @@ from db.migrate import current_revision, head_revision
 from ferrule.client import Unauthenticated
 from ferrule.v1 import user_service_pb2 as upb
 from server import dev_mode
-from server.settings import Settings
+from server.settings import Settings, listener_settings, upstream_settings
 from server.tokens import TokenError, parse_ttl
 from tests.server.conftest import JWT_SECRET, RunningServer
 from tests.server.process_helpers import REPO, server_env
@@ -140,12 +141,11 @@ def test_development_mode_applies_only_to_the_embedded_default_on_loopback() -> 
 @pytest.mark.parametrize(
     ("values", "blocker"),
     [
-        ({"ferrule_jwt_secret": "s" * 32}, "FERRULE_JWT_SECRET"),
-        ({"ferrule_jwt_public_key_file": "/k.pem"}, "FERRULE_JWT_PUBLIC_KEY_FILE"),
-        ({"ferrule_admin_token": "t" * 32}, "FERRULE_ADMIN_TOKEN"),
-        ({"ferrule_page_token_secret": "p" * 32}, "FERRULE_PAGE_TOKEN_SECRET"),
-        ({"ferrule_tls_cert_file": "/c", "ferrule_tls_key_file": "/k"}, "FERRULE_TLS_CERT_FILE"),
         ({"redis_url": "redis://127.0.0.1:6379/0"}, "REDIS_URL"),
+        (
+            {"ferrule_redis_sentinels": "127.0.0.1:26379", "ferrule_redis_sentinel_service": "m"},
+            "FERRULE_REDIS_SENTINELS",
+        ),
         ({"database_url": "postgresql+asyncpg://u:p@127.0.0.1/db"}, "DATABASE_URL"),
         ({"ferrule_listen": "0.0.0.0:50051"}, "FERRULE_LISTEN"),
         ({"ferrule_listen": "[::]:50051"}, "FERRULE_LISTEN"),
@@ -163,6 +163,88 @@ def test_development_mode_is_off_once_anything_is_configured(
     assert not (tmp_path / "token").exists()
 
 
+#: Credentials, found by type: secrets, and files (keys and certificates).
+CREDENTIAL_SETTINGS = sorted(
+    name
+    for name, field in Settings.model_fields.items()
+    if "Secret" in str(field.annotation) or "Path" in str(field.annotation)
+)
+#: Addresses this server binds, found by name: ``*_listen`` is host:port, ``*_host`` a host.
+ADDRESS_SETTINGS = sorted(
+    name for name in Settings.model_fields if name.endswith(("_listen", "_host"))
+)
+#: Where other services are, found by name; a URL may carry a password.
+URL_SETTINGS = sorted(name for name in Settings.model_fields if name.endswith(("_url", "_urls")))
+#: What a setting is valid only together with (none of them is needed to end the mode).
+COMPANIONS: dict[str, dict[str, str]] = {
+    "ferrule_tls_cert_file": {"ferrule_tls_key_file": "/etc/ferrule/tls.key"},
+    "ferrule_tls_key_file": {"ferrule_tls_cert_file": "/etc/ferrule/tls.crt"},
+    "ferrule_tls_client_ca_file": {
+        "ferrule_tls_cert_file": "/etc/ferrule/tls.crt",
+        "ferrule_tls_key_file": "/etc/ferrule/tls.key",
+    },
+}
+
+
+def configured(name: str, text: str) -> Settings:
+    """The embedded default with `name` set to `text` (a list setting: to one item)."""
+    value: object = [text] if get_origin(Settings.model_fields[name].annotation) is list else text
+    return embedded(**{**COMPANIONS.get(name, {}), name: value})
+
+
+def assert_development_mode_off(settings: Settings, name: str, tmp_path: Path) -> None:
+    assert name.upper() in dev_mode.blockers(settings)
+    unchanged, banner = dev_mode.apply(settings, tmp_path / "token")
+    assert banner is None
+    assert unchanged is settings
+    assert not (tmp_path / "token").exists()
+    named = re.findall(r"[A-Z][A-Z0-9_]+", dev_mode.SWITCHES_OFF)
+    assert name.upper() in named, "the banner names every setting that ends development mode"
+
+
+def test_the_model_has_settings_of_every_kind_development_mode_looks_for() -> None:
+    assert "ferrule_jwt_secret" in CREDENTIAL_SETTINGS
+    assert "ferrule_tls_key_file" in CREDENTIAL_SETTINGS
+    assert "ferrule_listen" in ADDRESS_SETTINGS
+    assert "database_url" in URL_SETTINGS
+    # The tests below find addresses and URLs by name, server/dev_mode.py by the model's
+    # markers: a setting on one side only would escape either them or development mode.
+    assert set(listener_settings()) == set(ADDRESS_SETTINGS)
+    assert set(upstream_settings()) >= set(URL_SETTINGS)
+
+
+@pytest.mark.parametrize("name", CREDENTIAL_SETTINGS)
+def test_any_credential_ends_development_mode(name: str, tmp_path: Path) -> None:
+    text = "s" * 32 if "Secret" in str(Settings.model_fields[name].annotation) else "/etc/f/k"
+    assert_development_mode_off(configured(name, text), name, tmp_path)
+
+
+@pytest.mark.parametrize("name", ADDRESS_SETTINGS)
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "ferrule.internal"])
+def test_any_non_loopback_address_ends_development_mode(
+    name: str, host: str, tmp_path: Path
+) -> None:
+    text = f"[{host}]:50052" if ":" in host else f"{host}:50052"
+    settings = configured(name, text if name.endswith("_listen") else host)
+    assert_development_mode_off(settings, name, tmp_path)
+
+
+@pytest.mark.parametrize("name", ADDRESS_SETTINGS)
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_loopback_addresses_keep_development_mode(name: str, host: str) -> None:
+    text = f"[{host}]:50052" if ":" in host else f"{host}:50052"
+    settings = configured(name, text if name.endswith("_listen") else host)
+    assert dev_mode.blockers(settings) == []
+
+
+@pytest.mark.parametrize("name", URL_SETTINGS)
+def test_any_service_url_other_than_sqlite_ends_development_mode(name: str, tmp_path: Path) -> None:
+    url = "postgresql+asyncpg://ferrule:password@db.internal/ferrule"
+    if name.startswith("redis"):
+        url = "redis://:password@cache.internal:6379/0"
+    assert_development_mode_off(configured(name, url), name, tmp_path)
+
+
 def test_development_token_is_kept_owner_only_and_reused(tmp_path: Path) -> None:
     path = tmp_path / ".ferrule-dev-token"
     first, banner = dev_mode.apply(embedded(), path)
@@ -175,4 +257,5 @@ def test_development_token_is_kept_owner_only_and_reused(tmp_path: Path) -> None
     assert token == again.ferrule_admin_token.get_secret_value() == path.read_text().strip()
     text = banner.text(50051)
     assert token in text
+    assert dev_mode.SWITCHES_OFF in text
     assert "127.0.0.1:50051 ferrule.v1.UserService/CreateOrganization" in text
