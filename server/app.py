@@ -22,6 +22,7 @@ from db.observability import install_statement_observers
 from db.repositories.request_log import insert_request_log
 from server.auth import Authenticator
 from server.dependencies import Dependencies
+from server.generic_handlers import GenericHandlersOnly
 from server.health import HealthProbe
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.call_context import CallContextInterceptor
@@ -239,10 +240,11 @@ class FerruleApp:
         server = grpc.aio.server(
             interceptors=[InterceptorChain(self._interceptors())], options=grpc_options(settings)
         )
-        service_names = register_services(server, self.deps)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        registration = GenericHandlersOnly(server)
+        service_names = register_services(registration, self.deps)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registration)
         if settings.ferrule_reflection:
-            enable_reflection(server, [*service_names, "grpc.health.v1.Health"])
+            enable_reflection(registration, [*service_names, "grpc.health.v1.Health"])
         credentials = server_credentials(settings)
         if credentials is None:
             self.port = server.add_insecure_port(settings.ferrule_listen)
@@ -291,7 +293,9 @@ class FerruleApp:
         """Plaintext grpc.health.v1 and nothing else, for probes that cannot speak TLS
         (Kubernetes' native gRPC probes): no credentials cross it and no data leaves it."""
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, health_server)
+        health_pb2_grpc.add_HealthServicer_to_server(
+            self.health.servicer, GenericHandlersOnly(health_server)
+        )
         self.health_port = health_server.add_insecure_port(address)
         if self.health_port == 0:
             raise OSError(f"could not bind {address} (FERRULE_HEALTH_LISTEN)")
