@@ -1,8 +1,9 @@
 """The request log (the seeds' `api_requests`): every RPC recorded off the critical path.
 
 The interceptor only appends to a bounded in-memory queue; a background task writes
-what accumulated in one multi-row INSERT per batch. When the database falls behind, the
-queue fills and new entries are dropped (and counted) rather than slowing RPCs down.
+what accumulated in one transaction per batch (on PostgreSQL, one INSERT). When the
+database falls behind, the queue fills and new entries are dropped (and counted) rather
+than slowing RPCs down.
 """
 
 from __future__ import annotations

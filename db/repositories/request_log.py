@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, insert, select
+from sqlalchemy import Insert, String, Table, Text, bindparam, delete, func, insert, select
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.types import TypeEngine
 
 from db.engine import Database
 from db.models import Organization, RequestLogEntry, new_id
@@ -24,7 +27,8 @@ from db.tenancy import Tenant
 
 ORDERABLE = {"create_time": RequestLogEntry.create_time}
 DEFAULT_ORDER = (SortKey(RequestLogEntry.create_time, descending=True),)
-#: Rows per INSERT: 11 bind parameters a row stays well below asyncpg's 32767.
+#: Rows per statement: an executemany's 11 bind parameters a row stay well below
+#: asyncpg's 32767, and PostgreSQL's arrays (which have no such limit) stay bounded.
 INSERT_CHUNK_ROWS = 1000
 
 _COLUMNS = (
@@ -44,6 +48,7 @@ _LIMITS = {
     name: getattr(RequestLogEntry.__table__.c[name].type, "length", None)
     for name in ("method", "caller", "peer", "user_agent", "status_code", "trace_id")
 }
+_TEXT_LIMITS = tuple((name, limit) for name, limit in _LIMITS.items() if limit is not None)
 
 
 def _as_uuid(value: object) -> uuid.UUID | None:
@@ -57,59 +62,98 @@ def _as_uuid(value: object) -> uuid.UUID | None:
     return None
 
 
-_TEXT_LIMITS = tuple((name, limit) for name, limit in _LIMITS.items() if limit is not None)
-
-
-def _rows(entries: Sequence[object]) -> list[dict[str, Any]]:
+def _columns(entries: Sequence[object]) -> dict[str, list[Any]]:
+    """The batch column by column (the shape of the PostgreSQL arrays), ids drawn, long
+    texts cut and organization ids parsed (a malformed one becomes None)."""
     # getattr, not dataclasses.asdict: asdict deep-copies every field (measurably slow
-    # for a writer that handles every RPC of the process). A batch holds few distinct
-    # organizations, so each one's id is parsed once per batch.
+    # for a writer that handles every RPC of the process).
+    columns = {name: [getattr(entry, name, None) for entry in entries] for name in _COLUMNS}
+    columns["id"] = [new_id() for _ in entries]
+    for name, limit in _TEXT_LIMITS:
+        columns[name] = [
+            text[:limit] if isinstance(text, str) and len(text) > limit else text
+            for text in columns[name]
+        ]
+    # A batch holds few distinct organizations: each one's id is parsed once per batch.
     organizations: dict[object, uuid.UUID | None] = {}
-    rows = []
-    for entry in entries:
-        row = {name: getattr(entry, name, None) for name in _COLUMNS}
-        row["id"] = new_id()
-        organization = row["organization_id"]
-        parsed = organizations.get(organization, _UNSEEN)
-        if parsed is _UNSEEN:
-            parsed = organizations[organization] = _as_uuid(organization)
-        row["organization_id"] = parsed
-        for name, limit in _TEXT_LIMITS:
-            text = row[name]
-            if isinstance(text, str) and len(text) > limit:
-                row[name] = text[:limit]
-        rows.append(row)
-    return rows
+    parsed = []
+    for organization in columns["organization_id"]:
+        known = organizations.get(organization, _UNSEEN)
+        if known is _UNSEEN:
+            known = organizations[organization] = _as_uuid(organization)
+        parsed.append(known)
+    columns["organization_id"] = parsed
+    return columns
 
 
 _UNSEEN = object()
+_TABLE = cast(Table, RequestLogEntry.__table__)
+_ORGANIZATIONS = cast(Table, Organization.__table__)
+_INSERTED = ("id", *_COLUMNS)
+
+
+def _unnest_insert() -> Insert:
+    """PostgreSQL: one INSERT ... SELECT FROM unnest(arrays) per chunk, each column one
+    array parameter, so a chunk is a single Bind/Execute whatever its size (an executemany
+    sends one per row, and each row is a separate executor run on the server). The LEFT
+    JOIN keeps an organization id only when it names an organization the statement can
+    see (under Tenant.all(), every one): an unknown one is stored as NULL instead of
+    failing the batch on the foreign key, with no separate look-up first."""
+    arrays = [bindparam(name, type_=ARRAY(_array_element(name))) for name in _INSERTED]
+    entry = func.unnest(*arrays).table_valued(*_INSERTED).render_derived(name="entry")
+    organization = _ORGANIZATIONS.c.id
+    rows = select(
+        *(organization if name == "organization_id" else entry.c[name] for name in _INSERTED)
+    ).select_from(entry.outerjoin(_ORGANIZATIONS, organization == entry.c.organization_id))
+    return insert(_TABLE).from_select(_INSERTED, rows)
+
+
+def _array_element(name: str) -> TypeEngine[Any]:
+    # Text rather than the column's VARCHAR(n): a cast to VARCHAR(n) would cut silently,
+    # and the cut belongs to _columns, which every backend shares. The timestamp keeps the
+    # column's own type (aware UTC required, naive refused), as on the other backends.
+    column_type = _TABLE.c[name].type
+    return Text() if isinstance(column_type, String) else column_type
+
+
+_UNNEST_INSERT = _unnest_insert()
 
 
 async def insert_request_log(database: Database, entries: Sequence[object]) -> None:
     """Write a batch of entries (dataclass instances) in one Tenant.all() transaction."""
     if not entries:
         return
-    rows = _rows(entries)
-    tenant = Tenant.all()
-    table = cast(Table, RequestLogEntry.__table__)
-    async with database.transaction(tenant) as session:
-        org_ids = {row["organization_id"] for row in rows} - {None}
-        if org_ids:
-            known = set(
-                (
-                    await session.execute(
-                        select(Organization.id).where(Organization.id.in_(org_ids))
-                    )
-                ).scalars()
-            )
-            for row in rows:
-                if row["organization_id"] not in known:
-                    row["organization_id"] = None
-        # executemany of one cached statement (asyncpg pipelines it), not a multi-row
-        # VALUES whose SQL differs with every batch size and is compiled every time.
-        statement = insert(table)
-        for start in range(0, len(rows), INSERT_CHUNK_ROWS):
-            await session.execute(statement, rows[start : start + INSERT_CHUNK_ROWS])
+    columns = _columns(entries)
+    async with database.transaction(Tenant.all()) as session:
+        if session.get_bind().dialect.name == "postgresql":
+            for start in range(0, len(entries), INSERT_CHUNK_ROWS):
+                chunk = slice(start, start + INSERT_CHUNK_ROWS)
+                await session.execute(
+                    _UNNEST_INSERT, {name: values[chunk] for name, values in columns.items()}
+                )
+        else:
+            await _insert_rows(session, columns)
+
+
+async def _insert_rows(session: AsyncSession, columns: dict[str, list[Any]]) -> None:
+    """SQLite, MariaDB/MySQL: the organizations are looked up, then an executemany."""
+    names = list(columns)
+    rows = [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    org_ids = set(columns["organization_id"]) - {None}
+    if org_ids:
+        known = set(
+            (
+                await session.execute(select(Organization.id).where(Organization.id.in_(org_ids)))
+            ).scalars()
+        )
+        for row in rows:
+            if row["organization_id"] not in known:
+                row["organization_id"] = None
+    # executemany of one cached statement, not a multi-row VALUES
+    # whose SQL differs with every batch size and is compiled every time.
+    statement = insert(_TABLE)
+    for start in range(0, len(rows), INSERT_CHUNK_ROWS):
+        await session.execute(statement, rows[start : start + INSERT_CHUNK_ROWS])
 
 
 @dataclass(frozen=True, slots=True)
