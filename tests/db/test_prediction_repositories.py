@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
 from db.engine import Database
 from db.errors import ValidationError
-from db.models import Organization, RiskLevel, new_id
+from db.models import Organization, RequestLogEntry, RiskLevel, new_id
 from db.repositories.predictions import (
     PredictionFilter,
     PredictionsRepository,
@@ -19,6 +20,7 @@ from db.repositories.predictions import (
     purge_older_than,
 )
 from db.repositories.request_log import (
+    INSERT_CHUNK_ROWS,
     RequestLogFilter,
     RequestLogRepository,
     insert_request_log,
@@ -343,3 +345,48 @@ async def test_request_log_insert_and_list(
         assert len(page.items) == 6
         assert sum(e.organization_id is None for e in page.items) == 3
         assert max(len(e.user_agent or "") for e in page.items) == 512
+
+
+async def test_request_log_batch_of_several_chunks_keeps_each_entry_whole(
+    database: Database, org_a: Organization, org_b: Organization
+) -> None:
+    """Entries of a batch longer than a chunk each keep their own values, with organization
+    ids that name no organization (or none at all) stored as NULL, in every chunk."""
+    organizations: list[str | None] = [
+        str(org_a.id),
+        str(org_b.id),
+        str(uuid.uuid4()),  # names no organization
+        "not-a-uuid",
+        None,
+    ]
+    count = 2 * INSERT_CHUNK_ROWS + 3
+    entries = [
+        entry(
+            organizations[i % len(organizations)],
+            method=f"/ferrule.v1.UserService/M{i}",
+            caller=None if i % 2 else f"svc-{i}",
+            user_agent=None if i % 3 else "agent",
+            request_bytes=None if i % 7 == 0 else i,
+            latency_ms=float(i),
+            create_time=T0 + timedelta(microseconds=i),
+        )
+        for i in range(count)
+    ]
+    await insert_request_log(database, entries)
+    async with database.transaction(Tenant.all(), read_only=True) as session:
+        stored = {
+            stored.method: stored
+            for stored in (await session.execute(select(RequestLogEntry))).scalars()
+        }
+    assert len(stored) == count
+    expected_org = {str(org_a.id): org_a.id, str(org_b.id): org_b.id}
+    for i, sent in enumerate(entries):
+        got = stored[sent.method]
+        assert got.organization_id == expected_org.get(str(sent.organization_id))
+        assert (got.caller, got.user_agent, got.request_bytes, got.latency_ms) == (
+            sent.caller,
+            sent.user_agent,
+            sent.request_bytes,
+            float(i),
+        )
+        assert got.create_time == sent.create_time
