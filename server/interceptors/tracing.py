@@ -76,6 +76,7 @@ class TracingInterceptor(ScopedInterceptor):
         propagator: TextMapPropagator | None = None,
     ) -> None:
         self._tracer = trace.get_tracer("ferrule.server", tracer_provider=tracer_provider)
+        self._tracer_provider = tracer_provider
         self._metrics = metrics
         self._propagator = propagator
         self._names: dict[str, tuple[str, dict[str, str]]] = {}
@@ -92,6 +93,24 @@ class TracingInterceptor(ScopedInterceptor):
 
     def scope(self, method: str, context: Context, request: Any) -> _RpcScope:
         return _RpcScope(self, method, context)
+
+    def _propagator_in_use(self) -> TextMapPropagator:
+        return self._propagator or propagate.get_global_textmap()
+
+    def _spanless(self, context: Context, propagator: TextMapPropagator) -> bool:
+        """Whether this call can skip span work: no tracer provider that records spans
+        (none given and none installed globally, or a no-op one), and no propagated
+        context in the metadata that would give the call its caller's trace id.
+
+        Asked per call, not once: a provider may be installed globally after start."""
+        provider = self._tracer_provider
+        if provider is None:
+            if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+                return False
+        elif not isinstance(provider, trace.NoOpTracerProvider):
+            return False
+        fields = propagator.fields
+        return not any(key in fields for key, _ in context.invocation_metadata() or ())
 
 
 class _RpcScope:
@@ -120,18 +139,25 @@ class _RpcScope:
         interceptor = self._interceptor
         method, context = self._method, self._context
         name, rpc_attributes = interceptor._describe(method)
-        carrier = _metadata_carrier(context)
-        propagator = interceptor._propagator
-        parent = (propagator or propagate.get_global_textmap()).extract(carrier)
-        span = interceptor._tracer.start_span(
-            name, context=parent, kind=SpanKind.SERVER, attributes=rpc_attributes
-        )
-        if span.is_recording():
-            span.set_attributes(peer_attributes(context.peer()))
-        self._span = span
-        self._context_token = otel_context.attach(trace.set_span_in_context(span, parent))
-        span_context = span.get_span_context()
-        trace_id = trace.format_trace_id(span_context.trace_id) if span_context.is_valid else None
+        propagator = interceptor._propagator_in_use()
+        trace_id: str | None = None
+        if interceptor._spanless(context, propagator):
+            # Tracing off and no caller's trace: a span would be a non-recording one with
+            # an invalid context, so none is made (the common untraced hot path).
+            self._span = None
+            self._context_token = None
+        else:
+            parent = propagator.extract(_metadata_carrier(context))
+            span = interceptor._tracer.start_span(
+                name, context=parent, kind=SpanKind.SERVER, attributes=rpc_attributes
+            )
+            if span.is_recording():
+                span.set_attributes(peer_attributes(context.peer()))
+            self._span = span
+            self._context_token = otel_context.attach(trace.set_span_in_context(span, parent))
+            span_context = span.get_span_context()
+            if span_context.is_valid:
+                trace_id = trace.format_trace_id(span_context.trace_id)
         call = self._call = maybe_current_call()
         if call is not None:
             call.trace_id = trace_id
@@ -155,6 +181,10 @@ class _RpcScope:
         code, error = exit_status(self._context, exc)
         elapsed = time.perf_counter() - self._started
         span = self._span
+        if span is None:
+            reset_statement_context(self._statement_token)
+            self._metrics.rpc_finished(self._method, code.name, elapsed)
+            return
         if span.is_recording():
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             call = self._call
@@ -167,6 +197,6 @@ class _RpcScope:
             if code in _SERVER_ERRORS:
                 span.set_status(Status(StatusCode.ERROR, code.name))
         span.end()
-        if reset_statement_context(self._statement_token):  # else: a copy nobody reads
-            otel_context.detach(self._context_token)
+        if reset_statement_context(self._statement_token) and self._context_token is not None:
+            otel_context.detach(self._context_token)  # else: a copy nobody reads
         self._metrics.rpc_finished(self._method, code.name, elapsed)

@@ -239,6 +239,31 @@ async def test_log_lines_during_an_rpc_carry_trace_and_span_ids(
     assert entry["span_id"] == trace.format_span_id(span.context.span_id)
 
 
+async def test_with_tracing_off_a_call_still_carries_its_callers_trace_id() -> None:
+    """A provider that records nothing (the untraced hot path skips span work): the
+    caller's propagated trace id still reaches the call, its logs and the request log; a
+    call without one has none; the method still reaches the SQL comment context."""
+    seen: list[dict[str, Any]] = []
+    interceptors = [
+        CallContextInterceptor(),
+        TracingInterceptor(tracer_provider=trace.NoOpTracerProvider()),
+    ]
+    server, port = await _serve(interceptors, _handlers(seen))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            served = Served(channel, seen)
+            await served.call("Say", metadata=(("traceparent", TRACEPARENT),))
+            await served.call("Say")
+            await served.call("Say", metadata=(("x-other", "1"),))
+    finally:
+        await server.stop(None)
+    assert seen == [
+        {"trace_id": INCOMING_TRACE, "rpc_method": "test.Echo/Say"},
+        {"trace_id": None, "rpc_method": "test.Echo/Say"},
+        {"trace_id": None, "rpc_method": "test.Echo/Say"},
+    ]
+
+
 @dataclass
 class _Pool:
     size: int = 5
