@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -137,6 +138,20 @@ def enum_to_proto(proto_enum: ProtoEnum[V], value: enum.StrEnum | None) -> V:
     if value is None:
         return proto_enum.Value(proto_enum.DESCRIPTOR.values_by_number[0].name)
     return proto_enum.Value(_enum_prefix(proto_enum) + value.value)
+
+
+def enum_numbers(proto_enum: ProtoEnum[V], domain: type[E]) -> Mapping[E | None, V]:
+    """Every member of ``domain``, and None, to its :func:`enum_to_proto` number.
+
+    Converters look their enum fields up in these tables, built once at import, instead
+    of calling :func:`enum_to_proto` per field: each call pays a descriptor ``Value``
+    lookup by name, the bulk of an enum field's conversion cost on the hot read path.
+    Built from :func:`enum_to_proto` itself, so the two can never disagree; a member the
+    proto enum lacks fails here, at import, rather than on the first response."""
+    numbers: dict[E | None, V] = {None: enum_to_proto(proto_enum, None)}
+    for member in domain:
+        numbers[member] = enum_to_proto(proto_enum, member)
+    return numbers
 
 
 @functools.cache

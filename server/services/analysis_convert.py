@@ -20,7 +20,7 @@ from server import names
 from server.convert import (
     duration_ms,
     enum_from_proto,
-    enum_to_proto,
+    enum_numbers,
     optional_datetime,
     set_duration_ms,
     set_timestamp,
@@ -139,14 +139,21 @@ def new_analysis(
     return new if len(v.items) == before else None
 
 
+# Built once: see enum_numbers.
+_ANALYSIS_TYPES = enum_numbers(pb.AnalysisType, AnalysisType)
+_TIERS = enum_numbers(pb.OptimizationTier, OptimizationTier)
+_ANALYSIS_STATES = enum_numbers(pb.AnalysisState, AnalysisState)
+_BATCH_STATES = enum_numbers(pb.BatchState, BatchState)
+
+
 def analysis_to_proto(row: TextAnalysis, *, deduplicated: bool = False) -> pb.Analysis:
     out = pb.Analysis(
         name=names.ANALYSIS.format(row.organization_id, row.id),
         text=row.text,
         content_hash=row.content_hash,
-        analysis_type=enum_to_proto(pb.AnalysisType, row.analysis_type),
-        optimization_tier=enum_to_proto(pb.OptimizationTier, row.optimization_tier),
-        state=enum_to_proto(pb.AnalysisState, row.state),
+        analysis_type=_ANALYSIS_TYPES[row.analysis_type],
+        optimization_tier=_TIERS[row.optimization_tier],
+        state=_ANALYSIS_STATES[row.state],
         emotion_scores={k: float(s) for k, s in (row.emotion_scores or {}).items()},
         model_used=row.model_used or "",
         error_message=row.error_message or "",
@@ -190,7 +197,7 @@ def search_hit_to_proto(hit: SearchHit) -> pb.SearchResult:
 
 
 def batch_state_to_proto(state: BatchState) -> pb.BatchState.ValueType:
-    return pb.BatchState.Value(f"BATCH_STATE_{state.value}")
+    return _BATCH_STATES[state]
 
 
 def batch_to_proto(view: BatchView) -> pb.AnalysisBatch:

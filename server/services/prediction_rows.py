@@ -23,7 +23,7 @@ from db.repositories.prediction_ingest import StagedRow
 from db.repositories.predictions import PredictionValues
 from ferrule.v1 import prediction_service_pb2 as pb
 from ferrule.v1.common_pb2 import FieldViolation as FieldViolationProto
-from server.convert import enum_to_proto, set_timestamp
+from server.convert import enum_numbers, set_timestamp
 from server.input_boundary import (
     MAX_NESTING,
     NOT_FINITE,
@@ -349,6 +349,10 @@ def validate_staged_row(
     )
 
 
+# Built once: see enum_numbers.
+_RISK_LEVELS = enum_numbers(pb.RiskLevel, RiskLevel)
+
+
 def prediction_name(organization_id: uuid.UUID, prediction_id: uuid.UUID) -> str:
     return f"organizations/{organization_id}/predictions/{prediction_id}"
 
@@ -372,7 +376,7 @@ def _fill(
     message.name = prediction_name(organization_id, prediction_id)
     message.subject_id = subject_id
     message.probability = probability
-    message.risk_level = enum_to_proto(pb.RiskLevel, risk_level)
+    message.risk_level = _RISK_LEVELS[risk_level]
     message.model_name = model_name or ""
     message.model_version = model_version
     if features:

@@ -27,7 +27,15 @@ from db.models import (
 from db.repositories.users import normalize_email
 from ferrule.v1 import user_service_pb2 as pb
 from server import names
-from server.convert import E, ProtoEnum, V, enum_from_proto, enum_to_proto, set_timestamp
+from server.convert import (
+    E,
+    ProtoEnum,
+    V,
+    enum_from_proto,
+    enum_numbers,
+    enum_to_proto,
+    set_timestamp,
+)
 from server.etags import etag_of
 from server.violations import Violations
 
@@ -175,15 +183,21 @@ def organization_to_proto(row: Organization) -> pb.Organization:
     return message
 
 
-def _profile_to_proto(profile: UserProfile | None) -> pb.UserProfile:
-    if profile is None:
-        return pb.UserProfile()
-    return pb.UserProfile(
-        bio=profile.bio or "",
-        avatar_uri=profile.avatar_uri or "",
-        locale=profile.locale or "",
-        time_zone=profile.time_zone or "",
-    )
+# Built once: see enum_numbers.
+_ROLES = enum_numbers(pb.UserRole, UserRole)
+_STATUSES = enum_numbers(pb.UserStatus, UserStatus)
+_PROVIDERS = enum_numbers(pb.AuthProvider, AuthProvider)
+
+
+def _fill_profile(target: pb.UserProfile, profile: UserProfile | None) -> None:
+    """The profile, present (empty) even for a user without one. Set on the message's
+    own sub-message: upb copies a sub-message passed to the constructor."""
+    target.SetInParent()
+    if profile is not None:
+        target.bio = profile.bio or ""
+        target.avatar_uri = profile.avatar_uri or ""
+        target.locale = profile.locale or ""
+        target.time_zone = profile.time_zone or ""
 
 
 def user_to_proto(row: User) -> pb.User:
@@ -193,16 +207,16 @@ def user_to_proto(row: User) -> pb.User:
         email=row.email,
         username=row.username,
         full_name=row.full_name or "",
-        role=enum_to_proto(pb.UserRole, row.role),
-        status=enum_to_proto(pb.UserStatus, row.status),
-        auth_provider=enum_to_proto(pb.AuthProvider, row.auth_provider),
-        profile=_profile_to_proto(row.profile),
+        role=_ROLES[row.role],
+        status=_STATUSES[row.status],
+        auth_provider=_PROVIDERS[row.auth_provider],
         etag=etag_of(row.version),
         create_by=row.create_by or "",
         update_by=row.update_by or "",
         delete_by=row.delete_by or "",
         has_password=row.password_hash is not None,
     )
+    _fill_profile(message.profile, row.profile)
     set_timestamp(message.last_login_time, row.last_login_time)
     set_timestamp(message.create_time, row.create_time)
     set_timestamp(message.update_time, row.update_time)

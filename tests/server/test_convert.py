@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from google.protobuf import timestamp_pb2
 
-from db.models import UserRole
+from db.models import RiskLevel, TextAnalysis, UserRole
+from db.models.enums import AnalysisState, AnalysisType, OptimizationTier
+from db.repositories.batches import BatchState
+from db.repositories.predictions import PredictionValues
+from ferrule.v1 import analysis_service_pb2 as analysis_pb
+from ferrule.v1 import prediction_service_pb2 as prediction_pb
 from ferrule.v1 import user_service_pb2 as pb
 from server import names
-from server.convert import enum_from_proto, enum_to_proto, set_timestamp
+from server.convert import enum_from_proto, enum_numbers, enum_to_proto, set_timestamp
+from server.services.analysis_convert import analysis_to_proto, batch_state_to_proto
+from server.services.prediction_rows import values_to_proto
+
+#: Analysis enum fields: (domain enum, proto enum, value-name prefix).
+_ANALYSIS_ENUMS: dict[str, tuple[type[enum.StrEnum], Any, str]] = {
+    "analysis_type": (AnalysisType, analysis_pb.AnalysisType, "ANALYSIS_TYPE_"),
+    "optimization_tier": (OptimizationTier, analysis_pb.OptimizationTier, "OPTIMIZATION_TIER_"),
+    "state": (AnalysisState, analysis_pb.AnalysisState, "ANALYSIS_STATE_"),
+}
 
 
 @pytest.mark.parametrize(
@@ -51,3 +67,68 @@ def test_names_format_fills_the_template_in_order() -> None:
     name = names.USER.format(org, user)
     assert name == f"organizations/{org}/users/{user}"
     assert names.USER.parse(name) == (org, user)
+
+
+# --- every enum field of every converter, against the descriptor by name ---------------
+_NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+
+
+def _analysis(**enums: enum.StrEnum) -> TextAnalysis:
+    values: dict[str, Any] = {
+        "analysis_type": AnalysisType.SENTIMENT,
+        "optimization_tier": OptimizationTier.STANDARD,
+        "state": AnalysisState.PENDING,
+        **enums,
+    }
+    return TextAnalysis(
+        id=uuid.uuid4(),
+        organization_id=uuid.uuid4(),
+        text="some text",
+        content_hash="0" * 64,
+        version=1,
+        create_time=_NOW,
+        update_time=_NOW,
+        **values,
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "member"),
+    [(field, m) for field, domain in _ANALYSIS_ENUMS.items() for m in domain[0]],
+)
+def test_analysis_enum_fields_carry_the_descriptors_numbers(
+    field: str, member: enum.StrEnum
+) -> None:
+    _, proto_enum, prefix = _ANALYSIS_ENUMS[field]
+    message = analysis_to_proto(_analysis(**{field: member}))
+    assert getattr(message, field) == proto_enum.Value(prefix + member.value)
+
+
+@pytest.mark.parametrize("state", list(BatchState))
+def test_batch_states_carry_the_descriptors_numbers(state: BatchState) -> None:
+    assert batch_state_to_proto(state) == analysis_pb.BatchState.Value(f"BATCH_STATE_{state.value}")
+
+
+@pytest.mark.parametrize("risk", list(RiskLevel))
+def test_risk_levels_carry_the_descriptors_numbers(risk: RiskLevel) -> None:
+    values = PredictionValues(
+        id=uuid.uuid4(),
+        organization_id=uuid.uuid4(),
+        subject_id="s",
+        probability=0.5,
+        risk_level=risk,
+        model_name="m",
+        model_version="1",
+        features=None,
+        predict_time=_NOW,
+        request_id=None,
+        create_time=_NOW,
+        create_by=None,
+    )
+    expected = prediction_pb.RiskLevel.Value(f"RISK_LEVEL_{risk.value}")
+    assert values_to_proto(values).risk_level == expected
+
+
+def test_enum_numbers_is_enum_to_proto_for_every_member_and_none() -> None:
+    table = enum_numbers(pb.UserRole, UserRole)
+    assert table == {m: enum_to_proto(pb.UserRole, m) for m in [None, *UserRole]}
