@@ -6,7 +6,7 @@ before any lookup (server/tenancy.py), so a malformed or foreign name never reac
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import re
 import uuid
 from dataclasses import dataclass
@@ -17,26 +17,29 @@ _SEGMENT = r"([^/]+)"
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 
 
-@functools.cache
-def _format_string(template: str) -> str:
-    """``organizations/{organization}/users/{user}`` -> ``organizations/{}/users/{}``:
-    str.format then fills a name without a regex pass (every response names its resource)."""
-    return _PLACEHOLDER.sub("{}", template)
-
-
 @dataclass(frozen=True)
 class Pattern:
     """A name template such as `organizations/{organization}/users/{user}`."""
 
     template: str
     resource_type: str
+    #: The template with each placeholder as ``%s`` (any literal ``%`` doubled), made
+    #: once: every response names its resource, and ``%`` on the ids' tuple is the
+    #: cheapest generic fill (no format-string parse per call, no lookup of the string).
+    #: Each id becomes ``str(id)``, exactly as under ``str.format``.
+    _printf: str = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "_printf", _PLACEHOLDER.sub("%s", self.template.replace("%", "%%"))
+        )
 
     @property
     def regex(self) -> re.Pattern[str]:
         return _compiled(self.template)
 
     def format(self, *ids: uuid.UUID | str) -> str:
-        return _format_string(self.template).format(*ids)
+        return self._printf % ids
 
     def parse(self, name: str, field: str = "name") -> tuple[uuid.UUID, ...]:
         """Every id in the name as a UUID, or INVALID_ARGUMENT naming the field.

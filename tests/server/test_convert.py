@@ -69,6 +69,26 @@ def test_names_format_fills_the_template_in_order() -> None:
     assert names.USER.parse(name) == (org, user)
 
 
+_PATTERNS = {k: v for k, v in vars(names).items() if isinstance(v, names.Pattern)}
+
+
+@pytest.mark.parametrize("pattern", _PATTERNS.values(), ids=_PATTERNS.keys())
+def test_every_pattern_fills_its_placeholders_in_order(pattern: names.Pattern) -> None:
+    ids = [uuid.uuid4() for _ in range(pattern.template.count("{"))]
+    segments = iter(str(i) for i in ids)
+    by_hand = "/".join(
+        next(segments) if part.startswith("{") else part for part in pattern.template.split("/")
+    )
+    assert pattern.format(*ids) == by_hand
+    assert pattern.format(*map(str, ids)) == by_hand
+    assert pattern.parse(by_hand) == tuple(ids)
+
+
+def test_a_literal_percent_in_a_template_stays_as_written() -> None:
+    pattern = names.Pattern("rates/100%/items/{item}", "test.Item")
+    assert pattern.format("x") == "rates/100%/items/x"
+
+
 # --- every enum field of every converter, against the descriptor by name ---------------
 _NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 
