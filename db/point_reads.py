@@ -68,11 +68,32 @@ _SESSION_TENANT = "ferrule.point_read_tenant"
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     sql: str
-    names: tuple[str, ...]
+    #: Each positional parameter's bind name and processor, in the statement's order.
+    binds: tuple[tuple[str, Processor], ...]
     #: Values of binds the statement carries itself (``literal(...)``), by name.
     defaults: Mapping[str, Any]
-    bind_processors: tuple[Processor, ...]
-    result_processors: tuple[Processor, ...]
+    #: The result columns that have a processor, by position; the others pass as the
+    #: driver returns them. Kept apart so a read walks only these (most columns of a
+    #: row, strings and UUIDs, need none).
+    processed: tuple[tuple[int, Callable[[Any], Any]], ...]
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        """The driver's positional arguments: ``params`` (else the statement's own
+        values) through the bind processors."""
+        args = []
+        for name, process in self.binds:
+            value = params[name] if name in params else self.defaults[name]
+            args.append(value if process is None else process(value))
+        return args
+
+    def row(self, record: Sequence[Any]) -> tuple[Any, ...]:
+        """The driver's row with the result processors applied (None stays None)."""
+        values = list(record)
+        for index, process in self.processed:
+            value = values[index]
+            if value is not None:
+                values[index] = process(value)
+        return tuple(values)
 
 
 class PointRead:
@@ -90,19 +111,22 @@ class PointRead:
             compiled: Any = self.statement.compile(dialect=dialect)
             names = tuple(compiled.positiontup or ())
             binds = tuple(
-                compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+                (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
                 for name in names
             )
-            results = tuple(
+            results = (
                 _result_processor(column.type, dialect)
                 for column in self.statement.selected_columns
+            )
+            processed = tuple(
+                (index, process) for index, process in enumerate(results) if process is not None
             )
             defaults = {
                 name: compiled.binds[name].value
                 for name in names
                 if compiled.binds[name].value is not None
             }
-            found = _Compiled(str(compiled), names, defaults, binds, results)
+            found = _Compiled(str(compiled), binds, defaults, processed)
             self._compiled[dialect.name] = found
         return found
 
@@ -169,17 +193,7 @@ class PointReader:
         if self.engine.dialect.name != "postgresql":
             return await self._fetch_in_session(read, params)
         compiled = read.compiled(self.engine.dialect)
-        args = [
-            value if process is None else process(value)
-            for value, process in zip(
-                (
-                    params[name] if name in params else compiled.defaults[name]
-                    for name in compiled.names
-                ),
-                compiled.bind_processors,
-                strict=True,
-            )
-        ]
+        args = compiled.args(params)
         try:
             record = await self._fetch_on_driver(compiled.sql, args)
         except Exception as exc:
@@ -189,10 +203,7 @@ class PointReader:
             raise
         if record is None:
             return None
-        return tuple(
-            value if process is None or value is None else process(value)
-            for value, process in zip(record, compiled.result_processors, strict=True)
-        )
+        return compiled.row(record)
 
     async def _fetch_in_session(
         self, read: PointRead, params: Mapping[str, Any]
