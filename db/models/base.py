@@ -112,6 +112,9 @@ class EnumString(TypeDecorator[E], Generic[E]):
     def __init__(self, enum_type: type[E]) -> None:
         super().__init__()
         self.enum_type = enum_type
+        # Every enum column of every row read passes through process_result_value: a
+        # dict lookup by stored value is much cheaper than calling the enum class.
+        self._members: dict[str, E] = {member.value: member for member in enum_type}
 
     @property
     def python_type(self) -> type[E]:
@@ -123,7 +126,11 @@ class EnumString(TypeDecorator[E], Generic[E]):
         return self.enum_type(value).value
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
-        return None if value is None else self.enum_type(value)
+        if value is None:
+            return None
+        member = self._members.get(value)
+        # Anything else goes to the enum itself, which refuses it as it always did.
+        return member if member is not None else self.enum_type(value)
 
 
 def check_in(
