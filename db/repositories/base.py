@@ -152,7 +152,7 @@ class RecordRead(Generic[R]):
     ) -> RecordRead[R]:
         """``record`` a dataclass whose fields are all columns of ``table``, by name."""
         columns = record_columns(table, record)
-        build = record_factory(record)
+        build = cast("Callable[..., R]", record)
         return cls(
             select(*columns),
             table,
@@ -200,55 +200,6 @@ class RecordRead(Generic[R]):
         connection = await session.connection()
         row = (await connection.execute(read.statement, params)).first()
         return self._found(row, tenant, resource_id)
-
-
-def record_factory(record: type[R]) -> Callable[..., R]:
-    """A constructor taking ``record``'s fields positionally, for a frozen dataclass with
-    slots: it builds the same instance as ``record(*values)``, for much less.
-
-    Why: a frozen dataclass's ``__init__`` must assign each field through
-    ``object.__setattr__`` (its own ``__setattr__`` refuses), and for a record of a dozen
-    or more columns that is the largest Python cost of a point read after the fetch. A
-    twin dataclass with the same slots but not frozen assigns them plainly; the instance
-    then takes ``record`` as its class (Python allows it between identical slot
-    layouts) and from then on is a ``record`` in every way: frozen, equal, hashed and
-    printed as one. Refused here, at import, for a class the twin could not stand in for
-    (not a frozen slotted dataclass, a ``__post_init__``, a field outside ``__init__``),
-    or when the layouts differ."""
-    params = getattr(record, "__dataclass_params__", None)
-    if (
-        params is None
-        or not params.frozen
-        or "__slots__" not in vars(record)
-        or hasattr(record, "__post_init__")
-    ):
-        raise TypeError(f"{record.__qualname__} is not a frozen dataclass with slots")
-    fields = dataclasses.fields(cast(Any, record))
-    if not all(f.init for f in fields):
-        raise TypeError(f"{record.__qualname__} has a field outside __init__")
-    twin: Any = dataclasses.make_dataclass(
-        record.__name__,
-        [(f.name, f.type, _same_default(f)) for f in fields],
-        slots=True,
-        eq=False,
-        repr=False,
-        match_args=False,
-    )
-    object.__new__(twin).__class__ = record  # the layouts must match: fail here if not
-
-    def build(*values: Any) -> R:
-        instance = twin(*values)
-        instance.__class__ = record
-        return cast(R, instance)
-
-    return build
-
-
-def _same_default(source: dataclasses.Field[Any]) -> Any:
-    """A field for the twin with ``source``'s default or default factory, if any."""
-    if source.default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=source.default_factory)
-    return dataclasses.field(default=source.default)
 
 
 def not_found_in(

@@ -28,7 +28,6 @@ from db.repositories.base import (
     matched_one,
     not_found_in,
     record_columns,
-    record_factory,
     scope_to_tenant,
 )
 from db.tenancy import Tenant
@@ -156,15 +155,11 @@ _PROFILE_COLUMNS = (
 _RECORD_WIDTH = len(_RECORD_COLUMNS)
 
 
-_new_user_record = record_factory(UserRecord)
-_new_profile_record = record_factory(ProfileRecord)
-
-
 def _user_record(row: Sequence[Any]) -> UserRecord:
     profile = None
     if row[_RECORD_WIDTH] is not None:
-        profile = _new_profile_record(*row[_RECORD_WIDTH + 1 :])
-    return _new_user_record(profile, *row[:_RECORD_WIDTH])
+        profile = ProfileRecord(*row[_RECORD_WIDTH + 1 :])
+    return UserRecord(profile, *row[:_RECORD_WIDTH])
 
 
 class UsersRepository(Repository[User]):
