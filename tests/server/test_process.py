@@ -52,7 +52,7 @@ def test_make_run_on_a_fresh_checkout_serves_health(tmp_path: Path) -> None:
     # -o marks its stamp as up to date so make never reinstalls the shared venv from here.
     venv = REPO / ".venv"
     proc = subprocess.Popen(
-        ["make", "-o", f"{venv}/.installed-stamp", "run", f"VENV={venv}"],
+        ["make", "-o", f"{venv}/.runtime-stamp", "run", f"VENV={venv}"],
         cwd=checkout,
         env=env,
         stdout=subprocess.PIPE,
