@@ -1082,8 +1082,9 @@ async def test_messages_above_the_size_limit_are_resource_exhausted(
 ) -> None:
     """The limit is a channel argument of the whole server, enforced by grpc core before
     any handler runs, so one method of each shape the services have (unary or streaming
-    requests and responses) stands for all: grpc itself spends about 100 ms refusing each oversized message, which made
-    the every-method walk the slowest test of the suite."""
+    requests and responses) stands for all: grpc pauses on every oversized message it
+    refuses (a bare grpc.aio server too), which made an every-method walk the slowest
+    test of the suite."""
     before = await checksum(db)
     # A well-formed request, just too big: a display name longer than the limit.
     too_big = user_service_pb2.CreateOrganizationRequest(
