@@ -19,6 +19,10 @@ from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from db.models.enums import AuthProvider, UserRole, UserStatus
+from db.repositories.user_queries import UserQueries
+from db.repositories.users import ProfileFields
+from db.tenancy import Tenant
 from ferrule.client import (
     Aborted,
     AlreadyExists,
@@ -892,24 +896,31 @@ async def test_retried_create_user_writes_one_row(
     assert violation_fields(bad.value) == {"request_id"}
 
 
-async def _create_many(client: AsyncFerruleClient, org: uuid.UUID, emails: list[str]) -> None:
-    limit = asyncio.Semaphore(16)
-
-    async def one(email: str) -> None:
-        async with limit:
-            await create_user(client, org, email)
-
-    await asyncio.gather(*(one(e) for e in emails))
-
-
 @pytest.fixture(scope="module")
 async def thousand_users(srv: RunningServer) -> tuple[uuid.UUID, set[str]]:
     """An organization with 1000 users (and their emails), created once per backend for
     the paging tests: each only adds rows to it, and asserts only about these 1000 and
-    the rows it saw."""
+    the rows it saw. Written through the users repository in one transaction, as
+    CreateUser writes them: the tests are about reading pages while others insert, and a
+    thousand CreateUser calls cost seconds per backend."""
     org = await new_org(srv.admin(), "thousand")
     originals = {f"u{i:04d}-{uuid.uuid4().hex[:6]}@example.com" for i in range(1000)}
-    await _create_many(srv.for_org(org), org, sorted(originals))
+    tenant = Tenant.of(org)
+    async with srv.app.database.transaction(tenant) as session:
+        users = UserQueries(session, tenant)
+        for email in sorted(originals):
+            await users.create_user(
+                email=email,
+                username="",
+                full_name=None,
+                role=UserRole.MEMBER,
+                status=UserStatus.ACTIVE,
+                auth_provider=AuthProvider.GOOGLE,
+                password=None,
+                profile=ProfileFields(),
+                create_by="svc-test",
+                user_id=None,
+            )
     return org, originals
 
 
