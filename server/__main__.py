@@ -33,9 +33,7 @@ from typing import Any
 import uvloop
 from pydantic import ValidationError
 
-from db.migrate import current_revision, head_revision, upgrade_to_head
 from server import dev_mode
-from server.app import FerruleApp
 from server.logs import configure_logging
 from server.settings import Settings
 from server.telemetry import install_log_correlation
@@ -58,6 +56,8 @@ def load_settings() -> Settings:
 
 async def prepare_schema(settings: Settings) -> None:
     """Migrate when told to; otherwise refuse to serve an outdated schema."""
+    from db.migrate import current_revision, head_revision, upgrade_to_head
+
     if settings.ferrule_migrate_on_start:
         await upgrade_to_head(settings.database_url)
         return
@@ -96,6 +96,10 @@ async def serve(settings: Settings, dev_banner: dev_mode.Banner | None = None) -
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    # The app and Alembic are imported by the subcommands that use them: `token` needs
+    # neither, and a command-line tool should not pay for the whole server to start.
+    from server.app import FerruleApp
+
     app = FerruleApp(settings)
     port = await app.start()
     tune_gc(settings)
@@ -215,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     configure_logging(settings.ferrule_log_level)
     if args.command == "migrate":
+        from db.migrate import head_revision, upgrade_to_head
+
         asyncio.run(upgrade_to_head(settings.database_url))
         print(f"ferrule: schema at {head_revision()}", flush=True)
         return
