@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import stat
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any, get_origin
 import jwt
 import pytest
 
+import server.__main__ as entry
 from db.migrate import current_revision, head_revision
 from ferrule.client import Unauthenticated
 from ferrule.v1 import user_service_pb2 as upb
@@ -91,6 +93,25 @@ async def test_a_token_signed_with_another_secret_is_refused(pg_server: RunningS
         )
 
 
+def refused_in_process(
+    args: tuple[str, ...],
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> tuple[int | str | None, str, str]:
+    """`ferrule-server token ...` through the same `main` in this process, for the
+    refusals (the two tests above run the real command): exit code, stdout, stderr."""
+    for name in list(os.environ):
+        if name.startswith(("FERRULE_", "DATABASE_", "REDIS_")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        entry.main(["token", *args])
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -100,20 +121,28 @@ async def test_a_token_signed_with_another_secret_is_refused(pg_server: RunningS
         (("--org", ""), "--org"),
     ],
 )
-def test_token_refuses_what_the_server_would_refuse(args: tuple[str, ...], message: str) -> None:
-    result = ferrule_server("token", *args, env=server_env("sqlite+aiosqlite:///x.db", 0))
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert result.stdout == ""
+def test_token_refuses_what_the_server_would_refuse(
+    args: tuple[str, ...],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = server_env("sqlite+aiosqlite:///x.db", 0)
+    code, out, err = refused_in_process(args, env, monkeypatch, capsys)
+    assert code == 2
+    assert message in err
+    assert out == ""
 
 
-def test_token_without_a_jwt_secret_says_which_variable_is_missing() -> None:
+def test_token_without_a_jwt_secret_says_which_variable_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     env = server_env("sqlite+aiosqlite:///x.db", 0)
     del env["FERRULE_JWT_SECRET"]
-    result = ferrule_server("token", "--org", ORG, env=env)
-    assert result.returncode == 2
-    assert "FERRULE_JWT_SECRET is not set" in result.stderr
-    assert "Traceback" not in result.stderr
+    code, _, err = refused_in_process(("--org", ORG), env, monkeypatch, capsys)
+    assert code == 2
+    assert "FERRULE_JWT_SECRET is not set" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
