@@ -39,6 +39,23 @@ DATABASE_URL_SCHEMES = (
 )
 
 
+def _supported_database_url(value: str) -> str:
+    if not value.startswith(DATABASE_URL_SCHEMES):
+        raise ValueError(
+            "must start with " + ", ".join(DATABASE_URL_SCHEMES) + " "
+            f"(got {value.split('://', 1)[0]!r})"
+        )
+    return value
+
+
+def _backend_of(url: str) -> str:
+    """The backend a supported URL names (MariaDB and MySQL are one)."""
+    dialect = url.split("+", 1)[0]
+    return {"postgresql": "PostgreSQL", "mariadb": "MariaDB/MySQL", "mysql": "MariaDB/MySQL"}.get(
+        dialect, "SQLite"
+    )
+
+
 def is_loopback(host: str) -> bool:
     """True for ``localhost`` and loopback IP literals (``127.0.0.1``, ``[::1]``)."""
     host = host.strip("[]")
@@ -286,12 +303,26 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        if not value.startswith(DATABASE_URL_SCHEMES):
-            raise ValueError(
-                "must start with " + ", ".join(DATABASE_URL_SCHEMES) + " "
-                f"(got {value.split('://', 1)[0]!r})"
-            )
-        return value
+        return _supported_database_url(value)
+
+    @field_validator("database_replica_urls")
+    @classmethod
+    def _check_replica_urls(cls, value: list[str]) -> list[str]:
+        return [_supported_database_url(url) for url in value]
+
+    @model_validator(mode="after")
+    def _check_replicas_match_the_primary(self) -> Settings:
+        # A replica is the primary's database under another address: the same backend.
+        primary = _backend_of(self.database_url)
+        for url in self.database_replica_urls:
+            if primary == "SQLite":
+                raise ValueError("DATABASE_REPLICA_URLS: the embedded SQLite has no replicas")
+            if _backend_of(url) != primary:
+                raise ValueError(
+                    f"DATABASE_REPLICA_URLS: replicas of a {primary} primary are {primary} too"
+                    f" (got {url.split('://', 1)[0]!r})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_workers_share_a_cache(self) -> Settings:

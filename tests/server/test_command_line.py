@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, get_origin
 
 import jwt
+import pydantic
 import pytest
 
 import server.__main__ as entry
@@ -271,6 +272,12 @@ def test_any_service_url_other_than_sqlite_ends_development_mode(name: str, tmp_
     url = "postgresql+asyncpg://ferrule:password@db.internal/ferrule"
     if name.startswith("redis"):
         url = "redis://:password@cache.internal:6379/0"
+    if name == "database_replica_urls":
+        # Replicas exist only beside a server database, which ends the mode by itself; on
+        # the embedded default they are refused before development mode is considered.
+        with pytest.raises(pydantic.ValidationError, match="the embedded SQLite has no replicas"):
+            configured(name, url)
+        return
     assert_development_mode_off(configured(name, url), name, tmp_path)
 
 

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 
+import pydantic
 import pytest
 from sqlalchemy import pool
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -32,6 +33,33 @@ def test_plaintext_elsewhere_is_refused_without_an_explicit_opt_in(host: str) ->
     assert "FERRULE_ALLOW_INSECURE" in refusal and "FERRULE_TLS_CERT_FILE" in refusal
     allowed = Settings(ferrule_listen=f"{host}:50051", ferrule_allow_insecure=True)
     assert allowed.plaintext_refusal() is None
+
+
+PG = "postgresql+asyncpg://ferrule@db.internal/ferrule"
+MARIADB = "mariadb+asyncmy://ferrule@db.internal/ferrule"
+
+
+@pytest.mark.parametrize(
+    ("primary", "replicas", "message"),
+    [
+        (PG, "postgres://ferrule@replica/ferrule", "must start with"),
+        (PG, f"{PG},mysql://ferrule@replica/ferrule", "must start with"),
+        (PG, MARIADB, "replicas of a PostgreSQL primary are PostgreSQL too"),
+        (MARIADB, PG, "replicas of a MariaDB/MySQL primary are MariaDB/MySQL too"),
+        ("sqlite+aiosqlite:///./ferrule.db", PG, "the embedded SQLite has no replicas"),
+    ],
+)
+def test_replica_urls_name_the_primarys_backend(primary: str, replicas: str, message: str) -> None:
+    """A replica is refused with the setting's name when the server starts, not by a
+    driver error when its engine is built."""
+    with pytest.raises(pydantic.ValidationError, match=message):
+        Settings(database_url=primary, database_replica_urls=replicas)
+
+
+def test_replicas_of_the_same_backend_are_accepted() -> None:
+    replica = "mysql+asyncmy://ferrule@replica/ferrule"
+    settings = Settings(database_url=MARIADB, database_replica_urls=f"{MARIADB}, {replica}")
+    assert settings.database_replica_urls == [MARIADB, replica]
 
 
 async def test_the_app_refuses_to_serve_plaintext_on_a_public_address(
