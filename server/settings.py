@@ -99,6 +99,8 @@ def _check_host_port(value: str) -> str:
 ListenAddress = Annotated[str, AfterValidator(_check_host_port), Listener(with_port=True)]
 ListenHost = Annotated[str, Listener(with_port=False)]
 UpstreamLocation = Annotated[str, Upstream()]
+#: A database URL of a supported backend (the primary's and every replica's).
+DatabaseURL = Annotated[UpstreamLocation, AfterValidator(_supported_database_url)]
 
 
 class Settings(BaseSettings):
@@ -173,8 +175,8 @@ class Settings(BaseSettings):
     )
 
     # --- database --------------------------------------------------------------
-    database_url: UpstreamLocation = DEFAULT_DATABASE_URL
-    database_replica_urls: Annotated[list[UpstreamLocation], NoDecode] = Field(default_factory=list)
+    database_url: DatabaseURL = DEFAULT_DATABASE_URL
+    database_replica_urls: Annotated[list[DatabaseURL], NoDecode] = Field(default_factory=list)
     database_pool_size: int = Field(10, ge=1)
     database_point_read_pool_size: int = Field(
         4, ge=0, description="connections kept for single-row reads (0: off; unused via PgBouncer)"
@@ -299,16 +301,6 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
-
-    @field_validator("database_url")
-    @classmethod
-    def _check_database_url(cls, value: str) -> str:
-        return _supported_database_url(value)
-
-    @field_validator("database_replica_urls")
-    @classmethod
-    def _check_replica_urls(cls, value: list[str]) -> list[str]:
-        return [_supported_database_url(url) for url in value]
 
     @model_validator(mode="after")
     def _check_replicas_match_the_primary(self) -> Settings:
