@@ -27,10 +27,11 @@ from sqlalchemy.ext.asyncio import (
     AsyncSession,
     async_sessionmaker,
 )
-from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, StaticPool
 
 from db.engine_factory import async_engine
 from db.models.base import MYSQL_DIALECTS
+from db.point_read_pool import PointReadPool
 from db.point_reads import ROLE_NAME, PointReader
 from db.session import (
     DEFAULT_CLEANUP_TIMEOUT,
@@ -149,12 +150,13 @@ def _create_mysql_engine(url: str, config: DatabaseConfig) -> AsyncEngine:
     return engine
 
 
-def create_point_read_engine(url: str, config: DatabaseConfig) -> AsyncEngine | None:
+def create_point_read_pool(url: str, config: DatabaseConfig) -> PointReadPool | None:
     """The pool that only point reads use (see :mod:`db.point_reads`), or None where
     it cannot be used: SQLite, PgBouncer in transaction mode, or switched off.
 
     Its connections are read-only for their whole session (``default_transaction_read_only``),
-    so whatever runs on them can never write."""
+    so whatever runs on them can never write. SQLAlchemy makes them (a pool-less engine:
+    the dialect's codecs, TLS and server settings); :mod:`db.point_read_pool` lends them."""
     if (
         make_url(url).get_backend_name() != "postgresql"
         or config.statement_cache_size == 0
@@ -164,15 +166,21 @@ def create_point_read_engine(url: str, config: DatabaseConfig) -> AsyncEngine | 
     server_settings = {"default_transaction_read_only": "on"}
     if config.default_statement_timeout_ms:
         server_settings["statement_timeout"] = str(config.default_statement_timeout_ms)
-    return _pooled_engine(
+    engine = async_engine(
         url,
-        config,
-        pool_size=config.point_read_pool_size,
-        max_overflow=0,
+        echo=config.echo,
+        poolclass=NullPool,
         connect_args={
             "prepared_statement_cache_size": config.statement_cache_size,
             "server_settings": server_settings,
         },
+    )
+    return PointReadPool(
+        engine,
+        size=config.point_read_pool_size,
+        timeout=config.pool_timeout,
+        recycle_seconds=config.pool_recycle,
+        ping_idle_seconds=config.pool_ping_idle_seconds if config.pool_pre_ping else None,
     )
 
 
@@ -233,7 +241,7 @@ class Database:
         self.config = config
         self.engine = create_engine(config.url, config)
         self.replica_engines = tuple(create_engine(url, config) for url in config.replica_urls)
-        self.point_read_engine = create_point_read_engine(config.url, config)
+        self.point_read_pool = create_point_read_pool(config.url, config)
         self._replicas = itertools.cycle(self.replica_engines) if self.replica_engines else None
         self._sessions = async_sessionmaker(expire_on_commit=False, class_=AsyncSession)
         #: How long a rollback or close may wait on the server before its connection is
@@ -246,8 +254,8 @@ class Database:
 
     @property
     def engines(self) -> tuple[AsyncEngine, ...]:
-        """Every engine (primary first, replicas, the point-read pool), for observers."""
-        extra = (self.point_read_engine,) if self.point_read_engine is not None else ()
+        """Every engine (primary first, replicas, the point-read pool's), for observers."""
+        extra = (self.point_read_pool.engine,) if self.point_read_pool is not None else ()
         return (self.engine, *self.replica_engines, *extra)
 
     @property
@@ -306,7 +314,7 @@ class Database:
             tenant,
             timeout_ms,
             engine,
-            point_read_engine=self.point_read_engine if engine is self.engine else None,
+            point_read_pool=self.point_read_pool if engine is self.engine else None,
             app_role=self.config.app_role,
         )
 
@@ -334,6 +342,8 @@ class Database:
     async def dispose(self) -> None:
         """Close the pools' idle connections, waiting at most ``cleanup_timeout`` per
         engine: closing says goodbye to the server, and a stalled one never answers."""
+        if self.point_read_pool is not None:
+            await self.point_read_pool.close(self.cleanup_timeout)
         for engine in self.engines:
             try:
                 async with asyncio.timeout(self.cleanup_timeout):

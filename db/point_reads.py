@@ -6,13 +6,14 @@ round trips (BEGIN, the settings statement, the SELECT, COMMIT); each loopback r
 trip costs system-call CPU in ``send`` as well as latency, so the round trips matter as
 much as the Python. Two paths, both on asyncpg directly:
 
-* **Session-scoped (one round trip)**, on the primary when the engine's point-read pool
-  exists (:func:`db.engine.create_point_read_engine`): connections that serve nothing
-  but point reads, read-only for their whole session, carry the tenant and role as
-  *session* settings. A read sends just the SELECT (autocommit); the settings statement
-  runs only when the connection last served another tenant (tracked on the pooled
-  connection), so one hot tenant pays it once per connection. The RPC deadline bounds
-  the statement through asyncpg's timeout, which cancels it on the server.
+* **Session-scoped (one round trip)**, on the primary when the point-read pool exists
+  (:mod:`db.point_read_pool`, built by :func:`db.engine.create_point_read_pool`):
+  connections that serve nothing but point reads, read-only for their whole session,
+  carry the tenant and role as *session* settings. A read sends just the SELECT
+  (autocommit); the settings statement runs only when the connection last served another
+  tenant (tracked on the pooled connection), so one hot tenant pays it once per
+  connection. The RPC deadline bounds the statement through asyncpg's timeout, which
+  cancels it on the server.
 * **Transaction-scoped (three round trips)** everywhere else (replicas, PgBouncer in
   transaction mode, where session state would leak to other clients): ``BEGIN READ
   ONLY`` plus the same transaction-local settings :mod:`db.session` sets in one
@@ -44,8 +45,9 @@ from sqlalchemy.types import TypeEngine
 from sqlalchemy.util import greenlet_spawn
 
 from db.error_translation import translate_error
-from db.errors import StatementTimeoutError
-from db.observability import observer_of
+from db.errors import DatabaseUnavailableError, StatementTimeoutError
+from db.observability import EngineObserver, observer_of
+from db.point_read_pool import PointReadConnection, PointReadPool
 from db.session import open_transaction
 from db.tenancy import Tenant
 
@@ -61,8 +63,6 @@ _SESSION_SETTINGS = (
     " set_config('ferrule.all_organizations', $2, false)"
 )
 _SESSION_SETTINGS_AND_ROLE = _SESSION_SETTINGS + ", set_config('role', $3, false)"
-#: Key in the pooled connection's info: the (organization, all, role) it is set for.
-_SESSION_TENANT = "ferrule.point_read_tenant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +185,7 @@ class PointReader:
     engine: AsyncEngine
     #: The point-read pool when ``engine`` is the primary and the pool exists, else None:
     #: a read takes the session-scoped path exactly when this is set.
-    point_read_engine: AsyncEngine | None
+    point_read_pool: PointReadPool | None
     app_role: str | None
 
     async def fetch_row(self, read: PointRead, params: Mapping[str, Any]) -> Sequence[Any] | None:
@@ -222,9 +222,33 @@ class PointReader:
             return row
 
     async def _fetch_on_driver(self, sql: str, args: list[Any]) -> Any:
-        # The point-read pool serves the primary; replicas take the transaction batch.
-        session_scoped = self.point_read_engine is not None
-        engine = self.point_read_engine or self.engine
+        if self.point_read_pool is not None:
+            return await self._fetch_session_scoped(self.point_read_pool, sql, args)
+        return await self._fetch_in_transaction(sql, args)
+
+    async def _fetch_session_scoped(self, pool: PointReadPool, sql: str, args: list[Any]) -> Any:
+        observer = observer_of(pool.engine)
+        started = time.perf_counter()
+        connection = await pool.checkout()
+        try:
+            if observer is not None:
+                observer.checked_out(connection.info, time.perf_counter() - started)
+            await self._set_session_tenant(connection)
+            timeout = self.timeout_ms / 1000 if self.timeout_ms else None
+            return await self._observed_fetch(
+                observer, connection.driver, connection.info, sql, args, timeout
+            )
+        except Exception as exc:
+            lost = _lost_connection(connection.driver, exc)
+            if lost is None:
+                raise
+            raise lost from exc
+        finally:
+            pool.checkin(connection)
+
+    async def _fetch_in_transaction(self, sql: str, args: list[Any]) -> Any:
+        """On a connection of ``engine``'s own pool: the settings batch, the SELECT, COMMIT."""
+        engine = self.engine
         observer = observer_of(engine)
         # The pooled DBAPI connection itself, not an AsyncConnection around it: that
         # wrapper's bookkeeping would be paid per read and nothing here executes through it.
@@ -236,33 +260,43 @@ class PointReader:
         try:
             driver: Any = pooled.driver_connection
             try:
-                if session_scoped:
-                    await self._set_session_tenant(pooled, driver)
-                    timeout = self.timeout_ms / 1000 if self.timeout_ms else None
-                else:
-                    await driver.execute(
-                        _settings_batch(self.tenant, self.timeout_ms, self.app_role)
-                    )
-                    timeout = None  # statement_timeout is set in the transaction
-                if observer is None:
-                    record = await self._fetch(driver, sql, args, timeout)
-                else:
-                    text, pending = observer.start(sql, args, pooled.info)
-                    try:
-                        record = await self._fetch(driver, text, args, timeout)
-                    except BaseException as exc:
-                        observer.finish(pending, -1, exc)
-                        raise
-                    observer.finish(pending, 0 if record is None else 1, None)
-                if not session_scoped:
-                    await driver.execute("COMMIT")
-            except BaseException:
+                await driver.execute(_settings_batch(self.tenant, self.timeout_ms, self.app_role))
+                # statement_timeout is set in the transaction
+                record = await self._observed_fetch(observer, driver, pooled.info, sql, args, None)
+                await driver.execute("COMMIT")
+            except BaseException as exc:
                 await asyncio.shield(_end_or_discard(pooled, driver))
-                raise
+                lost = _lost_connection(driver, exc) if isinstance(exc, Exception) else None
+                if lost is None:
+                    raise
+                raise lost from exc
         finally:
             # With no transaction open, returning the connection never suspends, so a
             # cancellation cannot land in the middle of it.
             await greenlet_spawn(pooled.close)
+        return record
+
+    @classmethod
+    async def _observed_fetch(
+        cls,
+        observer: EngineObserver | None,
+        driver: Any,
+        info: dict[Any, Any],
+        sql: str,
+        args: list[Any],
+        limit_s: float | None,
+    ) -> Any:
+        """The row; the statement commented, traced and timed when ``observer`` is set.
+        ``info``: the pooled connection's (the checkout's wait, for the span)."""
+        if observer is None:
+            return await cls._fetch(driver, sql, args, limit_s)
+        text, pending = observer.start(sql, args, info)
+        try:
+            record = await cls._fetch(driver, text, args, limit_s)
+        except BaseException as exc:
+            observer.finish(pending, -1, exc)
+            raise
+        observer.finish(pending, 0 if record is None else 1, None)
         return record
 
     @staticmethod
@@ -274,7 +308,7 @@ class PointReader:
                 "the statement ran past its deadline and was cancelled"
             ) from exc
 
-    async def _set_session_tenant(self, pooled: Any, driver: Any) -> None:
+    async def _set_session_tenant(self, connection: PointReadConnection) -> None:
         """Point the connection's session settings at this tenant, unless they are."""
         role = self.app_role
         wanted = (
@@ -282,23 +316,34 @@ class PointReader:
             "on" if self.tenant.all_organizations else "off",
             role or "",
         )
-        info = pooled.info
-        if info.get(_SESSION_TENANT) == wanted:
+        if connection.settings == wanted:
             return
         # Forget the old value first: if this fails or is cancelled half-way, the next
         # borrower sets the tenant again rather than trusting a stale record.
-        info.pop(_SESSION_TENANT, None)
+        connection.settings = None
         if role:
-            await driver.execute(_SESSION_SETTINGS_AND_ROLE, *wanted)
+            await connection.driver.execute(_SESSION_SETTINGS_AND_ROLE, *wanted)
         else:
-            await driver.execute(_SESSION_SETTINGS, *wanted[:2])
-        info[_SESSION_TENANT] = wanted
+            await connection.driver.execute(_SESSION_SETTINGS, *wanted[:2])
+        connection.settings = wanted
+
+
+def _lost_connection(driver: Any, exc: Exception) -> DatabaseUnavailableError | None:
+    """Retryable unavailability when ``exc`` is only the driver noticing that the
+    connection closed under the read (the server ended the backend as the statement was
+    sent: an interface error, not a server's); None for every other failure."""
+    if driver.is_closed() and translate_error(exc) is None:
+        return DatabaseUnavailableError("the database connection was lost")
+    return None
 
 
 async def _end_or_discard(pooled: Any, driver: Any) -> None:
-    """Roll back whatever is open; a connection that cannot is dropped from the pool, so
-    no transaction (or half-read reply) ever reaches the next borrower."""
+    """Roll back whatever is open; a connection that cannot, or that has closed, is
+    dropped from the pool, so no transaction (or half-read reply, or dead connection)
+    ever reaches the next borrower."""
     try:
+        if driver.is_closed():
+            raise ConnectionError("the connection has closed")
         if driver.is_in_transaction():
             await driver.execute("ROLLBACK")
     except Exception:

@@ -69,7 +69,7 @@ async def database(database_url: str, request: pytest.FixtureRequest) -> AsyncIt
             point_read_pool_size=1 if request.param == "session-scoped" else 0,
         )
     )
-    assert (db.point_read_engine is not None) == (postgres and request.param == "session-scoped")
+    assert (db.point_read_pool is not None) == (postgres and request.param == "session-scoped")
     yield db
     await db.dispose()
 
@@ -194,6 +194,8 @@ async def test_cancelled_reads_return_their_connections_clean(
 
     async def all_returned_clean() -> bool:
         checked_out = database.pool_status().checked_out
+        if database.point_read_pool is not None:
+            checked_out += database.point_read_pool.checked_out
         return checked_out == 0 and await _open_transactions(database) == 0
 
     await eventually(all_returned_clean, what="every cancelled read's connection back, clean")
