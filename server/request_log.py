@@ -60,6 +60,9 @@ class RequestLogWriter:
         self._max_batch = max_batch
         self._flush_interval = flush_interval
         self._task: asyncio.Task[None] | None = None
+        #: The batch write under way, apart from the task so that stopping waits for it
+        #: rather than cancelling it half-way.
+        self._writing: asyncio.Future[None] | None = None
         self.dropped = 0
         self.written = 0
         self.failed_batches = 0
@@ -82,7 +85,9 @@ class RequestLogWriter:
                 self._arrived.clear()
                 await self._arrived.wait()
             await asyncio.sleep(self._flush_interval)  # let a batch accumulate
-            await self._write(self._take())
+            self._writing = asyncio.ensure_future(self._write(self._take()))
+            await asyncio.shield(self._writing)
+            self._writing = None
 
     def _take(self) -> list[RequestLogEntry]:
         """Up to a batch of the oldest entries."""
@@ -116,10 +121,17 @@ class RequestLogWriter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         if self._task is not None:
-            self._task.cancel()  # a batch it was writing is counted by _write
+            self._task.cancel()  # waiting for entries, or for the write below
             # asyncio.wait returns at the deadline even if the task is still unwinding.
             await asyncio.wait({self._task}, timeout=grace)
             self._task = None
+        writing, self._writing = self._writing, None
+        if writing is not None and not writing.done():
+            # A batch already on its way: let it land rather than lose it half-written.
+            done, _ = await asyncio.wait({writing}, timeout=max(deadline - loop.time(), 0))
+            if not done:
+                writing.cancel()  # counted as lost by _write once it unwinds
+                await asyncio.wait({writing}, timeout=grace)
         while self._pending:
             remaining = deadline - loop.time()
             if remaining <= 0:
