@@ -332,6 +332,15 @@ class Database:
             version = (await session.execute(text(query))).scalar_one()
         return PingResult(time.perf_counter() - started, str(version))
 
+    def pool_statuses(self) -> list[tuple[str, PoolStatus]]:
+        """Each pool by name, for the pool gauges: ``primary``, then ``point_reads`` when
+        that pool exists (its saturation shows as cache misses waiting)."""
+        statuses = [("primary", self.pool_status())]
+        if self.point_read_pool is not None:
+            pool = self.point_read_pool
+            statuses.append(("point_reads", PoolStatus(pool.size, pool.checked_out, 0)))
+        return statuses
+
     def pool_status(self) -> PoolStatus:
         pool: Any = self.engine.pool
         size = pool.size() if hasattr(pool, "size") else 1

@@ -159,7 +159,7 @@ class FerruleApp:
         )
         for engine in self.database.engines[1:]:
             self.query_observers.attach(engine)
-        self.telemetry.metrics.observe_pool(self.database.pool_status)
+        self.telemetry.metrics.observe_pool(self.database.pool_statuses)
         # Redis when REDIS_URL is set, else a bounded in-process LRU with the same semantics.
         self.cache = create_cache(
             settings.redis,

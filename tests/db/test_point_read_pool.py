@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from sqlalchemy import func, select
 
-from db.engine import Database, DatabaseConfig, create_point_read_pool
+from db.engine import Database, DatabaseConfig, PoolStatus, create_point_read_pool
 from db.errors import DatabaseUnavailableError
 from db.models import Organization
 from db.point_read_pool import PointReadConnection, PointReadPool
@@ -251,3 +251,24 @@ async def test_a_read_as_the_server_ends_its_backend_fails_as_unavailable_or_suc
     finally:
         await admin.close()
         await database.dispose()
+
+
+async def test_the_pool_gauges_name_the_point_read_pool_and_what_it_lends(
+    pg_database_url: str,
+) -> None:
+    database = Database(DatabaseConfig(url=pg_database_url, point_read_pool_size=3))
+    try:
+        assert database.point_read_pool is not None
+        lent = await database.point_read_pool.checkout()
+        statuses = dict(database.pool_statuses())
+        assert statuses["point_reads"] == PoolStatus(size=3, checked_out=1, overflow=0)
+        assert statuses["primary"] == database.pool_status()
+        database.point_read_pool.checkin(lent)
+        assert dict(database.pool_statuses())["point_reads"].checked_out == 0
+    finally:
+        await database.dispose()
+    without = Database(DatabaseConfig(url=pg_database_url, point_read_pool_size=0))
+    try:
+        assert [name for name, _ in without.pool_statuses()] == ["primary"]
+    finally:
+        await without.dispose()
