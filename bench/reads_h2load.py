@@ -173,6 +173,8 @@ async def run_view(
                         f"  load {os.getloadavg()[0]:.1f}",
                         flush=True,
                     )
+                    if not result.clean:  # say why: h2load's own counts and errors
+                        print(result.report.strip(), flush=True)
         for server in servers.values():
             await check_answer(server.target, token, request)
         logged_after = await _settled_request_log(database_url)
