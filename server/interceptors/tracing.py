@@ -59,6 +59,10 @@ def peer_attributes(peer: str | None) -> dict[str, str | int]:
     return {"network.peer.address": peer}
 
 
+#: The parent of a call whose metadata propagates nothing (what extract returns for it).
+_NO_PARENT = otel_context.Context()
+
+
 def _metadata_carrier(context: Context) -> dict[str, str]:
     carrier: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
@@ -80,6 +84,8 @@ class TracingInterceptor(ScopedInterceptor):
         self._metrics = metrics
         self._propagator = propagator
         self._names: dict[str, tuple[str, dict[str, str]]] = {}
+        self._fields_of: TextMapPropagator | None = None
+        self._fields: frozenset[str] = frozenset()
 
     def _describe(self, method: str) -> tuple[str, dict[str, str]]:
         described = self._names.get(method)
@@ -97,20 +103,16 @@ class TracingInterceptor(ScopedInterceptor):
     def _propagator_in_use(self) -> TextMapPropagator:
         return self._propagator or propagate.get_global_textmap()
 
-    def _spanless(self, context: Context, propagator: TextMapPropagator) -> bool:
-        """Whether this call can skip span work: no tracer provider that records spans
-        (none given and none installed globally, or a no-op one), and no propagated
-        context in the metadata that would give the call its caller's trace id.
-
-        Asked per call, not once: a provider may be installed globally after start."""
-        provider = self._tracer_provider
-        if provider is None:
-            if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-                return False
-        elif not isinstance(provider, trace.NoOpTracerProvider):
-            return False
-        fields = propagator.fields
-        return not any(key in fields for key, _ in context.invocation_metadata() or ())
+    def _propagated(self, context: Context, propagator: TextMapPropagator) -> bool:
+        """Whether the call's metadata carries any field ``propagator`` reads (a caller's
+        trace context or baggage)."""
+        if propagator is not self._fields_of:
+            # A propagator's fields are fixed for its life: read them once per propagator
+            # (a composite one builds a new set each time it is asked).
+            self._fields = frozenset(propagator.fields)
+            self._fields_of = propagator
+        fields = self._fields
+        return any(key in fields for key, _ in context.invocation_metadata() or ())
 
 
 class _RpcScope:
@@ -141,16 +143,28 @@ class _RpcScope:
         name, rpc_attributes = interceptor._describe(method)
         propagator = interceptor._propagator_in_use()
         trace_id: str | None = None
-        if interceptor._spanless(context, propagator):
-            # Tracing off and no caller's trace: a span would be a non-recording one with
-            # an invalid context, so none is made (the common untraced hot path).
-            self._span = None
-            self._context_token = None
+        parent = None if interceptor._propagated(context, propagator) else _NO_PARENT
+        span: trace.Span | None = None
+        if parent is not None:
+            # Nothing propagated: the parent is the empty context extract would return.
+            # Without a provider that records (none given and none installed globally, or
+            # a no-op one) the tracer answers the invalid span at once, and the call skips
+            # the rest of the span work (the common untraced hot path). Asked per call: a
+            # provider may be installed globally after start.
+            span = interceptor._tracer.start_span(
+                name, context=parent, kind=SpanKind.SERVER, attributes=rpc_attributes
+            )
+            if not span.get_span_context().is_valid:
+                span = None
         else:
             parent = propagator.extract(_metadata_carrier(context))
             span = interceptor._tracer.start_span(
                 name, context=parent, kind=SpanKind.SERVER, attributes=rpc_attributes
             )
+        if span is None:
+            self._span = None
+            self._context_token = None
+        else:
             if span.is_recording():
                 span.set_attributes(peer_attributes(context.peer()))
             self._span = span
