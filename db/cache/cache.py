@@ -157,7 +157,8 @@ class Cache:
         Bypassed reads (backend unavailable) still share one load per key, so an outage
         does not turn a hot key into a stampede on the database."""
         rendered = key.render(self._prefix)
-        if not key.cacheable or not await self._backend_trusted():
+        # Nothing pending (the common case): trusted without awaiting the replay.
+        if not key.cacheable or (self._pending and not await self._backend_trusted()):
             self._counters.bypassed += 1
             return "bypass", await self._join_flight(rendered, lambda: self._load(loader))
         try:

@@ -105,6 +105,26 @@ def primary_read(deps: Dependencies, tenant: Tenant) -> AbstractAsyncContextMana
     return transaction(deps, tenant, read_only=True, primary=True)
 
 
+#: Plain entity keys by (kind, organization, resource), built once: a hot resource is read
+#: again and again, and its key (both ids as text, the key's checks) costs more to build
+#: than to look up. Bounded, emptied when full (keys are small and cheap to rebuild).
+_entity_keys: dict[tuple[str, uuid.UUID, uuid.UUID], CacheKey] = {}
+_ENTITY_KEYS_MAX = 10_000
+
+
+def entity_key(kind: str, organization_id: uuid.UUID, resource_id: uuid.UUID) -> CacheKey:
+    """The key of a plainly keyed Get (organization, user, analysis): the one its reads
+    and its writes' invalidations both use."""
+    parts = (kind, organization_id, resource_id)
+    key = _entity_keys.get(parts)
+    if key is None:
+        key = CacheKey(kind, str(organization_id), str(resource_id))
+        if len(_entity_keys) >= _ENTITY_KEYS_MAX:
+            _entity_keys.clear()
+        _entity_keys[parts] = key
+    return key
+
+
 def _digest(query: Message) -> str:
     return hashlib.sha256(query.SerializeToString(deterministic=True)).hexdigest()[:32]
 
@@ -148,7 +168,7 @@ async def cached_get(
     key: CacheKey | None = None
     if cache is not None:
         if generation is None:
-            key = CacheKey(kind, str(organization_id), str(resource_id))
+            key = entity_key(kind, organization_id, resource_id)
         else:
             key = await cache.versioned_key(kind, generation, str(resource_id))
     return await _through(cache, key, response_type, load, deps.settings.ferrule_cache_ttl_seconds)
@@ -191,7 +211,7 @@ class Invalidation:
 
     def entity(self, kind: str, organization_id: uuid.UUID, resource_id: uuid.UUID) -> None:
         """A plainly keyed Get (organization, user, analysis)."""
-        self.keys.append(CacheKey(kind, str(organization_id), str(resource_id)))
+        self.keys.append(entity_key(kind, organization_id, resource_id))
 
     def versioned_entity(self, kind: str, generation: str, resource_id: uuid.UUID) -> None:
         """A Get keyed under ``generation`` (batch) when the generation itself need not move."""
