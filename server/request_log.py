@@ -15,11 +15,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
 
 from server.call_context import current_call
 from server.input_boundary import loggable
-from server.interceptors.scoped import Context, ScopedInterceptor, exit_status
+from server.interceptors.scoped import (
+    Context,
+    Handler,
+    ScopeContextManager,
+    SyncScopedInterceptor,
+    SyncScopeFactory,
+    exit_status,
+)
 
 log = logging.getLogger("ferrule.request_log")
 
@@ -154,18 +160,17 @@ class RequestLogWriter:
             self._lost(unwritten, f"still queued after the {grace:.1f} s grace period")
 
 
-class RequestLogInterceptor(ScopedInterceptor):
+class RequestLogInterceptor(SyncScopedInterceptor):
     def __init__(self, writer: RequestLogWriter) -> None:
         self._writer = writer
 
-    def scope(self, method: str, context: Context, request: object) -> _LogScope:
-        return _LogScope(self._writer, method, context)
+    def scope_factory(self, method: str, handler: Handler) -> SyncScopeFactory:
+        writer = self._writer
+        return lambda context, request: _LogScope(writer, method, context)
 
 
-class _LogScope:
-    """Records one call's entry when it ends: an async context manager by hand (this runs
-    on every call; a generator-based one costs a generator, its frames and a helper
-    object more per call)."""
+class _LogScope(ScopeContextManager):
+    """Records one call's entry when it ends."""
 
     __slots__ = ("_call", "_context", "_method", "_peer", "_started", "_user_agent", "_writer")
 
@@ -174,7 +179,7 @@ class _LogScope:
         self._method = method
         self._context = context
 
-    async def __aenter__(self) -> None:
+    def enter(self) -> None:
         context = self._context
         # Read the call's peer and metadata now: once a cancelled call is finished, grpc.aio
         # may have released the C call object, and context.peer() then crashes the process.
@@ -188,12 +193,7 @@ class _LogScope:
         self._call = current_call()
         self._started = time.perf_counter()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def exit(self, exc: BaseException | None) -> None:
         code, _ = exit_status(self._context, exc)
         elapsed = time.perf_counter() - self._started
         call = self._call

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-import grpc
-
 from server.auth import Authenticator
 from server.authorization import RPC_ACCESS, Access, access_of, check_scope
 from server.call_context import current_call
-from server.interceptors.scoped import Context, Continuation, Handler, wrap_handler_before
+from server.interceptors.scoped import (
+    Context,
+    Handler,
+    ScopeContextManager,
+    SyncScopedInterceptor,
+    SyncScopeFactory,
+)
 
 
 def bearer_of(context: Context) -> str | None:
@@ -24,9 +28,44 @@ def bearer_of(context: Context) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Nothing to do once the handler is running, so a plain call before it (no async
-    context manager around it)."""
+class _Checked(ScopeContextManager):
+    """Authenticates and authorizes one call on entry; nothing to do on exit."""
+
+    __slots__ = ("_access", "_context", "_interceptor", "_method")
+
+    def __init__(
+        self, interceptor: AuthInterceptor, method: str, access: Access, context: Context
+    ) -> None:
+        self._interceptor = interceptor
+        self._method = method
+        self._access = access
+        self._context = context
+
+    def enter(self) -> None:
+        self._interceptor.check(self._method, self._access, self._context)
+
+    def exit(self, exc: BaseException | None) -> None:
+        return None
+
+
+class _Denied(ScopeContextManager):
+    """Refuses a method the table does not name, whatever the credentials."""
+
+    __slots__ = ("_method", "_table")
+
+    def __init__(self, method: str, table: MappingProxyType[str, Access]) -> None:
+        self._method = method
+        self._table = table
+
+    def enter(self) -> None:
+        access_of(self._method, self._table)  # raises, with the reason
+
+    def exit(self, exc: BaseException | None) -> None:
+        return None
+
+
+class AuthInterceptor(SyncScopedInterceptor):
+    """Nothing to do once the handler is running: the scope only checks on entry."""
 
     def __init__(
         self,
@@ -41,23 +80,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         check_scope(principal, access, method)
         current_call().principal = principal
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None  # grpc answers UNIMPLEMENTED
-        method = handler_call_details.method
+    def scope_factory(self, method: str, handler: Handler) -> SyncScopeFactory | None:
         access = self._table.get(method)
         if access is Access.ANONYMOUS:
-            return handler
+            return None
         if access is None:
-
-            def deny(context: Context, request: object) -> None:
-                access_of(method, self._table)  # raises, with the reason
-
-            return wrap_handler_before(handler, deny)
-        check = self.check
-        return wrap_handler_before(handler, lambda context, request: check(method, access, context))
+            table = self._table
+            return lambda context, request: _Denied(method, table)
+        return lambda context, request: _Checked(self, method, access, context)

@@ -18,15 +18,20 @@ budget, which is exactly what lets anonymous streams lock tenants out.
 
 from __future__ import annotations
 
-from types import MappingProxyType, TracebackType
-
-import grpc
+from types import MappingProxyType
 
 from server.auth import AuthenticationError, Authenticator
 from server.authorization import RPC_ACCESS, Access
 from server.errors import ResourceExhaustedError
 from server.interceptors.auth import bearer_of
-from server.interceptors.scoped import Context, Continuation, Handler, shape_of, wrap_handler
+from server.interceptors.scoped import (
+    Context,
+    Handler,
+    ScopeContextManager,
+    SyncScopedInterceptor,
+    SyncScopeFactory,
+    shape_of,
+)
 
 
 class _Budget:
@@ -47,31 +52,25 @@ class _Budget:
         )
 
 
-class _Slot:
-    """Holds one unit of a budget for the duration of a call (an async context manager
-    by hand: cheaper per call than a generator-based one)."""
+class _Slot(ScopeContextManager):
+    """Holds one unit of a budget for the duration of a call."""
 
     __slots__ = ("_budget",)
 
     def __init__(self, budget: _Budget) -> None:
         self._budget = budget
 
-    async def __aenter__(self) -> None:
+    def enter(self) -> None:
         budget = self._budget
         if budget.in_flight >= budget.limit:
             raise budget.refusal()
         budget.in_flight += 1
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def exit(self, exc: BaseException | None) -> None:
         self._budget.in_flight -= 1
 
 
-class CapacityInterceptor(grpc.aio.ServerInterceptor):
+class CapacityInterceptor(SyncScopedInterceptor):
     """Place it inside error mapping (so a refusal carries details) and outside
     authentication (so a refusal costs no token check)."""
 
@@ -99,16 +98,9 @@ class CapacityInterceptor(grpc.aio.ServerInterceptor):
                 return _Slot(self.authenticated)
         return _Slot(self.anonymous_streams)
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        if self._table.get(handler_call_details.method) is Access.ANONYMOUS:
+    def scope_factory(self, method: str, handler: Handler) -> SyncScopeFactory | None:
+        if self._table.get(method) is Access.ANONYMOUS:
             if shape_of(handler) == "unary_unary":
-                return handler
-            return wrap_handler(handler, self._public_stream_slot)
-        return wrap_handler(handler, self.authenticated.slot)
+                return None
+            return self._public_stream_slot
+        return self.authenticated.slot

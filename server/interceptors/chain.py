@@ -7,6 +7,9 @@ chain runs the same interceptors in the same order, the first time a method is c
 and serves later calls of that method the handler it built then, so the per-call work
 left is the wrappers' behaviour itself: every scope (call context, tracing, request
 log, error mapping, capacity, authentication, input boundary) still runs on every call.
+Neighbouring interceptors whose scopes are plain calls (SyncScopedInterceptor) share one
+wrapper coroutine: each call enters their scopes in order and exits them in reverse, as
+when each wraps the next, without a coroutine and an async context manager per scope.
 
 Contract for an interceptor in the chain: what its ``intercept_service`` returns depends
 on the method name and the handler below it only, never on the call's metadata (every
@@ -20,7 +23,12 @@ from collections.abc import Sequence
 
 import grpc
 
-from server.interceptors.scoped import Continuation, Handler
+from server.interceptors.scoped import (
+    Continuation,
+    Handler,
+    SyncScopedInterceptor,
+    wrap_handler_scopes,
+)
 
 
 class InterceptorChain(grpc.aio.ServerInterceptor):
@@ -44,11 +52,38 @@ class InterceptorChain(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         """Interceptor ``index`` with the rest of the chain as its continuation, as
         grpc.aio composes them (the first one outermost)."""
-        if index == len(self._interceptors):
+        interceptors = self._interceptors
+        if index == len(interceptors):
             return await continuation(details)
+        if isinstance(interceptors[index], SyncScopedInterceptor):
+            return await self._fused(index, continuation, details)
 
         async def rest(inner_details: grpc.HandlerCallDetails) -> Handler | None:
             return await self._through(index + 1, continuation, inner_details)
 
-        handler: Handler | None = await self._interceptors[index].intercept_service(rest, details)
+        handler: Handler | None = await interceptors[index].intercept_service(rest, details)
         return handler
+
+    async def _fused(
+        self, index: int, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        """The run of SyncScopedInterceptors from ``index`` around the rest of the chain,
+        as one wrapper: what each one's ``intercept_service`` would do, in one coroutine."""
+        run: list[SyncScopedInterceptor] = []
+        end = index
+        while end < len(self._interceptors):
+            interceptor = self._interceptors[end]
+            if not isinstance(interceptor, SyncScopedInterceptor):
+                break
+            run.append(interceptor)
+            end += 1
+        handler = await self._through(end, continuation, details)
+        if handler is None:
+            return None
+        # Each one is asked about the handler the rest built (wrapping keeps its shape).
+        factories = [
+            factory
+            for interceptor in run
+            if (factory := interceptor.scope_factory(details.method, handler)) is not None
+        ]
+        return wrap_handler_scopes(handler, factories) if factories else handler

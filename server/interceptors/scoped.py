@@ -1,10 +1,16 @@
-"""A server interceptor expressed as an async context manager around the handler.
+"""A server interceptor expressed as a scope around the handler.
 
 grpc.aio interceptors only see the method name before the handler runs; to act on the
 request's context, its outcome and its exceptions we wrap the handler's behaviour, for
 all four RPC shapes and both ways of streaming a response (an async generator, or a
 coroutine writing with ``context.write``), so that a response is covered for its whole
 length.
+
+Two kinds of scope: an async context manager (:class:`ScopedInterceptor`), for work that
+awaits, and a :class:`Scope` of plain calls (:class:`SyncScopedInterceptor`), for work
+that does not (most of the server's). The second kind costs less per call, and several of
+them run in one coroutine (:func:`wrap_handler_scopes`, which the interceptor chain uses
+for neighbouring ones) instead of one wrapper coroutine and two method coroutines each.
 """
 
 from __future__ import annotations
@@ -12,14 +18,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeAlias
+from types import TracebackType
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 ScopeFactory = Callable[[Context, Any], AbstractAsyncContextManager[None]]
+
+
+class Scope(Protocol):
+    """One call's scope of plain calls: ``enter`` before the behaviour runs, ``exit`` once
+    it has ended, with the exception it ended with (None if it returned). Like an async
+    context manager's exit, ``exit`` never suppresses the exception; it may raise another
+    one, which the scopes outside it then see instead. ``exit`` runs only if ``enter``
+    returned."""
+
+    def enter(self) -> None: ...
+
+    def exit(self, exc: BaseException | None) -> None: ...
+
+
+#: Builds the scope of one call from its context and its request (None for a stream).
+SyncScopeFactory = Callable[[Context, Any], Scope]
+
+
+class ScopeContextManager:
+    """Base of a :class:`Scope` that also serves as an async context manager (for
+    :func:`wrap_handler`): subclasses implement ``enter`` and ``exit``."""
+
+    __slots__ = ()
+
+    def enter(self) -> None:
+        raise NotImplementedError
+
+    def exit(self, exc: BaseException | None) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> None:
+        self.enter()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.exit(exc)
+
+
 # The stubs make RpcMethodHandler generic; at runtime it is not subscriptable.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
@@ -148,10 +197,10 @@ def wrap_handler(handler: Handler, scope: ScopeFactory) -> Handler:
     return rebuild(handler, coroutine)
 
 
-def wrap_handler_before(handler: Handler, before: Callable[[Context, Any], None]) -> Handler:
-    """Like :func:`wrap_handler` for a step that only runs before the behaviour (no exit
-    work): a plain call instead of an async context manager around it. Exceptions
-    ``before`` raises propagate exactly as if raised on entering a scope."""
+def wrap_handler_scopes(handler: Handler, scopes: Sequence[SyncScopeFactory]) -> Handler:
+    """Like :func:`wrap_handler` for several :class:`Scope` factories at once, the first
+    outermost, in one coroutine: each call enters its scopes in order and exits the ones
+    it entered in reverse order, exactly as if each wrapped the next."""
     shape = shape_of(handler)
     inner: Any = getattr(handler, shape)
     request_streams = shape.startswith("stream_")
@@ -159,12 +208,40 @@ def wrap_handler_before(handler: Handler, before: Callable[[Context, Any], None]
         inner = _writing(inner)
     elif not shape.endswith("_stream"):
         _check_unary_response(inner)
+    factories = tuple(scopes)
 
     async def coroutine(request: Any, context: Context) -> Any:
-        before(context, None if request_streams else request)
-        return await inner(request, context)
+        message = None if request_streams else request
+        entered: list[Scope] = []
+        error: BaseException | None = None
+        response: Any = None
+        try:
+            for factory in factories:
+                scope = factory(context, message)
+                scope.enter()
+                entered.append(scope)
+            response = await inner(request, context)
+        except BaseException as exc:
+            error = exc
+        error = _exited(entered, error)
+        if error is not None:
+            raise error
+        return response
 
     return rebuild(handler, coroutine)
+
+
+def _exited(entered: list[Scope], exc: BaseException | None) -> BaseException | None:
+    """Exit ``entered`` innermost first, each seeing the exception that reaches it: ``exc``
+    or one a scope inside it raised instead. Returns the exception that leaves them all."""
+    for scope in reversed(entered):
+        try:
+            scope.exit(exc)
+        except BaseException as replaced:  # as from an __aexit__: it replaces exc
+            if replaced.__context__ is None and replaced is not exc:
+                replaced.__context__ = exc
+            exc = replaced
+    return exc
 
 
 class ScopedInterceptor(grpc.aio.ServerInterceptor):
@@ -188,3 +265,27 @@ class ScopedInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not self.applies(method):
             return handler
         return wrap_handler(handler, lambda context, request: self.scope(method, context, request))
+
+
+class SyncScopedInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor whose work around a call is a :class:`Scope` of plain calls.
+    Subclasses implement :meth:`scope_factory`. On its own it wraps each handler in one
+    coroutine; in an :class:`~server.interceptors.chain.InterceptorChain`, neighbouring
+    ones share one."""
+
+    def scope_factory(self, method: str, handler: Handler) -> SyncScopeFactory | None:
+        """The factory of ``method``'s per-call scopes (``handler`` is the one it wraps),
+        or None to leave the method's handler as it is. Depends on the method and the
+        handler only, never on one call."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        factory = self.scope_factory(handler_call_details.method, handler)
+        return handler if factory is None else wrap_handler_scopes(handler, (factory,))

@@ -13,7 +13,6 @@ second interceptor for the RPC metrics; this one is a thin ScopedInterceptor ins
 from __future__ import annotations
 
 import time
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -24,7 +23,14 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from db.observability import StatementContext, reset_statement_context, set_statement_context
 from server.call_context import maybe_current_call
-from server.interceptors.scoped import Context, ScopedInterceptor, exit_status
+from server.interceptors.scoped import (
+    Context,
+    Handler,
+    ScopeContextManager,
+    SyncScopedInterceptor,
+    SyncScopeFactory,
+    exit_status,
+)
 from server.telemetry.metrics import ServerMetrics, default_metrics
 
 __all__ = ["TracingInterceptor", "peer_attributes"]
@@ -71,7 +77,7 @@ def _metadata_carrier(context: Context) -> dict[str, str]:
     return carrier
 
 
-class TracingInterceptor(ScopedInterceptor):
+class TracingInterceptor(SyncScopedInterceptor):
     def __init__(
         self,
         *,
@@ -98,7 +104,11 @@ class TracingInterceptor(ScopedInterceptor):
         return described
 
     def scope(self, method: str, context: Context, request: Any) -> _RpcScope:
+        """One call's scope (also an async context manager)."""
         return _RpcScope(self, method, context)
+
+    def scope_factory(self, method: str, handler: Handler) -> SyncScopeFactory:
+        return lambda context, request: _RpcScope(self, method, context)
 
     def _propagator_in_use(self) -> TextMapPropagator:
         return self._propagator or propagate.get_global_textmap()
@@ -115,10 +125,8 @@ class TracingInterceptor(ScopedInterceptor):
         return any(key in fields for key, _ in context.invocation_metadata() or ())
 
 
-class _RpcScope:
-    """The span, metrics and statement context of one RPC: an async context manager by
-    hand (this runs on every call; a generator-based one costs a generator, its frames
-    and a helper object more per call)."""
+class _RpcScope(ScopeContextManager):
+    """The span, metrics and statement context of one RPC."""
 
     __slots__ = (
         "_call",
@@ -137,7 +145,7 @@ class _RpcScope:
         self._method = method
         self._context = context
 
-    async def __aenter__(self) -> None:
+    def enter(self) -> None:
         interceptor = self._interceptor
         method, context = self._method, self._context
         name, rpc_attributes = interceptor._describe(method)
@@ -186,12 +194,7 @@ class _RpcScope:
         metrics.rpc_started(method)
         self._started = time.perf_counter()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def exit(self, exc: BaseException | None) -> None:
         code, error = exit_status(self._context, exc)
         elapsed = time.perf_counter() - self._started
         span = self._span
