@@ -14,13 +14,103 @@ interceptors, same statuses.
 :class:`GenericHandlersOnly` is the server the generated functions see: it forwards what
 they register generically and keeps the base class's do-nothing
 ``add_registered_method_handlers`` (registration is optional in grpc.aio's API).
+
+It also gives every handler it forwards a response serializer that sends a
+:class:`Serialized` reply as it is: a cached Get's reply is stored serialized, and
+parsing it only for grpc to serialize it again costs a parse and a serialization per hit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
+
+M = TypeVar("M", bound=Message)
+
+
+class Serialized:
+    """A reply already in wire form: the response serializers of the services
+    (:class:`GenericHandlersOnly`) send ``data`` as it is. Whoever reads it in process
+    (an interceptor, a test) reads the message: any attribute is the parsed message's,
+    parsed once on first use."""
+
+    __slots__ = ("_message", "_type", "data")
+
+    def __init__(self, response_type: type[Message], data: bytes) -> None:
+        self.data = data
+        self._type = response_type
+        self._message: Message | None = None
+
+    def __getattr__(self, name: str) -> Any:  # only for what the slots do not hold
+        message = self._message
+        if message is None:
+            message = self._message = self._type.FromString(self.data)
+        return getattr(message, name)
+
+
+def serialized_reply(response_type: type[M], data: bytes) -> M:
+    """``data``, a serialized ``response_type``, as a handler's reply of that type: sent as
+    it is, read in process as the message (see :class:`Serialized`)."""
+    return cast(M, Serialized(response_type, data))
+
+
+def _passing_serialized(
+    serialize: Callable[[Any], bytes] | None,
+) -> Callable[[Any], bytes] | None:
+    if serialize is None:
+        return None
+
+    def serializer(response: Any) -> bytes:
+        if type(response) is Serialized:
+            return response.data
+        return serialize(response)
+
+    return serializer
+
+
+_CONSTRUCTORS = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+class _ServingSerialized(grpc.GenericRpcHandler):
+    """``generic``'s handlers with response serializers that pass :class:`Serialized`
+    replies through; each method's built once."""
+
+    def __init__(self, generic: grpc.GenericRpcHandler) -> None:
+        self._generic = generic
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            found = self._generic.service(handler_call_details)
+            if found is None:
+                return None  # not remembered: the table holds only served methods
+            handler = self._handlers[method] = _passing(found)
+        return handler
+
+
+def _passing(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    for shape, constructor in _CONSTRUCTORS.items():
+        behaviour = getattr(handler, shape)
+        if behaviour is not None:
+            built: grpc.RpcMethodHandler[Any, Any] = constructor(
+                behaviour,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=_passing_serialized(handler.response_serializer),
+            )
+            return built
+    return handler
 
 
 class GenericHandlersOnly(grpc.aio.Server):
@@ -33,7 +123,9 @@ class GenericHandlersOnly(grpc.aio.Server):
     def add_generic_rpc_handlers(
         self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
     ) -> None:
-        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+        self._server.add_generic_rpc_handlers(
+            [_ServingSerialized(generic) for generic in generic_rpc_handlers]
+        )
 
     def add_insecure_port(self, address: str) -> int:
         raise TypeError("a registration view opens no port: use the server itself")

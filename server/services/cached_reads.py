@@ -58,6 +58,7 @@ from db.cache import UNKNOWN_GENERATION, Cache, CacheKey
 from db.change_feed import Change
 from db.tenancy import Tenant
 from server.dependencies import Dependencies
+from server.generic_handlers import serialized_reply
 from server.scoping import transaction
 
 M = TypeVar("M", bound=Message)
@@ -145,7 +146,8 @@ async def _through(
     data = await cache.get_or_load(key, loader, ttl)
     if data is None:  # the loader always returns bytes; absence raises NotFound instead
         return await load()
-    return response_type.FromString(data)
+    # Sent as stored, not parsed to be serialized again (server/generic_handlers.py).
+    return serialized_reply(response_type, data)
 
 
 # --- reads ------------------------------------------------------------------------------
