@@ -275,10 +275,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
 
     async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.User:
         organization_id, user_id = authorize(names.USER, request.name)
-        tenant = Tenant.of(organization_id)
 
-        async def load() -> pb.User:
-            reader = primary_point_reader(self.deps, tenant)
+        async def load() -> pb.User:  # a miss only: the tenant is built here, not per hit
+            reader = primary_point_reader(self.deps, Tenant.of(organization_id))
             record = await read_user_record(reader, user_id)
             # A UserRecord has every attribute of User that user_to_proto reads, under
             # the same names (db/repositories/users.py), so the two reads convert alike.
