@@ -90,7 +90,12 @@ class RequestLogWriter:
             if not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-            await asyncio.sleep(self._flush_interval)  # let a batch accumulate
+            if len(self._pending) < self._max_batch:
+                await asyncio.sleep(self._flush_interval)  # let a batch accumulate
+            # A full batch is written at once: waiting the interval between full batches
+            # would cap the log at max_batch entries per interval whatever the database
+            # can take, and a server answering faster than that would fill the queue and
+            # drop entries.
             self._writing = asyncio.ensure_future(self._write(self._take()))
             await asyncio.shield(self._writing)
             self._writing = None

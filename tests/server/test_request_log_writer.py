@@ -1,5 +1,7 @@
-"""The request log's writer (server/request_log.py) when the server stops: what it was
-writing and what is queued lands in the table within the grace; on a real PostgreSQL."""
+"""The request log's writer (server/request_log.py): full batches are written back to
+back, so how fast it logs is bounded by the database and not by its flush interval; and
+when the server stops, what it was writing and what is queued lands in the table within
+the grace, on a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import asyncpg
 from db.engine import Database
 from db.repositories.request_log import insert_request_log
 from server.request_log import RequestLogEntry, RequestLogWriter
+from tests.polling import eventually
 
 
 def _entry(n: int) -> RequestLogEntry:
@@ -68,3 +71,26 @@ async def test_a_batch_being_written_when_the_writer_stops_is_written_not_droppe
         answer.set()
         await writer.stop(grace=1)
         await database.dispose()
+
+
+async def test_full_batches_are_written_without_waiting_the_flush_interval() -> None:
+    batches: list[list[RequestLogEntry]] = []
+
+    async def write(batch: list[RequestLogEntry]) -> None:
+        batches.append(batch)
+
+    writer = RequestLogWriter(write, max_batch=10, flush_interval=3600)
+    writer.start()
+    try:
+        for number in range(25):
+            writer.record(_entry(number))
+        await eventually(lambda: len(batches) == 2, what="two full batches written")
+        await asyncio.sleep(0.05)
+        assert [len(batch) for batch in batches] == [10, 10]  # the rest waits its interval
+        assert [e.peer for batch in batches for e in batch] == [
+            f"ipv4:127.0.0.1:{10_000 + number}" for number in range(20)
+        ]
+    finally:
+        await writer.stop(grace=1)
+    assert writer.written == 25
+    assert writer.dropped == 0
