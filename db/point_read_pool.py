@@ -110,7 +110,7 @@ class PointReadPool:
                 return connection
             # Idle long enough for the server to have gone away (a restart, say).
             try:
-                await connection.driver.execute(";")
+                await connection.driver.execute("SELECT 1")
             except Exception:
                 self._discard(connection)
                 continue

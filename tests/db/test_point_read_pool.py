@@ -174,6 +174,21 @@ async def test_an_idle_connection_is_pinged_and_a_dead_one_replaced_before_use(
         await pool.close(5.0)
 
 
+async def test_an_idle_connection_that_answers_its_ping_is_kept(pg_database_url: str) -> None:
+    pool = _pool(pg_database_url, point_read_pool_size=1, pool_ping_idle_seconds=0.05)
+    try:
+        connection = await pool.checkout()
+        pid = await _backend_pid(connection)
+        pool.checkin(connection)
+        for _ in range(3):
+            await asyncio.sleep(0.1)  # idle past the ping threshold: pinged, and kept
+            again = await pool.checkout()
+            assert again is connection and await _backend_pid(again) == pid
+            pool.checkin(again)
+    finally:
+        await pool.close(5.0)
+
+
 async def test_a_connection_older_than_the_recycle_age_is_retired(pg_database_url: str) -> None:
     pool = _pool(pg_database_url, point_read_pool_size=1, pool_recycle=0.2)
     try:
