@@ -28,6 +28,8 @@ from typing import Any, TypeVar, cast
 import grpc
 from google.protobuf.message import Message
 
+from server.interceptors.scoped import Handler, rebuild, shape_of
+
 M = TypeVar("M", bound=Message)
 
 
@@ -71,25 +73,15 @@ def _passing_serialized(
     return serializer
 
 
-_CONSTRUCTORS = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
-
-
 class _ServingSerialized(grpc.GenericRpcHandler):
     """``generic``'s handlers with response serializers that pass :class:`Serialized`
     replies through; each method's built once."""
 
     def __init__(self, generic: grpc.GenericRpcHandler) -> None:
         self._generic = generic
-        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._handlers: dict[str, Handler] = {}
 
-    def service(
-        self, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         method = handler_call_details.method
         handler = self._handlers.get(method)
         if handler is None:
@@ -100,17 +92,12 @@ class _ServingSerialized(grpc.GenericRpcHandler):
         return handler
 
 
-def _passing(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-    for shape, constructor in _CONSTRUCTORS.items():
-        behaviour = getattr(handler, shape)
-        if behaviour is not None:
-            built: grpc.RpcMethodHandler[Any, Any] = constructor(
-                behaviour,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=_passing_serialized(handler.response_serializer),
-            )
-            return built
-    return handler
+def _passing(handler: Handler) -> Handler:
+    return rebuild(
+        handler,
+        getattr(handler, shape_of(handler)),
+        response_serializer=_passing_serialized(handler.response_serializer),
+    )
 
 
 class GenericHandlersOnly(grpc.aio.Server):

@@ -94,13 +94,15 @@ def rebuild(
     handler: Handler,
     behaviour: Callable[..., Any],
     request_deserializer: Callable[[bytes], Any] | None = None,
+    response_serializer: Callable[[Any], bytes] | None = None,
 ) -> Handler:
-    """A handler of the same shape and serializers as `handler`, with a new behaviour."""
+    """A handler of the same shape and serializers as `handler` (unless given), with a new
+    behaviour."""
     constructor: Any = _CONSTRUCTORS[shape_of(handler)]
     result: Handler = constructor(
         behaviour,
         request_deserializer=request_deserializer or handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+        response_serializer=response_serializer or handler.response_serializer,
     )
     return result
 

@@ -56,6 +56,24 @@ async def _backend_pid(connection: PointReadConnection) -> int:
     return pid
 
 
+async def _lent_pid(pool: PointReadPool) -> int:
+    """The backend of the connection the pool lends next (returned at once)."""
+    connection = await pool.checkout()
+    try:
+        return await _backend_pid(connection)
+    finally:
+        pool.checkin(connection)
+
+
+async def _terminate(url: str, pid: int) -> None:
+    """End backend ``pid`` from the server side, as an administrator would."""
+    admin = await asyncpg.connect(_dsn(url))
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+
+
 async def test_borrowers_beyond_the_size_wait_their_turn_in_order(
     pool: PointReadPool, pg_database_url: str
 ) -> None:
@@ -122,22 +140,8 @@ async def test_a_cancelled_borrower_loses_no_connection(pool: PointReadPool) -> 
 async def test_a_connection_the_server_ended_is_replaced(
     pool: PointReadPool, pg_database_url: str
 ) -> None:
-    connection = await pool.checkout()
-    old_pid = await _backend_pid(connection)
-    pool.checkin(connection)
-    admin = await asyncpg.connect(_dsn(pg_database_url))
-    try:
-        assert await admin.fetchval("SELECT pg_terminate_backend($1)", old_pid)
-    finally:
-        await admin.close()
-
-    async def fresh_pid() -> int:
-        connection = await pool.checkout()
-        try:
-            return await _backend_pid(connection)
-        finally:
-            pool.checkin(connection)
-
+    old_pid = await _lent_pid(pool)
+    await _terminate(pg_database_url, old_pid)
     # The closed connection is noticed when it is next lent (or fails one read, which
     # then closes it): within a few reads every answer comes from a live backend.
     pids = []
@@ -145,7 +149,7 @@ async def test_a_connection_the_server_ended_is_replaced(
         with contextlib.suppress(
             asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError
         ):
-            pids.append(await fresh_pid())
+            pids.append(await _lent_pid(pool))
     assert pids and old_pid not in pids
     assert pool.checked_out == 0
 
@@ -155,21 +159,11 @@ async def test_an_idle_connection_is_pinged_and_a_dead_one_replaced_before_use(
 ) -> None:
     pool = _pool(pg_database_url, point_read_pool_size=1, pool_ping_idle_seconds=0)
     try:
-        connection = await pool.checkout()
-        old_pid = await _backend_pid(connection)
-        pool.checkin(connection)
-        admin = await asyncpg.connect(_dsn(pg_database_url))
-        try:
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", old_pid)
-        finally:
-            await admin.close()
+        old_pid = await _lent_pid(pool)
+        await _terminate(pg_database_url, old_pid)
         # Every read after the kill succeeds: the ping finds the dead connection first.
         for _ in range(3):
-            connection = await pool.checkout()
-            try:
-                assert await _backend_pid(connection) != old_pid
-            finally:
-                pool.checkin(connection)
+            assert await _lent_pid(pool) != old_pid
     finally:
         await pool.close(5.0)
 
@@ -192,13 +186,9 @@ async def test_an_idle_connection_that_answers_its_ping_is_kept(pg_database_url:
 async def test_a_connection_older_than_the_recycle_age_is_retired(pg_database_url: str) -> None:
     pool = _pool(pg_database_url, point_read_pool_size=1, pool_recycle=0.2)
     try:
-        connection = await pool.checkout()
-        old_pid = await _backend_pid(connection)
-        pool.checkin(connection)
+        old_pid = await _lent_pid(pool)
         await asyncio.sleep(0.3)
-        connection = await pool.checkout()
-        assert await _backend_pid(connection) != old_pid
-        pool.checkin(connection)
+        assert await _lent_pid(pool) != old_pid
     finally:
         await pool.close(5.0)
 
