@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Collection
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 
 from server.auth import Principal
+
+#: A call's invocation metadata: (key, value) pairs, values bytes for ``-bin`` keys.
+Metadata = Collection[tuple[str, str | bytes]]
 
 
 @dataclass
@@ -27,6 +31,10 @@ class CallContext:
     request_bytes: int = 0
     #: Hex trace id of the RPC's span when tracing is on (for logs and the request log).
     trace_id: str | None = None
+    #: The caller's metadata, read from the servicer context once per call: grpc.aio
+    #: builds a new tuple of new pairs each time it is asked, and the call's scopes
+    #: (tracing, request log, authentication) each need it.
+    metadata: Metadata = ()
 
     def remaining_ms(self, default_ms: int) -> int:
         """Milliseconds left before the deadline (at least 1), or the default without one."""
@@ -43,6 +51,14 @@ def current_call() -> CallContext:
     if call is None:
         raise RuntimeError("no RPC in progress (interceptors not installed?)")
     return call
+
+
+def metadata_value(metadata: Metadata, key: str) -> str | None:
+    """The first text value of ``key`` (lower case, as gRPC delivers keys), or None."""
+    for name, value in metadata:
+        if name == key:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    return None
 
 
 def maybe_current_call() -> CallContext | None:

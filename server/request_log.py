@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from server.call_context import current_call
+from server.call_context import current_call, metadata_value
 from server.input_boundary import loggable
 from server.interceptors.scoped import (
     Context,
@@ -189,13 +189,9 @@ class _LogScope(ScopeContextManager):
         # Read the call's peer and metadata now: once a cancelled call is finished, grpc.aio
         # may have released the C call object, and context.peer() then crashes the process.
         self._peer = context.peer()
-        user_agent = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "user-agent":
-                user_agent = value if isinstance(value, str) else value.decode()
-        self._user_agent = user_agent
         # Taken on entry, in the call's context: the exit may run in another one.
-        self._call = current_call()
+        call = self._call = current_call()
+        self._user_agent = metadata_value(call.metadata, "user-agent")
         self._started = time.perf_counter()
 
     def exit(self, exc: BaseException | None) -> None:

@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 from server.auth import Authenticator
 from server.authorization import RPC_ACCESS, Access, access_of, check_scope
-from server.call_context import current_call
+from server.call_context import Metadata, current_call, metadata_value
 from server.interceptors.scoped import (
     Context,
     Handler,
@@ -21,11 +21,9 @@ from server.interceptors.scoped import (
 )
 
 
-def bearer_of(context: Context) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return value if isinstance(value, str) else value.decode()
-    return None
+def bearer_of(metadata: Metadata) -> str | None:
+    """The call's ``authorization`` value (the authenticator checks its form)."""
+    return metadata_value(metadata, "authorization")
 
 
 class _Checked(ScopeContextManager):
@@ -76,9 +74,10 @@ class AuthInterceptor(SyncScopedInterceptor):
         self._table = table
 
     def check(self, method: str, access: Access, context: Context) -> None:
-        principal = self._authenticator.authenticate(bearer_of(context))
+        call = current_call()
+        principal = self._authenticator.authenticate(bearer_of(call.metadata))
         check_scope(principal, access, method)
-        current_call().principal = principal
+        call.principal = principal
 
     def scope_factory(self, method: str, handler: Handler) -> SyncScopeFactory | None:
         access = self._table.get(method)

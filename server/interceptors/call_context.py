@@ -40,6 +40,12 @@ class CallContextInterceptor(SyncScopedInterceptor):
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             size = request.ByteSize() if isinstance(request, Message) else 0
-            return _CallScope(CallContext(method=method, deadline=deadline, request_bytes=size))
+            call = CallContext(
+                method=method,
+                deadline=deadline,
+                request_bytes=size,
+                metadata=context.invocation_metadata() or (),
+            )
+            return _CallScope(call)
 
         return scope

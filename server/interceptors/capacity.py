@@ -22,6 +22,7 @@ from types import MappingProxyType
 
 from server.auth import AuthenticationError, Authenticator
 from server.authorization import RPC_ACCESS, Access
+from server.call_context import current_call
 from server.errors import ResourceExhaustedError
 from server.interceptors.auth import bearer_of
 from server.interceptors.scoped import (
@@ -88,7 +89,7 @@ class CapacityInterceptor(SyncScopedInterceptor):
         self._table = table
 
     def _public_stream_slot(self, context: Context, request: object) -> _Slot:
-        bearer = bearer_of(context)
+        bearer = bearer_of(current_call().metadata)
         if bearer is not None:
             try:
                 self._authenticator.authenticate(bearer)

@@ -22,7 +22,7 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from db.observability import StatementContext, reset_statement_context, set_statement_context
-from server.call_context import maybe_current_call
+from server.call_context import Metadata, maybe_current_call
 from server.interceptors.scoped import (
     Context,
     Handler,
@@ -69,9 +69,9 @@ def peer_attributes(peer: str | None) -> dict[str, str | int]:
 _NO_PARENT = otel_context.Context()
 
 
-def _metadata_carrier(context: Context) -> dict[str, str]:
+def _metadata_carrier(metadata: Metadata) -> dict[str, str]:
     carrier: dict[str, str] = {}
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata:
         if not key.endswith("-bin"):
             carrier[key] = value if isinstance(value, str) else value.decode("ascii", "replace")
     return carrier
@@ -113,7 +113,7 @@ class TracingInterceptor(SyncScopedInterceptor):
     def _propagator_in_use(self) -> TextMapPropagator:
         return self._propagator or propagate.get_global_textmap()
 
-    def _propagated(self, context: Context, propagator: TextMapPropagator) -> bool:
+    def _propagated(self, metadata: Metadata, propagator: TextMapPropagator) -> bool:
         """Whether the call's metadata carries any field ``propagator`` reads (a caller's
         trace context or baggage)."""
         if propagator is not self._fields_of:
@@ -122,7 +122,7 @@ class TracingInterceptor(SyncScopedInterceptor):
             self._fields = frozenset(propagator.fields)
             self._fields_of = propagator
         fields = self._fields
-        return any(key in fields for key, _ in context.invocation_metadata() or ())
+        return any(key in fields for key, _ in metadata)
 
 
 class _RpcScope(ScopeContextManager):
@@ -151,7 +151,10 @@ class _RpcScope(ScopeContextManager):
         name, rpc_attributes = interceptor._describe(method)
         propagator = interceptor._propagator_in_use()
         trace_id: str | None = None
-        parent = None if interceptor._propagated(context, propagator) else _NO_PARENT
+        call = self._call = maybe_current_call()
+        # Outside a CallContext (a scope driven on its own), the context's metadata.
+        metadata = call.metadata if call is not None else context.invocation_metadata() or ()
+        parent = None if interceptor._propagated(metadata, propagator) else _NO_PARENT
         span: trace.Span | None = None
         if parent is not None:
             # Nothing propagated: the parent is the empty context extract would return.
@@ -165,7 +168,7 @@ class _RpcScope(ScopeContextManager):
             if not span.get_span_context().is_valid:
                 span = None
         else:
-            parent = propagator.extract(_metadata_carrier(context))
+            parent = propagator.extract(_metadata_carrier(metadata))
             span = interceptor._tracer.start_span(
                 name, context=parent, kind=SpanKind.SERVER, attributes=rpc_attributes
             )
@@ -180,7 +183,6 @@ class _RpcScope(ScopeContextManager):
             span_context = span.get_span_context()
             if span_context.is_valid:
                 trace_id = trace.format_trace_id(span_context.trace_id)
-        call = self._call = maybe_current_call()
         if call is not None:
             call.trace_id = trace_id
         self._statement_token = set_statement_context(
