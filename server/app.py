@@ -19,7 +19,7 @@ from db.change_feed import create_change_feed
 from db.engine import Database
 from db.errors import DomainError
 from db.observability import install_statement_observers
-from db.repositories.request_log import insert_request_log
+from db.repositories.request_log import LoggedCall, insert_request_log
 from server.auth import Authenticator
 from server.dependencies import Dependencies
 from server.generic_handlers import GenericHandlersOnly
@@ -33,7 +33,7 @@ from server.interceptors.malformed import MalformedRequestInterceptor
 from server.interceptors.tracing import TracingInterceptor
 from server.page_tokens import PageTokenCodec
 from server.reflection import enable_reflection
-from server.request_log import RequestLogEntry, RequestLogInterceptor, RequestLogWriter
+from server.request_log import RequestLogInterceptor, RequestLogWriter
 from server.retention import RetentionJob
 from server.services import register_services
 from server.settings import Settings
@@ -208,7 +208,7 @@ class FerruleApp:
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int = 0
 
-    async def _write_request_log(self, entries: list[RequestLogEntry]) -> None:
+    async def _write_request_log(self, entries: list[LoggedCall]) -> None:
         await insert_request_log(self.database, entries)
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:

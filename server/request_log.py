@@ -13,9 +13,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from db.repositories.request_log import LoggedCall
 from server.call_context import current_call, metadata_value
 from server.input_boundary import loggable
 from server.interceptors.scoped import (
@@ -30,21 +30,7 @@ from server.interceptors.scoped import (
 log = logging.getLogger("ferrule.request_log")
 
 
-@dataclass(slots=True)
-class RequestLogEntry:
-    method: str
-    caller: str | None
-    organization_id: str | None
-    peer: str
-    user_agent: str | None
-    status_code: str
-    latency_ms: float
-    request_bytes: int
-    trace_id: str | None
-    create_time: datetime
-
-
-WriteBatch = Callable[[list[RequestLogEntry]], Awaitable[None]]
+WriteBatch = Callable[[list[LoggedCall]], Awaitable[None]]
 
 
 class RequestLogWriter:
@@ -60,7 +46,7 @@ class RequestLogWriter:
         # A deque and an event rather than an asyncio.Queue: every RPC appends one entry,
         # and the queue's per-item bookkeeping (and waking its getter) would be paid per
         # call; here the writer is woken only when the first entry of a batch arrives.
-        self._pending: deque[RequestLogEntry] = deque()
+        self._pending: deque[LoggedCall] = deque()
         self._arrived = asyncio.Event()
         self._max_queue = max_queue
         self._max_batch = max_batch
@@ -73,7 +59,7 @@ class RequestLogWriter:
         self.written = 0
         self.failed_batches = 0
 
-    def record(self, entry: RequestLogEntry) -> None:
+    def record(self, entry: LoggedCall) -> None:
         pending = self._pending
         if len(pending) >= self._max_queue:
             self.dropped += 1
@@ -100,12 +86,12 @@ class RequestLogWriter:
             await asyncio.shield(self._writing)
             self._writing = None
 
-    def _take(self) -> list[RequestLogEntry]:
+    def _take(self) -> list[LoggedCall]:
         """Up to a batch of the oldest entries."""
         pending = self._pending
         return [pending.popleft() for _ in range(min(len(pending), self._max_batch))]
 
-    async def _write(self, batch: list[RequestLogEntry]) -> None:
+    async def _write(self, batch: list[LoggedCall]) -> None:
         try:
             await self._write_batch(batch)
         except asyncio.CancelledError:
@@ -116,7 +102,7 @@ class RequestLogWriter:
         else:
             self.written += len(batch)
 
-    def _failed(self, batch: list[RequestLogEntry], exc: BaseException) -> None:
+    def _failed(self, batch: list[LoggedCall], exc: BaseException) -> None:
         # The request log is diagnostics: losing a batch must not take the server down.
         self.failed_batches += 1
         log.warning("request log batch of %d entries not written", len(batch), exc_info=exc)
@@ -200,17 +186,17 @@ class _LogScope(ScopeContextManager):
         call = self._call
         user_agent = self._user_agent
         self._writer.record(
-            RequestLogEntry(
-                method=self._method,
-                caller=call.principal.subject if call.principal else None,
-                organization_id=call.organization_id,
+            LoggedCall(  # positional, in the order of its fields: the cheapest to build
+                self._method,
+                call.principal.subject if call.principal else None,
+                call.organization_id,
                 # Recorded, not refused: what a text column cannot hold is replaced.
-                peer=loggable(self._peer),
-                user_agent=None if user_agent is None else loggable(user_agent),
-                status_code=code.name,
-                latency_ms=elapsed * 1000,
-                request_bytes=call.request_bytes,
-                trace_id=call.trace_id,
-                create_time=datetime.now(UTC),
+                loggable(self._peer),
+                None if user_agent is None else loggable(user_agent),
+                code.name,
+                elapsed * 1000,
+                call.request_bytes,
+                call.trace_id,
+                datetime.now(UTC),
             )
         )

@@ -62,6 +62,11 @@ class ServerMetrics:
 
     def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
         meter = metrics.get_meter("ferrule.server", meter_provider=meter_provider)
+        #: False when nothing can ever read the RPC instruments (a no-op provider, as
+        #: without any exporter): every RPC records them, and a no-op recording still
+        #: costs its attribute look-ups and calls. The global provider may be set later,
+        #: so it counts as recording.
+        self._recording_rpcs = not isinstance(meter_provider, metrics.NoOpMeterProvider)
         self._meter = meter
         self.rpc_duration = meter.create_histogram(
             "rpc.server.call.duration",
@@ -88,10 +93,13 @@ class ServerMetrics:
         return attributes
 
     def rpc_started(self, method: str) -> None:
-        self.active_requests.add(1, self._attributes(method))
+        if self._recording_rpcs:
+            self.active_requests.add(1, self._attributes(method))
 
     def rpc_finished(self, method: str, code: str, seconds: float) -> None:
         """``code`` is the status code name (``OK``, ``NOT_FOUND``, ...)."""
+        if not self._recording_rpcs:
+            return
         self.active_requests.add(-1, self._attributes(method))
         key = (method, code)
         attributes = self._code_attributes.get(key)

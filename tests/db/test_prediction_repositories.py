@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -21,6 +20,7 @@ from db.repositories.predictions import (
 )
 from db.repositories.request_log import (
     INSERT_CHUNK_ROWS,
+    LoggedCall,
     RequestLogFilter,
     RequestLogRepository,
     insert_request_log,
@@ -252,25 +252,11 @@ async def test_purge_deletes_only_old_rows_in_chunks(
     assert await purge_older_than(lambda: database.transaction(everyone), everyone, cutoff) == 1
 
 
-@dataclass(frozen=True)
-class Entry:
-    method: str
-    caller: str | None
-    organization_id: str | None
-    peer: str
-    user_agent: str | None
-    status_code: str
-    latency_ms: float
-    request_bytes: int
-    trace_id: str | None
-    create_time: datetime
-
-
 def entry(
     organization_id: str | None,
     method: str = "/ferrule.v1.PredictionService/GetPrediction",
     **kw: object,
-) -> Entry:
+) -> LoggedCall:
     values: dict[str, object] = {
         "method": method,
         "caller": "svc",
@@ -284,7 +270,7 @@ def entry(
         "create_time": T0,
     }
     values.update(kw)
-    return Entry(**values)  # type: ignore[arg-type]
+    return LoggedCall(**values)  # type: ignore[arg-type]
 
 
 async def test_request_log_insert_and_list(

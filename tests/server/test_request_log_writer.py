@@ -11,13 +11,13 @@ from datetime import UTC, datetime
 import asyncpg
 
 from db.engine import Database
-from db.repositories.request_log import insert_request_log
-from server.request_log import RequestLogEntry, RequestLogWriter
+from db.repositories.request_log import LoggedCall, insert_request_log
+from server.request_log import RequestLogWriter
 from tests.polling import eventually
 
 
-def _entry(n: int) -> RequestLogEntry:
-    return RequestLogEntry(
+def _entry(n: int) -> LoggedCall:
+    return LoggedCall(
         method="/ferrule.v1.UserService/GetUser",
         caller=None,
         organization_id=None,
@@ -47,7 +47,7 @@ async def test_a_batch_being_written_when_the_writer_stops_is_written_not_droppe
     writing = asyncio.Event()
     answer = asyncio.Event()
 
-    async def slow_database(entries: list[RequestLogEntry]) -> None:
+    async def slow_database(entries: list[LoggedCall]) -> None:
         writing.set()
         await answer.wait()  # the database takes its time over this batch
         await insert_request_log(database, entries)
@@ -74,9 +74,9 @@ async def test_a_batch_being_written_when_the_writer_stops_is_written_not_droppe
 
 
 async def test_full_batches_are_written_without_waiting_the_flush_interval() -> None:
-    batches: list[list[RequestLogEntry]] = []
+    batches: list[list[LoggedCall]] = []
 
-    async def write(batch: list[RequestLogEntry]) -> None:
+    async def write(batch: list[LoggedCall]) -> None:
         batches.append(batch)
 
     writer = RequestLogWriter(write, max_batch=10, flush_interval=3600)
