@@ -105,10 +105,20 @@ class TracingInterceptor(SyncScopedInterceptor):
 
     def scope(self, method: str, context: Context, request: Any) -> _RpcScope:
         """One call's scope (also an async context manager)."""
-        return _RpcScope(self, method, context)
+        return _RpcScope(self, method, context, self._may_record())
 
     def scope_factory(self, method: str, handler: Handler) -> SyncScopeFactory:
-        return lambda context, request: _RpcScope(self, method, context)
+        may_record = self._may_record()
+        return lambda context, request: _RpcScope(self, method, context, may_record)
+
+    def _may_record(self) -> bool:
+        """Whether a span started without a propagated parent can be anything but the
+        invalid one: not with a no-op provider, nor without any (none given, none
+        installed globally). Asked when a method's handler is built, that is before its
+        first call: a provider installed globally after that serves only methods first
+        called later (setup_telemetry installs it before the server starts)."""
+        provider = self._tracer_provider or trace.get_tracer_provider()
+        return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
     def _propagator_in_use(self) -> TextMapPropagator:
         return self._propagator or propagate.get_global_textmap()
@@ -133,6 +143,7 @@ class _RpcScope(ScopeContextManager):
         "_context",
         "_context_token",
         "_interceptor",
+        "_may_record",
         "_method",
         "_metrics",
         "_span",
@@ -140,10 +151,13 @@ class _RpcScope(ScopeContextManager):
         "_statement_token",
     )
 
-    def __init__(self, interceptor: TracingInterceptor, method: str, context: Context) -> None:
+    def __init__(
+        self, interceptor: TracingInterceptor, method: str, context: Context, may_record: bool
+    ) -> None:
         self._interceptor = interceptor
         self._method = method
         self._context = context
+        self._may_record = may_record
 
     def enter(self) -> None:
         interceptor = self._interceptor
@@ -154,24 +168,26 @@ class _RpcScope(ScopeContextManager):
         call = self._call = maybe_current_call()
         # Outside a CallContext (a scope driven on its own), the context's metadata.
         metadata = call.metadata if call is not None else context.invocation_metadata() or ()
-        parent = None if interceptor._propagated(metadata, propagator) else _NO_PARENT
         span: trace.Span | None = None
-        if parent is not None:
-            # Nothing propagated: the parent is the empty context extract would return.
-            # Without a provider that records (none given and none installed globally, or
-            # a no-op one) the tracer answers the invalid span at once, and the call skips
-            # the rest of the span work (the common untraced hot path). Asked per call: a
-            # provider may be installed globally after start.
-            span = interceptor._tracer.start_span(
-                name, context=parent, kind=SpanKind.SERVER, attributes=rpc_attributes
-            )
-            if not span.get_span_context().is_valid:
-                span = None
-        else:
+        if interceptor._propagated(metadata, propagator):
+            # A caller's context: continued even by a provider that records nothing, so
+            # that the call still carries the caller's trace id.
             parent = propagator.extract(_metadata_carrier(metadata))
             span = interceptor._tracer.start_span(
                 name, context=parent, kind=SpanKind.SERVER, attributes=rpc_attributes
             )
+        else:
+            # Nothing propagated: the parent is the empty context extract would return.
+            # Without a provider that records, the span would be the invalid one: the
+            # untraced hot path does not ask for it. A provider may still answer it (a
+            # sampler), and the call then skips the rest of the span work too.
+            parent = _NO_PARENT
+            if self._may_record:
+                span = interceptor._tracer.start_span(
+                    name, context=parent, kind=SpanKind.SERVER, attributes=rpc_attributes
+                )
+                if not span.get_span_context().is_valid:
+                    span = None
         if span is None:
             self._span = None
             self._context_token = None
@@ -197,9 +213,12 @@ class _RpcScope(ScopeContextManager):
         self._started = time.perf_counter()
 
     def exit(self, exc: BaseException | None) -> None:
+        span = self._span
+        if span is None and not self._metrics.records_rpcs:
+            reset_statement_context(self._statement_token)
+            return  # nothing reads the call's status here: neither a span nor metrics
         code, error = exit_status(self._context, exc)
         elapsed = time.perf_counter() - self._started
-        span = self._span
         if span is None:
             reset_statement_context(self._statement_token)
             self._metrics.rpc_finished(self._method, code.name, elapsed)

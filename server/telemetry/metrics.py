@@ -66,7 +66,7 @@ class ServerMetrics:
         #: without any exporter): every RPC records them, and a no-op recording still
         #: costs its attribute look-ups and calls. The global provider may be set later,
         #: so it counts as recording.
-        self._recording_rpcs = not isinstance(meter_provider, metrics.NoOpMeterProvider)
+        self.records_rpcs = not isinstance(meter_provider, metrics.NoOpMeterProvider)
         self._meter = meter
         self.rpc_duration = meter.create_histogram(
             "rpc.server.call.duration",
@@ -93,12 +93,12 @@ class ServerMetrics:
         return attributes
 
     def rpc_started(self, method: str) -> None:
-        if self._recording_rpcs:
+        if self.records_rpcs:
             self.active_requests.add(1, self._attributes(method))
 
     def rpc_finished(self, method: str, code: str, seconds: float) -> None:
         """``code`` is the status code name (``OK``, ``NOT_FOUND``, ...)."""
-        if not self._recording_rpcs:
+        if not self.records_rpcs:
             return
         self.active_requests.add(-1, self._attributes(method))
         key = (method, code)
