@@ -18,7 +18,7 @@ from server.auth import Principal
 Metadata = Collection[tuple[str, str | bytes]]
 
 
-@dataclass
+@dataclass(slots=True)
 class CallContext:
     method: str
     principal: Principal | None = None
