@@ -630,7 +630,7 @@ async def test_request_log_records_calls(db_server: RunningServer) -> None:
     assert entry.status_code == "NOT_FOUND"
     assert entry.caller == "logged-caller"
     assert entry.peer.startswith("ipv")  # ipv4:127.0.0.1:port or ipv6:[::1]:port
-    assert entry.user_agent.startswith("grpc-python")  # the caller's, from its metadata
+    assert entry.user_agent.startswith("ferrule-client-python/")  # from the call's metadata
     assert entry.request_bytes > 0
     assert entry.name.startswith(f"{parent}/requestLogs/")
     assert entry.create_time.seconds > 0
