@@ -2,37 +2,45 @@
 
 from __future__ import annotations
 
-from types import TracebackType
+from typing import ClassVar
 
 import grpc
 
 from server.errors import abort
-from server.interceptors.scoped import Context, ScopedInterceptor
+from server.interceptors.scoped import (
+    Context,
+    Handler,
+    ScopeContextManager,
+    SyncScopedInterceptor,
+    SyncScopeFactory,
+)
 
 
-class _ErrorScope:
-    """An async context manager by hand (cheaper per call than a generator-based one).
-    Only ``Exception`` is mapped: an abort is already a status, and a cancelled call
-    (CancelledError, GeneratorExit: BaseExceptions) has nobody left to tell."""
+class _ErrorScope(ScopeContextManager):
+    """Nothing to do on entry or on success; an exception that reaches it is settled by
+    sending its status (awaited, only on failure, so the scope joins the plain-call ones
+    in one coroutine). Only ``Exception`` is mapped: an abort is already a status, and a
+    cancelled call (CancelledError, GeneratorExit: BaseExceptions) has nobody left to
+    tell."""
 
     __slots__ = ("_context",)
+
+    settles: ClassVar[bool] = True
 
     def __init__(self, context: Context) -> None:
         self._context = context
 
-    async def __aenter__(self) -> None:
+    def enter(self) -> None:
         return None
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
+    def exit(self, exc: BaseException | None) -> None:
+        return None
+
+    async def settle(self, exc: Exception) -> None:
+        if not isinstance(exc, grpc.aio.AbortError):
             await abort(self._context, exc)  # the mapper decides what is safe to say
 
 
-class ErrorMappingInterceptor(ScopedInterceptor):
-    def scope(self, method: str, context: Context, request: object) -> _ErrorScope:
-        return _ErrorScope(context)
+class ErrorMappingInterceptor(SyncScopedInterceptor):
+    def scope_factory(self, method: str, handler: Handler) -> SyncScopeFactory:
+        return lambda context, request: _ErrorScope(context)

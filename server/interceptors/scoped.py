@@ -11,6 +11,8 @@ awaits, and a :class:`Scope` of plain calls (:class:`SyncScopedInterceptor`), fo
 that does not (most of the server's). The second kind costs less per call, and several of
 them run in one coroutine (:func:`wrap_handler_scopes`, which the interceptor chain uses
 for neighbouring ones) instead of one wrapper coroutine and two method coroutines each.
+A Scope may also *settle* an exception that reaches it, awaiting (error mapping sends the
+status): only calls that fail await anything, so it joins the others' coroutine.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import inspect
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, Protocol, TypeAlias
+from typing import Any, ClassVar, Protocol, TypeAlias, cast
 
 import grpc
 
@@ -45,17 +47,34 @@ class Scope(Protocol):
 SyncScopeFactory = Callable[[Context, Any], Scope]
 
 
+class Settling(Scope, Protocol):
+    """A Scope whose ``settles`` is True: an ``Exception`` that reaches it is first passed
+    to ``settle``, awaited, which may raise another exception in its place; ``exit`` then
+    sees what settling left."""
+
+    settles: bool
+
+    async def settle(self, exc: Exception) -> None: ...
+
+
 class ScopeContextManager:
     """Base of a :class:`Scope` that also serves as an async context manager (for
-    :func:`wrap_handler`): subclasses implement ``enter`` and ``exit``."""
+    :func:`wrap_handler`): subclasses implement ``enter`` and ``exit``, and those that
+    settle exceptions set ``settles`` and implement ``settle`` (see :class:`Settling`)."""
 
     __slots__ = ()
+
+    #: Whether an exception reaching this scope is settled (awaited) before its exit.
+    settles: ClassVar[bool] = False
 
     def enter(self) -> None:
         raise NotImplementedError
 
     def exit(self, exc: BaseException | None) -> None:
         raise NotImplementedError
+
+    async def settle(self, exc: Exception) -> None:
+        return None
 
     async def __aenter__(self) -> None:
         self.enter()
@@ -66,6 +85,11 @@ class ScopeContextManager:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if self.settles and isinstance(exc, Exception):
+            left = await _settled(cast(Settling, self), exc)
+            if left is not exc:
+                raise left
+            return
         self.exit(exc)
 
 
@@ -225,7 +249,10 @@ def wrap_handler_scopes(handler: Handler, scopes: Sequence[SyncScopeFactory]) ->
             response = await inner(request, context)
         except BaseException as exc:
             error = exc
-        error = _exited(entered, error)
+        index, error = _exited(entered, len(entered), error)
+        while index >= 0:  # a scope settles the exception that reached it, then exits
+            error = await _settled(cast(Settling, entered[index]), cast(Exception, error))
+            index, error = _exited(entered, index, error)
         if error is not None:
             raise error
         return response
@@ -233,17 +260,44 @@ def wrap_handler_scopes(handler: Handler, scopes: Sequence[SyncScopeFactory]) ->
     return rebuild(handler, coroutine)
 
 
-def _exited(entered: list[Scope], exc: BaseException | None) -> BaseException | None:
-    """Exit ``entered`` innermost first, each seeing the exception that reaches it: ``exc``
-    or one a scope inside it raised instead. Returns the exception that leaves them all."""
-    for scope in reversed(entered):
+def _exited(
+    entered: list[Scope], end: int, exc: BaseException | None
+) -> tuple[int, BaseException | None]:
+    """Exit ``entered[:end]`` innermost first, each seeing the exception that reaches it:
+    ``exc`` or one a scope inside it raised instead. Stops at a scope that settles an
+    ``Exception`` reaching it (its ``settle`` must be awaited first): returns its index,
+    or -1 once every scope has exited, and the exception that reached that far."""
+    index = end
+    while index > 0:
+        index -= 1
+        scope = entered[index]
+        if isinstance(exc, Exception) and getattr(scope, "settles", False):
+            return index, exc
         try:
             scope.exit(exc)
         except BaseException as replaced:  # as from an __aexit__: it replaces exc
-            if replaced.__context__ is None and replaced is not exc:
-                replaced.__context__ = exc
-            exc = replaced
-    return exc
+            exc = _replacing(replaced, exc)
+    return -1, exc
+
+
+async def _settled(scope: Settling, exc: Exception) -> BaseException:
+    """``scope`` settles ``exc`` and exits; returns the exception that leaves it."""
+    error: BaseException = exc
+    try:
+        await scope.settle(exc)
+    except BaseException as replaced:
+        error = _replacing(replaced, exc)
+    try:
+        scope.exit(error)
+    except BaseException as replaced:
+        error = _replacing(replaced, error)
+    return error
+
+
+def _replacing(replaced: BaseException, exc: BaseException | None) -> BaseException:
+    if replaced.__context__ is None and replaced is not exc:
+        replaced.__context__ = exc
+    return replaced
 
 
 class ScopedInterceptor(grpc.aio.ServerInterceptor):

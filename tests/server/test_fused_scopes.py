@@ -3,6 +3,7 @@ in order, exited in reverse, each exit seeing the exception that reaches it."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -143,3 +144,69 @@ async def test_a_chain_runs_neighbouring_scopes_in_one_wrapper_as_nested_ones() 
     events.clear()
     assert await call(alone, "y") == Text(value="echo:y")
     assert events == ["enter c", "exit c -"]
+
+
+class Settled(Exception):
+    pass
+
+
+class Settles(Recorded):
+    """Settles an Exception that reaches it by replacing it, after awaiting (as error
+    mapping awaits sending the status)."""
+
+    settles = True
+
+    async def settle(self, exc: Exception) -> None:
+        await asyncio.sleep(0)
+        self.events.append(f"settle {self.label} {type(exc).__name__}")
+        raise Settled(self.label)
+
+
+def settling(events: list[str]) -> list[SyncScopeFactory]:
+    return [
+        lambda context, request: Recorded("outer", events),
+        lambda context, request: Settles("middle", events),
+        lambda context, request: Recorded("inner", events),
+    ]
+
+
+async def test_a_settling_scope_replaces_the_exception_for_the_scopes_outside_it() -> None:
+    events: list[str] = []
+    handler = wrap_handler_scopes(unary(fails), settling(events))
+    with pytest.raises(Settled) as raised:
+        await call(handler, "a")
+    assert events[3:] == [
+        "exit inner Boom",
+        "settle middle Boom",
+        "exit middle Settled",
+        "exit outer Settled",
+    ]
+    assert isinstance(raised.value.__context__, Boom)
+
+
+async def test_a_settling_scope_is_not_asked_about_success_nor_a_cancellation() -> None:
+    events: list[str] = []
+    handler = wrap_handler_scopes(unary(echo), settling(events))
+    assert await call(handler, "a") == Text(value="echo:a")
+    assert events[3:] == ["exit inner -", "exit middle -", "exit outer -"]
+
+    async def cancelled(request: Text, context: Context) -> Text:
+        raise asyncio.CancelledError
+
+    events.clear()
+    handler = wrap_handler_scopes(unary(cancelled), settling(events))
+    with pytest.raises(asyncio.CancelledError):
+        await call(handler, "a")
+    assert events[3:] == [
+        "exit inner CancelledError",
+        "exit middle CancelledError",
+        "exit outer CancelledError",
+    ]
+
+
+async def test_a_settling_scope_as_an_async_context_manager_settles_alike() -> None:
+    events: list[str] = []
+    with pytest.raises(Settled):
+        async with Settles("alone", events):
+            raise Boom("inside")
+    assert events == ["enter alone", "settle alone Boom", "exit alone Settled"]
