@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ferrule.v1 import user_service_pb2 as upb
 from tests.polling import eventually
 from tests.server.conftest import RunningServer, StartServer
+from tests.server.reflection_status import reflection_status
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,18 +55,6 @@ async def _open_reflection(channel: grpc.aio.Channel) -> Any:
     return stream
 
 
-async def _reflection_status(channel: grpc.aio.Channel) -> grpc.StatusCode:
-    """The final status of a reflection stream that sends one request, as the server sent
-    it (a write racing the server's early answer fails on the client with its own status)."""
-    request = reflection_pb2.ServerReflectionRequest(list_services="")
-    stream: Any = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-        iter([request])
-    )
-    async with asyncio.timeout(10):
-        code: grpc.StatusCode = await stream.code()
-    return code
-
-
 async def _refused(opening: Coroutine[Any, Any, object]) -> grpc.StatusCode:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await asyncio.wait_for(opening, 10)
@@ -96,7 +85,7 @@ async def test_held_anonymous_streams_leave_tenants_capacity_alone(
         assert isinstance(channel, grpc.aio.Channel)
         # More anonymous streams than the limit: refused at once, with RESOURCE_EXHAUSTED.
         assert await _refused(_open_watch(channel)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert await _reflection_status(channel) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await reflection_status(channel) == grpc.StatusCode.RESOURCE_EXHAUSTED
         # Tenants keep their whole budget: LIMIT concurrent calls, round after round.
         for round_number in range(5):
             created = await asyncio.gather(
