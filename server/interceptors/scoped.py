@@ -73,9 +73,6 @@ class ScopeContextManager:
     def exit(self, exc: BaseException | None) -> None:
         raise NotImplementedError
 
-    async def settle(self, exc: Exception) -> None:
-        return None
-
     async def __aenter__(self) -> None:
         self.enter()
 

@@ -214,15 +214,15 @@ class _RpcScope(ScopeContextManager):
 
     def exit(self, exc: BaseException | None) -> None:
         span = self._span
-        if span is None and not self._metrics.records_rpcs:
-            reset_statement_context(self._statement_token)
-            return  # nothing reads the call's status here: neither a span nor metrics
-        code, error = exit_status(self._context, exc)
-        elapsed = time.perf_counter() - self._started
         if span is None:
             reset_statement_context(self._statement_token)
-            self._metrics.rpc_finished(self._method, code.name, elapsed)
+            if self._metrics.records_rpcs:  # else nothing here reads the call's status
+                code, _ = exit_status(self._context, exc)
+                elapsed = time.perf_counter() - self._started
+                self._metrics.rpc_finished(self._method, code.name, elapsed)
             return
+        code, error = exit_status(self._context, exc)
+        elapsed = time.perf_counter() - self._started
         if span.is_recording():
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             call = self._call
