@@ -33,8 +33,9 @@ class CallContext:
     trace_id: str | None = None
     #: The caller's metadata, read from the servicer context once per call: grpc.aio
     #: builds a new tuple of new pairs each time it is asked, and the call's scopes
-    #: (tracing, request log, authentication) each need it.
-    metadata: Metadata = ()
+    #: (tracing, request log, authentication) each need it. Out of the repr: it holds the
+    #: caller's bearer token.
+    metadata: Metadata = field(default=(), repr=False)
 
     def remaining_ms(self, default_ms: int) -> int:
         """Milliseconds left before the deadline (at least 1), or the default without one."""

@@ -8,6 +8,7 @@ import logging
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError
 
+from server.call_context import CallContext
 from server.logs import DRIVER_LOGGERS, JsonFormatter, configure_logging
 
 CANARY = "canary-value-8a1c"
@@ -62,3 +63,9 @@ def test_driver_loggers_stay_quiet_at_debug() -> None:
         root.setLevel(saved_level)
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+def test_a_call_context_shown_anywhere_does_not_show_the_callers_token() -> None:
+    call = CallContext(method="/m", metadata=(("authorization", "Bearer secret-token-42"),))
+    assert "secret-token-42" not in repr(call)
+    assert call.metadata == (("authorization", "Bearer secret-token-42"),)
