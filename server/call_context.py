@@ -26,7 +26,6 @@ class CallContext:
     deadline: float | None = None
     #: Organization id the RPC ended up scoped to (for logs, spans, the request log).
     organization_id: str | None = None
-    started: float = field(default_factory=time.monotonic)
     #: Serialized size of the request message (unary requests; 0 for client streams).
     request_bytes: int = 0
     #: Hex trace id of the RPC's span when tracing is on (for logs and the request log).

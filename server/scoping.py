@@ -27,18 +27,24 @@ from server.read_routing import caller_key, router_for
 def authorize(pattern: Pattern, name: str, field: str = "name") -> tuple[uuid.UUID, ...]:
     """Parse `name` against `pattern` and authorize its organization (the first id)."""
     ids = pattern.parse(name, field)
-    authorize_organization(ids[0])
+    _scope_call_to(ids[0])
     return ids
 
 
 def authorize_organization(organization_id: uuid.UUID) -> Tenant:
+    _scope_call_to(organization_id)
+    return Tenant.of(organization_id)
+
+
+def _scope_call_to(organization_id: uuid.UUID) -> None:
+    """Check the caller may use the organization and record it on the call. No Tenant is
+    built here: a cached Get answers without a transaction and never needs one."""
     call = current_call()
     assert call.principal is not None, "authorize() runs after authentication"
     organization = str(organization_id)
     check_organization(call.principal, organization)
     call.organization_id = organization
-    bind_statement_tenant(call.organization_id)
-    return Tenant.of(organization_id)
+    bind_statement_tenant(organization)
 
 
 def caller_tenant() -> Tenant:
