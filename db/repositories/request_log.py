@@ -69,11 +69,14 @@ def _as_uuid(value: object) -> uuid.UUID | None:
 
 
 def _columns(entries: Sequence[LoggedCall]) -> dict[str, list[Any]]:
-    """The batch column by column (the shape of the PostgreSQL arrays), ids drawn, long
-    texts cut and organization ids parsed (a malformed one becomes None)."""
+    """The batch column by column, ids drawn, long texts cut and organization ids parsed
+    (a malformed one becomes None). A naive create_time is refused here, for every backend:
+    PostgreSQL's rows reach the driver without the column type's own check."""
     columns: dict[str, list[Any]] = dict(
         zip(_COLUMNS, map(list, zip(*entries, strict=True)), strict=True)
     )
+    if any(created.tzinfo is None for created in columns["create_time"]):
+        raise ValueError("naive datetimes are ambiguous; a create_time must be aware")
     columns["id"] = [new_id() for _ in entries]
     for name, limit in _TEXT_LIMITS:
         columns[name] = [

@@ -333,6 +333,18 @@ async def test_request_log_insert_and_list(
         assert max(len(e.user_agent or "") for e in page.items) == 512
 
 
+async def test_request_log_refuses_a_naive_create_time_and_writes_none_of_its_batch(
+    database: Database, org_a: Organization
+) -> None:
+    """A naive timestamp is ambiguous on every backend (PostgreSQL's rows bypass the
+    column type that refuses it elsewhere), and the batch holding it is not half-written."""
+    naive = entry(str(org_a.id), create_time=datetime(2026, 1, 1, 12, 0))
+    with pytest.raises(ValueError, match="naive"):
+        await insert_request_log(database, [entry(str(org_a.id)), naive])
+    async with database.transaction(Tenant.all(), read_only=True) as session:
+        assert (await session.execute(select(RequestLogEntry))).first() is None
+
+
 async def test_request_log_batch_of_several_chunks_keeps_each_entry_whole(
     database: Database, org_a: Organization, org_b: Organization
 ) -> None:
