@@ -40,10 +40,10 @@ which is an overload test, not a soak; raise ``--soak-rate`` on bigger machines.
 *end* the last sample; the drift is end - start, and the slope is a least squares fit
 over every sample after the warm-up (MiB per minute), less sensitive to one noisy
 sample. Under this mix RSS keeps rising for minutes after the warm-up and then levels
-off: the bounded in-process caches fill at the rate new keys arrive (near cache and
-entity keys, 10,000 each, against 10,000 users read in turn and users and analyses
-created all along; each connection's prepared statements; parsed names), and Python's
-allocator arenas settle. A leak instead keeps rising. So the *late* slope and drift
+off: the bounded in-process caches fill at the rate new keys arrive (the near cache and
+the entity keys, from the seeded users read in turn and the users and analyses created
+all along; each connection's prepared statements; parsed names), and Python's allocator
+arenas settle. A leak instead keeps rising. So the *late* slope and drift
 cover only the second half of the samples after the warm-up: judge flatness on them, in
 a run long enough for the first half to hold the filling (15 minutes or more at the
 default rate). Latency, calls and errors cover the whole run, warm-up included.
